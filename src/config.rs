@@ -1,0 +1,680 @@
+//! `app.yaml`: loading, defaults, env overrides for secrets, validation that reports every
+//! problem at once, and the redacted dump `--check-config` prints. Watching the file for live
+//! reloads is not here (that belongs to the operator).
+//!
+//! The YAML is read through a small path-tracking walker instead of `serde(deny_unknown_fields)`
+//! because serde stops at the first problem; users fixing a config want the whole list, each
+//! with its key path and the bad value.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::market::Market;
+
+/// Env var that names the config file (the systemd unit sets it).
+pub const ENV_CONFIG_PATH: &str = "QS_CONFIG_PATH";
+/// Env var that overrides `app.clickhouse.password`.
+pub const ENV_CLICKHOUSE_PASSWORD: &str = "QS_CLICKHOUSE_PASSWORD";
+/// Where the config is looked for when neither `--config` nor `QS_CONFIG_PATH` is given.
+pub const DEFAULT_PATHS: [&str; 2] = ["./config/app.yaml", "/opt/quantservice/config/app.yaml"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no config file given and none found (tried {tried}); pass --config PATH or set {ENV_CONFIG_PATH}")]
+    NotFound { tried: String },
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem as its own line (one for I/O and YAML errors).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// A secret string (password, API key). Never printed: `Debug`, `Display` and `Serialize` show
+/// `***` when it is set and `""` when it is empty.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The real value, for the one place that must send it (an auth header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn shown(&self) -> &'static str {
+        if self.0.is_empty() {
+            ""
+        } else {
+            "***"
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.shown())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.shown())
+    }
+}
+
+/// The whole effective configuration (the `app:` section).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub environment: String,
+    pub clickhouse: ClickHouseConfig,
+    pub binance: BinanceConfig,
+    pub logging: LoggingConfig,
+    pub writer: WriterConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClickHouseConfig {
+    pub host: String,
+    pub port: u16,
+    /// `true` to talk HTTPS to ClickHouse.
+    pub secure: bool,
+    pub database: String,
+    pub username: String,
+    pub password: Secret,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+impl ClickHouseConfig {
+    pub fn url(&self) -> String {
+        let scheme = if self.secure { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BinanceConfig {
+    pub spot: MarketEndpoints,
+    pub um: MarketEndpoints,
+    pub cm: MarketEndpoints,
+}
+
+impl BinanceConfig {
+    pub fn market(&self, market: Market) -> &MarketEndpoints {
+        match market {
+            Market::Spot => &self.spot,
+            Market::Um => &self.um,
+            Market::Cm => &self.cm,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MarketEndpoints {
+    pub ws_url: String,
+    pub rest_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggingConfig {
+    /// A level (`info`) or a tracing filter directive (`info,quantservice::store=debug`).
+    pub level: String,
+    /// When set, logs also go to daily-rotated files in this directory.
+    pub dir: Option<PathBuf>,
+    /// How many daily files to keep.
+    pub keep_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WriterConfig {
+    /// Flush when this many rows are buffered.
+    pub batch_rows: usize,
+    /// Flush at least this often when rows are buffered.
+    #[serde(serialize_with = "ser_duration")]
+    pub flush_interval: Duration,
+    /// Rows the channel holds before senders wait (back-pressure).
+    pub channel_capacity: usize,
+    /// Upper bound of the jittered retry backoff while ClickHouse fails.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_backoff: Duration,
+    /// How long shutdown keeps retrying the final flush before giving up loudly.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            batch_rows: 10_000,
+            flush_interval: Duration::from_secs(1),
+            channel_capacity: 100_000,
+            max_backoff: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+const DEFAULT_ENDPOINTS: [(&str, &str); 3] = [
+    (
+        "wss://stream.binance.com:9443/ws/",
+        "https://data-api.binance.vision/api/v3/klines",
+    ),
+    (
+        "wss://fstream.binance.com/ws/",
+        "https://fapi.binance.com/fapi/v1/klines",
+    ),
+    (
+        "wss://dstream.binance.com/ws/",
+        "https://dapi.binance.com/dapi/v1/klines",
+    ),
+];
+
+impl Config {
+    /// Finds the config file: `--config`, else `QS_CONFIG_PATH`, else the default paths.
+    pub fn resolve_path(
+        cli: Option<&Path>,
+        env_path: Option<String>,
+    ) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = cli {
+            return Ok(p.to_path_buf());
+        }
+        if let Some(p) = env_path.filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        DEFAULT_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| ConfigError::NotFound {
+                tried: DEFAULT_PATHS.join(", "),
+            })
+    }
+
+    /// Reads, parses and validates `path`, then applies env overrides (`QS_*`).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml_with_env(&text, path, |k| std::env::var(k).ok())
+    }
+
+    /// Parses and validates YAML text; `env` looks up override variables (injected for tests).
+    pub fn from_yaml_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let root: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut errs = Vec::new();
+        let cfg = parse_root(&root, &mut errs);
+        let mut cfg = match cfg {
+            Some(cfg) if errs.is_empty() => cfg,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problems: errs,
+                })
+            }
+        };
+        if let Some(pw) = env(ENV_CLICKHOUSE_PASSWORD) {
+            cfg.clickhouse.password = Secret::new(pw);
+        }
+        Ok(cfg)
+    }
+
+    /// The effective config as YAML with every secret shown as `***`.
+    pub fn redacted_yaml(&self) -> String {
+        #[derive(Serialize)]
+        struct Root<'a> {
+            app: &'a Config,
+        }
+        serde_yaml_ng::to_string(&Root { app: self })
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// All secrets in this config, for scrubbing them out of error text and logs.
+    pub fn secrets(&self) -> Vec<String> {
+        [&self.clickhouse.password]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.expose().to_string())
+            .collect()
+    }
+}
+
+fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
+    let Some(map) = root.as_mapping() else {
+        errs.push(format!(
+            "top level: expected a mapping with an `app:` section, got {}",
+            show(root)
+        ));
+        return None;
+    };
+    let mut top = Section::new(String::new(), Some(map));
+    let mut app = top.child("app", errs);
+    top.finish(errs);
+
+    let environment = app.string("environment", "prod", errs);
+    if !environment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || environment.is_empty()
+    {
+        errs.push(format!(
+            "app.environment: must be a word like prod, staging or dev, got {environment:?}"
+        ));
+    }
+
+    let mut ch = app.child("clickhouse", errs);
+    let host = ch.string("host", "localhost", errs);
+    if host.is_empty() || host.contains("://") || host.contains('/') || host.contains(' ') {
+        errs.push(format!(
+            "app.clickhouse.host: must be a bare host name or address (set `secure: true` for https), got {host:?}"
+        ));
+    }
+    let port = ch.port("port", 8123, errs);
+    let secure = ch.boolean("secure", false, errs);
+    let database = ch.string("database", "maxaira", errs);
+    if !is_identifier(&database) {
+        errs.push(format!(
+            "app.clickhouse.database: must match [A-Za-z_][A-Za-z0-9_]* (max 64), got {database:?}"
+        ));
+    }
+    let username = ch.string("username", "default", errs);
+    if username.is_empty() {
+        errs.push("app.clickhouse.username: must not be empty".to_string());
+    }
+    let password = Secret::new(ch.string("password", "", errs));
+    let timeout = ch.duration("timeout", Duration::from_secs(30), errs);
+    ch.finish(errs);
+
+    let mut bn = app.child("binance", errs);
+    let mut endpoints = Vec::new();
+    for (market, (ws_default, rest_default)) in Market::ALL.into_iter().zip(DEFAULT_ENDPOINTS) {
+        let mut m = bn.child(market.as_str(), errs);
+        let ws_url = m.url("ws_url", ws_default, &["ws", "wss"], errs);
+        let rest_url = m.url("rest_url", rest_default, &["http", "https"], errs);
+        m.finish(errs);
+        endpoints.push(MarketEndpoints { ws_url, rest_url });
+    }
+    bn.finish(errs);
+    let [spot, um, cm]: [MarketEndpoints; 3] = endpoints.try_into().ok()?;
+
+    let mut lg = app.child("logging", errs);
+    let level = lg.string("level", "info", errs);
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.trim().is_empty() {
+        errs.push(format!(
+            "app.logging.level: must be trace, debug, info, warn, error or a tracing filter directive, got {level:?}"
+        ));
+    }
+    let dir = lg.opt_string("dir", errs).map(PathBuf::from);
+    let keep_days = lg.int("keep_days", 7, 1..=3650, errs) as u32;
+    lg.finish(errs);
+
+    let defaults = WriterConfig::default();
+    let mut wr = app.child("writer", errs);
+    let writer = WriterConfig {
+        batch_rows: wr.int("batch_rows", defaults.batch_rows as i64, 1..=1_000_000, errs) as usize,
+        flush_interval: wr.duration("flush_interval", defaults.flush_interval, errs),
+        channel_capacity: wr.int(
+            "channel_capacity",
+            defaults.channel_capacity as i64,
+            1..=10_000_000,
+            errs,
+        ) as usize,
+        max_backoff: wr.duration("max_backoff", defaults.max_backoff, errs),
+        shutdown_timeout: wr.duration("shutdown_timeout", defaults.shutdown_timeout, errs),
+    };
+    wr.finish(errs);
+    if writer.flush_interval.is_zero() {
+        errs.push("app.writer.flush_interval: must be greater than 0, got 0s".to_string());
+    }
+    if writer.max_backoff.is_zero() {
+        errs.push("app.writer.max_backoff: must be greater than 0, got 0s".to_string());
+    }
+    app.finish(errs);
+
+    Some(Config {
+        environment,
+        clickhouse: ClickHouseConfig {
+            host,
+            port,
+            secure,
+            database,
+            username,
+            password,
+            timeout,
+        },
+        binance: BinanceConfig { spot, um, cm },
+        logging: LoggingConfig {
+            level,
+            dir,
+            keep_days,
+        },
+        writer,
+    })
+}
+
+/// A ClickHouse identifier we may interpolate into DDL (database names cannot be bound).
+pub fn is_identifier(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && s.len() <= 64
+}
+
+/// One mapping in the YAML tree, with the keys read so far (the rest are unknown keys).
+struct Section<'v> {
+    path: String,
+    map: Option<&'v Mapping>,
+    read: BTreeSet<&'static str>,
+}
+
+impl<'v> Section<'v> {
+    fn new(path: String, map: Option<&'v Mapping>) -> Self {
+        Section {
+            path,
+            map,
+            read: BTreeSet::new(),
+        }
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    /// The value at `key`; `None` when absent or null (null means "use the default").
+    fn get(&mut self, key: &'static str) -> Option<&'v Value> {
+        self.read.insert(key);
+        self.map?.get(key).filter(|v| !v.is_null())
+    }
+
+    fn child(&mut self, key: &'static str, errs: &mut Vec<String>) -> Section<'v> {
+        let path = self.key_path(key);
+        match self.get(key) {
+            None => Section::new(path, None),
+            Some(Value::Mapping(m)) => Section::new(path, Some(m)),
+            Some(other) => {
+                errs.push(format!("{path}: expected a mapping, got {}", show(other)));
+                Section::new(path, None)
+            }
+        }
+    }
+
+    fn string(&mut self, key: &'static str, default: &str, errs: &mut Vec<String>) -> String {
+        self.opt_string(key, errs)
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn opt_string(&mut self, key: &'static str, errs: &mut Vec<String>) -> Option<String> {
+        let path = self.key_path(key);
+        match self.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            // Numbers are accepted where text is expected (e.g. an all-digit password).
+            Value::Number(n) => Some(n.to_string()),
+            other => {
+                errs.push(format!("{path}: expected a string, got {}", show(other)));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &'static str, default: bool, errs: &mut Vec<String>) -> bool {
+        let path = self.key_path(key);
+        match self.get(key) {
+            None => default,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                errs.push(format!("{path}: expected true or false, got {}", show(other)));
+                default
+            }
+        }
+    }
+
+    fn int(
+        &mut self,
+        key: &'static str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+        errs: &mut Vec<String>,
+    ) -> i64 {
+        let path = self.key_path(key);
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_i64() {
+            Some(n) if range.contains(&n) => n,
+            Some(n) => {
+                errs.push(format!(
+                    "{path}: must be {}..{}, got {n}",
+                    range.start(),
+                    range.end()
+                ));
+                default
+            }
+            None => {
+                errs.push(format!("{path}: expected an integer, got {}", show(v)));
+                default
+            }
+        }
+    }
+
+    fn port(&mut self, key: &'static str, default: u16, errs: &mut Vec<String>) -> u16 {
+        let n = self.int(key, i64::from(default), 1..=65535, errs);
+        u16::try_from(n).unwrap_or(default)
+    }
+
+    fn duration(
+        &mut self,
+        key: &'static str,
+        default: Duration,
+        errs: &mut Vec<String>,
+    ) -> Duration {
+        let path = self.key_path(key);
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_str().map(parse_duration) {
+            Some(Ok(d)) => d,
+            Some(Err(why)) => {
+                errs.push(format!("{path}: {why}, got {}", show(v)));
+                default
+            }
+            None => {
+                errs.push(format!(
+                    "{path}: expected a duration like 500ms, 30s, 5m or 1h, got {}",
+                    show(v)
+                ));
+                default
+            }
+        }
+    }
+
+    fn url(
+        &mut self,
+        key: &'static str,
+        default: &str,
+        schemes: &[&str],
+        errs: &mut Vec<String>,
+    ) -> String {
+        let path = self.key_path(key);
+        let s = self.string(key, default, errs);
+        match url::Url::parse(&s) {
+            Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => {}
+            Ok(u) => errs.push(format!(
+                "{path}: must be a {} URL with a host, got {s:?} (scheme {})",
+                schemes.join("/"),
+                u.scheme()
+            )),
+            Err(e) => errs.push(format!("{path}: not a valid URL ({e}), got {s:?}")),
+        }
+        s
+    }
+
+    /// Reports every key in this mapping that no reader asked for.
+    fn finish(self, errs: &mut Vec<String>) {
+        let Some(map) = self.map else { return };
+        for key in map.keys() {
+            let known = key.as_str().is_some_and(|k| self.read.contains(k));
+            if !known {
+                let name = key.as_str().map_or_else(|| show(key), str::to_string);
+                let expected: Vec<&str> = self.read.iter().copied().collect();
+                errs.push(format!(
+                    "{}: unknown key (expected one of: {})",
+                    self.key_path(&name),
+                    expected.join(", ")
+                ));
+            }
+        }
+    }
+}
+
+/// A short rendering of a YAML value for error messages.
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "nothing".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".to_string(),
+        Value::Mapping(_) => "a mapping".to_string(),
+        Value::Tagged(t) => format!("a value tagged {}", t.tag),
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d` and sums like `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("expected a duration like 500ms, 30s, 5m or 1h".to_string());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err("expected a duration like 500ms, 30s, 5m or 1h".to_string());
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "duration number too large".to_string())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => {
+                return Err(
+                    "expected a unit ms, s, m, h or d after each number (e.g. 30s)".to_string(),
+                )
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Renders a duration the way it is written in `app.yaml` (`1m30s`, `500ms`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut secs = ms / 1000;
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_format() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        for bad in ["", "30", "s", "5 minutes", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        for d in ["30s", "5m", "1h", "1m30s", "500ms", "2d"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("maxaira"));
+        assert!(is_identifier("_qs_test_1"));
+        for bad in ["", "1db", "a-b", "a;drop", "a b", "`x`"] {
+            assert!(!is_identifier(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "*** \"***\"");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
+        assert_eq!(Secret::default().to_string(), "");
+    }
+}

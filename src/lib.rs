@@ -1,0 +1,30 @@
+//! QuantService: a daemon that keeps ClickHouse full of correct, complete Binance candlestick
+//! data for spot, USD-M (`um`) and COIN-M (`cm`) futures.
+//!
+//! It works like a Kubernetes operator: users declare desired state (rows in `trading_pairs`
+//! and `proxy_config`, and `app.yaml`), a reconcile loop converges running tasks to it, and
+//! observed state goes back to ClickHouse (`pair_status`).
+//!
+//! ```text
+//!  app.yaml ──watch──► Config ─┐
+//!  trading_pairs  ──poll──►    ├─► desired() ─► plan(desired, running) ─► Supervisor ─► tasks
+//!  proxy_config   ──poll──►    ┘     (pure)          (pure)                  │
+//!                                                                            ▼
+//!    tasks: stream (WS) · backfill (archive + REST) · gap scan · indicators
+//!       │  exchange client (rate governor, proxy pool)
+//!       ▼
+//!    writer (batched ClickHouse inserts) ──► klines / indicators / pair_status
+//! ```
+//!
+//! Modules:
+//! - [`config`]: `app.yaml` loading, defaults, validation (all errors at once), redaction.
+//! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
+//! - [`store`]: ClickHouse client, migrations, the batched kline writer.
+//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing.
+//! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`).
+
+pub mod app;
+pub mod config;
+pub mod logging;
+pub mod market;
+pub mod store;

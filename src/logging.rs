@@ -1,0 +1,149 @@
+//! Log output: tracing to stdout (no colour unless a TTY, so journald stays clean) and, when
+//! `app.logging.dir` is set, daily-rotated files kept `keep_days`. Every line passes through a
+//! scrubber that replaces known secrets with `***`, a last line of defence behind the rule that
+//! secrets are never logged. Does not decide what is logged.
+
+use std::io::{self, IsTerminal, Write};
+use std::sync::Arc;
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::rolling::{RollingFileAppender, Rotation};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LoggingConfig;
+
+/// Keeps the file writer's background thread alive; drop it last (it flushes on drop).
+pub struct LogGuard {
+    _file: Option<WorkerGuard>,
+}
+
+/// Where console logs go: stdout for the daemon, stderr for commands whose stdout is output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Console {
+    Stdout,
+    Stderr,
+}
+
+/// Installs the global subscriber. `secrets` are scrubbed from every line.
+pub fn init(
+    cfg: &LoggingConfig,
+    console: Console,
+    secrets: Vec<String>,
+) -> anyhow::Result<LogGuard> {
+    let secrets = Arc::new(secrets.into_iter().filter(|s| !s.is_empty()).collect());
+    let filter = || EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let console_layer = match console {
+        Console::Stdout => tracing_subscriber::fmt::layer()
+            .with_ansi(io::stdout().is_terminal())
+            .with_writer(Scrubbing::new(io::stdout, Arc::clone(&secrets)))
+            .with_filter(filter())
+            .boxed(),
+        Console::Stderr => tracing_subscriber::fmt::layer()
+            .with_ansi(io::stderr().is_terminal())
+            .with_writer(Scrubbing::new(io::stderr, Arc::clone(&secrets)))
+            .with_filter(filter())
+            .boxed(),
+    };
+    let mut guard = None;
+    let file_layer = match &cfg.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                anyhow::anyhow!("cannot create log directory {}: {e}", dir.display())
+            })?;
+            let appender = RollingFileAppender::builder()
+                .rotation(Rotation::DAILY)
+                .filename_prefix("quantservice")
+                .filename_suffix("log")
+                .max_log_files(cfg.keep_days as usize)
+                .build(dir)
+                .map_err(|e| anyhow::anyhow!("cannot open log files in {}: {e}", dir.display()))?;
+            let (writer, g) = tracing_appender::non_blocking(appender);
+            guard = Some(g);
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(Scrubbing::new(writer, secrets))
+                    .with_filter(filter()),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(console_layer)
+        .with(file_layer)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(LogGuard { _file: guard })
+}
+
+/// A `MakeWriter` that replaces secrets in each formatted line before it reaches `inner`.
+/// tracing-subscriber formats a whole event into one buffer and writes it in one call.
+#[derive(Clone)]
+pub struct Scrubbing<M> {
+    inner: M,
+    secrets: Arc<Vec<String>>,
+}
+
+impl<M> Scrubbing<M> {
+    pub fn new(inner: M, secrets: Arc<Vec<String>>) -> Self {
+        Scrubbing { inner, secrets }
+    }
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Scrubbing<M> {
+    type Writer = ScrubbingWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        ScrubbingWriter {
+            inner: self.inner.make_writer(),
+            secrets: Arc::clone(&self.secrets),
+        }
+    }
+}
+
+pub struct ScrubbingWriter<W> {
+    inner: W,
+    secrets: Arc<Vec<String>>,
+}
+
+impl<W: Write> Write for ScrubbingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.secrets.is_empty() {
+            return self.inner.write(buf);
+        }
+        let mut text = String::from_utf8_lossy(buf).into_owned();
+        for s in self.secrets.iter() {
+            if text.contains(s.as_str()) {
+                text = text.replace(s.as_str(), "***");
+            }
+        }
+        self.inner.write_all(text.as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbing_writer_replaces_secrets() {
+        let mut out = Vec::new();
+        {
+            let mut w = ScrubbingWriter {
+                inner: &mut out,
+                secrets: Arc::new(vec!["hunter2".to_string()]),
+            };
+            w.write_all(b"connect with password hunter2 failed\n").unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "connect with password *** failed\n"
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! ClickHouse access: the client built from `app.clickhouse`, server version, error
+//! classification, and reads of stored klines. Schema changes live in `migrate`, batched kline
+//! inserts in `writer`. Exchange I/O is not here.
+
+pub mod migrate;
+pub mod writer;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use clickhouse::Client;
+use serde::Deserialize;
+
+use crate::config::{is_identifier, ClickHouseConfig};
+use crate::market::{Decimal, Kline, PairKey, Source};
+
+/// A ClickHouse failure, classified so callers know whether retrying can help.
+/// Messages never contain the password (they are scrubbed before they are built).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("ClickHouse at {url} is unreachable: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("ClickHouse at {url} did not answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("ClickHouse refused the credentials of user {user:?} at {url}: {message}")]
+    Auth {
+        url: String,
+        user: String,
+        message: String,
+    },
+    #[error("ClickHouse error {code}: {message}")]
+    Server { code: u32, message: String },
+    #[error("unexpected reply from ClickHouse: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed later (server down, overloaded, timeout).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } | StoreError::Timeout { .. } => true,
+            StoreError::Server { code, .. } => RETRYABLE_CODES.contains(code),
+            StoreError::Auth { .. } | StoreError::Protocol(_) | StoreError::Invalid(_) => false,
+        }
+    }
+
+    /// The ClickHouse error code, when the server sent one.
+    pub fn code(&self) -> Option<u32> {
+        match self {
+            StoreError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Server error codes that mean "try again": too many parts/queries, memory, timeouts,
+/// network between replicas, table read-only during restart, shutdown in progress.
+const RETRYABLE_CODES: &[u32] = &[
+    3, 159, 160, 164, 202, 203, 209, 210, 241, 242, 252, 285, 319, 425, 999,
+];
+/// Authentication failures (wrong password, unknown user, required password).
+const AUTH_CODES: &[u32] = &[192, 193, 194, 195, 516];
+
+/// A parsed `SELECT version()` (`18.16.1`, `23.8.2.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl ServerVersion {
+    pub fn parse(s: &str) -> Option<ServerVersion> {
+        let mut parts = s.trim().split('.').map(|p| p.parse::<u32>().ok());
+        Some(ServerVersion {
+            major: parts.next()??,
+            minor: parts.next()??,
+            patch: parts.next().flatten().unwrap_or(0),
+        })
+    }
+}
+
+impl fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The ClickHouse connection the daemon uses: one per effective `app.clickhouse` section.
+#[derive(Clone)]
+pub struct Store {
+    /// Bound to `app.clickhouse.database`.
+    client: Client,
+    /// Same server, no database (works before the database exists).
+    server: Client,
+    database: String,
+    url: String,
+    user: String,
+    password: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Builds the clients; performs no I/O. The database name must be an identifier (it is
+    /// interpolated into DDL, which cannot bind identifiers).
+    pub fn new(cfg: &ClickHouseConfig) -> Result<Store, StoreError> {
+        if !is_identifier(&cfg.database) {
+            return Err(StoreError::Invalid(format!(
+                "database name {:?} is not an identifier",
+                cfg.database
+            )));
+        }
+        let url = cfg.url();
+        // 18.16 rejects the settings the crate's schema validation sends, and has no
+        // RowBinaryWithNamesAndTypes input; validation is off and rows are plain RowBinary.
+        let mut server = Client::default()
+            .with_url(&url)
+            .with_user(&cfg.username)
+            .with_validation(false);
+        if !cfg.password.is_empty() {
+            server = server.with_password(cfg.password.expose());
+        }
+        let client = server.clone().with_database(&cfg.database);
+        Ok(Store {
+            client,
+            server,
+            database: cfg.database.clone(),
+            url,
+            user: cfg.username.clone(),
+            password: cfg.password.expose().to_string(),
+            timeout: cfg.timeout,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs `fut` under `app.clickhouse.timeout` and classifies its error.
+    pub async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, StoreError> {
+        self.call_with_timeout(self.timeout, fut).await
+    }
+
+    pub async fn call_with_timeout<T>(
+        &self,
+        timeout: Duration,
+        fut: impl Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(StoreError::Timeout {
+                url: self.url.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Maps a client error to a `StoreError`, scrubbing the password from every message.
+    pub fn classify(&self, e: &clickhouse::error::Error) -> StoreError {
+        use clickhouse::error::Error as E;
+        let message = self.scrub(&error_chain(e));
+        match e {
+            E::Network(_) => StoreError::Unreachable {
+                url: self.url.clone(),
+                message,
+            },
+            E::TimedOut => StoreError::Timeout {
+                url: self.url.clone(),
+                timeout: self.timeout,
+            },
+            E::BadResponse(text) => match server_code(text) {
+                Some(code) if AUTH_CODES.contains(&code) => StoreError::Auth {
+                    url: self.url.clone(),
+                    user: self.user.clone(),
+                    message: self.scrub(&short_server_message(text)),
+                },
+                Some(code) => StoreError::Server {
+                    code,
+                    message: self.scrub(&short_server_message(text)),
+                },
+                None => StoreError::Protocol(message),
+            },
+            _ => StoreError::Protocol(message),
+        }
+    }
+
+    fn scrub(&self, s: &str) -> String {
+        if self.password.is_empty() {
+            s.to_string()
+        } else {
+            s.replace(&self.password, "***")
+        }
+    }
+
+    /// `SELECT version()` without needing the database to exist.
+    pub async fn server_version(&self) -> Result<ServerVersion, StoreError> {
+        let text: String = self
+            .call(self.server.query("SELECT version()").fetch_one::<String>())
+            .await?;
+        ServerVersion::parse(&text)
+            .ok_or_else(|| StoreError::Protocol(format!("cannot parse server version {text:?}")))
+    }
+
+    /// `CREATE DATABASE IF NOT EXISTS` for `app.clickhouse.database`.
+    pub async fn ensure_database(&self) -> Result<(), StoreError> {
+        let sql = format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database);
+        self.call(self.server.query(&sql).execute()).await
+    }
+
+    /// Runs one statement against the configured database.
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.call(self.client.query(sql).execute()).await
+    }
+
+    /// The stored candles of one pair in `[from, to)`, deduplicated (`FINAL`), by open time.
+    pub async fn klines(
+        &self,
+        pair: &PairKey,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Kline>, StoreError> {
+        let rows: Vec<StoredKline> = self
+            .call(
+                self.client
+                    .query(
+                        "SELECT open_time, close_time, open, high, low, close, volume, \
+                         quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, \
+                         is_final, source FROM klines FINAL \
+                         WHERE market = ? AND symbol = ? AND period = ? \
+                         AND open_time >= ? AND open_time < ? ORDER BY open_time",
+                    )
+                    .bind(pair.market.as_str())
+                    .bind(pair.symbol.as_str())
+                    .bind(pair.period.as_str())
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all::<StoredKline>(),
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| r.into_kline(pair.clone()))
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Protocol)
+    }
+}
+
+#[derive(clickhouse::Row, Deserialize)]
+struct StoredKline {
+    open_time: i64,
+    close_time: i64,
+    open: i128,
+    high: i128,
+    low: i128,
+    close: i128,
+    volume: i128,
+    quote_volume: i128,
+    trades: u64,
+    taker_buy_volume: i128,
+    taker_buy_quote_volume: i128,
+    is_final: u8,
+    source: String,
+}
+
+impl StoredKline {
+    fn into_kline(self, pair: PairKey) -> Result<Kline, String> {
+        let d = Decimal::from_mantissa;
+        Ok(Kline {
+            pair,
+            open_time: self.open_time,
+            close_time: self.close_time,
+            open: d(self.open),
+            high: d(self.high),
+            low: d(self.low),
+            close: d(self.close),
+            volume: d(self.volume),
+            quote_volume: d(self.quote_volume),
+            trades: self.trades,
+            taker_buy_volume: d(self.taker_buy_volume),
+            taker_buy_quote_volume: d(self.taker_buy_quote_volume),
+            is_final: self.is_final != 0,
+            source: self.source.parse::<Source>()?,
+        })
+    }
+}
+
+/// The error and all its sources, joined (hyper hides the useful part in `source()`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// The `Code: N` of a ClickHouse error reply.
+fn server_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The human part of a ClickHouse error reply, without the stack trace and version noise.
+fn short_server_message(text: &str) -> String {
+    let line = text.lines().next().unwrap_or(text).trim();
+    let line = line
+        .split(", e.what()")
+        .next()
+        .unwrap_or(line)
+        .replace("e.displayText() = ", "");
+    line.split(" (version ").next().unwrap_or(&line).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_parse() {
+        let v = ServerVersion::parse("18.16.1").unwrap();
+        assert_eq!(v.to_string(), "18.16.1");
+        assert!(ServerVersion::parse("23.8.2.7").unwrap() > v);
+        assert!(ServerVersion::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn server_error_text_is_parsed() {
+        let text = "Code: 193, e.displayText() = DB::Exception: Wrong password for user default, e.what() = DB::Exception\n";
+        assert_eq!(server_code(text), Some(193));
+        assert_eq!(
+            short_server_message(text),
+            "Code: 193, DB::Exception: Wrong password for user default"
+        );
+        let new = "Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED) (version 23.8.1)";
+        assert_eq!(server_code(new), Some(516));
+        assert!(!short_server_message(new).contains("version"));
+    }
+}

@@ -1,0 +1,369 @@
+//! The one batched kline writer: a bounded channel in (back-pressure, not unbounded memory),
+//! RowBinary inserts out, flushed by row count or interval. A failed insert keeps its batch and
+//! is retried with jittered backoff, so no row is ever dropped; shutdown flushes. Creates the
+//! per-pair views (`klines_btcusdt_spot_1m`) when a pair's first rows are written.
+//! It does not decide what to write (tasks do) and does not dedupe (ReplacingMergeTree does).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{Store, StoreError};
+use crate::config::WriterConfig;
+use crate::market::{Kline, PairKey};
+
+/// Counters shared between the writer and everyone holding a handle (for the metrics line).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    rows_written: AtomicU64,
+    batches_written: AtomicU64,
+    insert_failures: AtomicU64,
+}
+
+impl WriterStats {
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::Relaxed)
+    }
+    pub fn batches_written(&self) -> u64 {
+        self.batches_written.load(Ordering::Relaxed)
+    }
+    pub fn insert_failures(&self) -> u64 {
+        self.insert_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer has stopped; the row was not accepted (the caller still owns it).
+#[derive(Debug, thiserror::Error)]
+#[error("the kline writer has stopped")]
+pub struct WriterClosed(pub Box<Kline>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("{rows} rows could not be written to ClickHouse before the shutdown deadline ({last_error})")]
+    Unflushed { rows: usize, last_error: StoreError },
+}
+
+/// Cheap to clone; every producer holds one.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Kline>,
+    stats: Arc<WriterStats>,
+}
+
+impl WriterHandle {
+    /// Queues one row, waiting while the channel is full (back-pressure).
+    pub async fn send(&self, kline: Kline) -> Result<(), WriterClosed> {
+        self.tx
+            .send(kline)
+            .await
+            .map_err(|e| WriterClosed(Box::new(e.0)))
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+/// What a finished writer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterSummary {
+    pub rows_written: u64,
+    pub batches_written: u64,
+    pub insert_failures: u64,
+}
+
+pub struct Writer {
+    store: Store,
+    cfg: WriterConfig,
+    rx: mpsc::Receiver<Kline>,
+    stats: Arc<WriterStats>,
+    views: HashSet<PairKey>,
+}
+
+#[derive(clickhouse::Row, Serialize)]
+struct KlineRow {
+    market: &'static str,
+    symbol: String,
+    period: &'static str,
+    open_time: i64,
+    close_time: i64,
+    open: i128,
+    high: i128,
+    low: i128,
+    close: i128,
+    volume: i128,
+    quote_volume: i128,
+    trades: u64,
+    taker_buy_volume: i128,
+    taker_buy_quote_volume: i128,
+    is_final: u8,
+    source: &'static str,
+    ingested_at: i64,
+    version: u64,
+}
+
+/// ReplacingMergeTree version: closed candles beat in-progress ones, then newer ingests win.
+pub fn row_version(is_final: bool, ingested_us: u64) -> u64 {
+    (u64::from(is_final) << 63) | (ingested_us & !(1u64 << 63))
+}
+
+impl KlineRow {
+    fn new(k: &Kline, ingested_us: u64) -> KlineRow {
+        KlineRow {
+            market: k.pair.market.as_str(),
+            symbol: k.pair.symbol.as_str().to_string(),
+            period: k.pair.period.as_str(),
+            open_time: k.open_time,
+            close_time: k.close_time,
+            open: k.open.mantissa(),
+            high: k.high.mantissa(),
+            low: k.low.mantissa(),
+            close: k.close.mantissa(),
+            volume: k.volume.mantissa(),
+            quote_volume: k.quote_volume.mantissa(),
+            trades: k.trades,
+            taker_buy_volume: k.taker_buy_volume.mantissa(),
+            taker_buy_quote_volume: k.taker_buy_quote_volume.mantissa(),
+            is_final: u8::from(k.is_final),
+            source: k.source.as_str(),
+            ingested_at: i64::try_from(ingested_us / 1000).unwrap_or(i64::MAX),
+            version: row_version(k.is_final, ingested_us),
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: attempt 0 waits up to 100 ms, doubling up to `max`.
+pub fn backoff_delay(attempt: u32, max: Duration, rng: &mut impl Rng) -> Duration {
+    let base = Duration::from_millis(100)
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(max);
+    let lo = base / 2;
+    lo + base.saturating_sub(lo).mul_f64(rng.random::<f64>())
+}
+
+impl Writer {
+    pub fn new(store: Store, cfg: WriterConfig) -> (Writer, WriterHandle) {
+        let (tx, rx) = mpsc::channel(cfg.channel_capacity.max(1));
+        let stats = Arc::new(WriterStats::default());
+        let handle = WriterHandle {
+            tx,
+            stats: stats.clone(),
+        };
+        let writer = Writer {
+            store,
+            cfg,
+            rx,
+            stats,
+            views: HashSet::new(),
+        };
+        (writer, handle)
+    }
+
+    /// Runs until cancelled or until every handle is dropped, then flushes what it holds,
+    /// retrying for up to `shutdown_timeout`.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
+        let mut buf: Vec<Kline> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
+        let mut ticker = tokio::time::interval(self.cfg.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if deadline.is_none() => {
+                    deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
+                    break;
+                }
+                row = self.rx.recv() => match row {
+                    Some(k) => {
+                        buf.push(k);
+                        if buf.len() >= self.cfg.batch_rows {
+                            self.flush(&mut buf, &cancel, &mut deadline).await?;
+                            if deadline.is_some() { break; }
+                        }
+                    }
+                    None => break,
+                },
+                _ = ticker.tick(), if !buf.is_empty() => {
+                    self.flush(&mut buf, &cancel, &mut deadline).await?;
+                    if deadline.is_some() { break; }
+                }
+            }
+        }
+        // Drain: no new rows are accepted; everything already queued is written.
+        self.rx.close();
+        let mut deadline =
+            Some(deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_timeout));
+        while let Some(k) = self.rx.recv().await {
+            buf.push(k);
+            if buf.len() >= self.cfg.batch_rows {
+                self.flush(&mut buf, &cancel, &mut deadline).await?;
+            }
+        }
+        if !buf.is_empty() {
+            self.flush(&mut buf, &cancel, &mut deadline).await?;
+        }
+        let summary = WriterSummary {
+            rows_written: self.stats.rows_written(),
+            batches_written: self.stats.batches_written(),
+            insert_failures: self.stats.insert_failures(),
+        };
+        info!(
+            rows = summary.rows_written,
+            batches = summary.batches_written,
+            "Kline writer stopped; everything flushed."
+        );
+        Ok(summary)
+    }
+
+    /// Writes `buf` or keeps retrying. Without a deadline it retries forever (the channel
+    /// fills and producers wait); cancellation sets the shutdown deadline, after which the
+    /// remaining rows are reported as an error rather than dropped silently.
+    async fn flush(
+        &mut self,
+        buf: &mut Vec<Kline>,
+        cancel: &CancellationToken,
+        deadline: &mut Option<Instant>,
+    ) -> Result<(), WriterError> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.insert(buf).await {
+                Ok(()) => {
+                    self.stats
+                        .rows_written
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                    if attempt > 0 {
+                        info!(
+                            rows = buf.len(),
+                            attempts = attempt + 1,
+                            "ClickHouse insert succeeded after retries."
+                        );
+                    }
+                    self.ensure_views(buf).await;
+                    buf.clear();
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.stats.insert_failures.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff_delay(attempt, self.cfg.max_backoff, &mut rand::rng());
+                    attempt = attempt.saturating_add(1);
+                    if let Some(d) = *deadline {
+                        if Instant::now() + delay > d {
+                            error!(rows = buf.len(), error = %e,
+                                "Shutdown deadline passed; rows NOT written to ClickHouse.");
+                            return Err(WriterError::Unflushed {
+                                rows: buf.len() + self.rx.len(),
+                                last_error: e,
+                            });
+                        }
+                    }
+                    warn!(rows = buf.len(), attempt, retry_in = ?delay, error = %e,
+                        "ClickHouse insert failed; keeping the batch and retrying.");
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled(), if deadline.is_none() => {
+                            *deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn insert(&self, rows: &[Kline]) -> Result<(), StoreError> {
+        let ingested_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let client = self.store.client();
+        self.store
+            .call(async {
+                let mut insert = client.insert::<KlineRow>("klines").await?;
+                for k in rows {
+                    insert.write(&KlineRow::new(k, ingested_us)).await?;
+                }
+                insert.end().await
+            })
+            .await
+    }
+
+    /// Creates `klines_{symbol}_{market}_{period}` for pairs written for the first time.
+    /// A failure is logged and retried with the next batch of that pair.
+    async fn ensure_views(&mut self, rows: &[Kline]) {
+        let new: HashSet<&PairKey> = rows
+            .iter()
+            .map(|k| &k.pair)
+            .filter(|p| !self.views.contains(*p))
+            .collect();
+        for pair in new {
+            match create_view(&self.store, pair).await {
+                Ok(()) => {
+                    debug!(%pair, view = pair.view_name(), "Per-pair view ready.");
+                    self.views.insert(pair.clone());
+                }
+                Err(e) => warn!(%pair, error = %e, "Cannot create per-pair view; will retry."),
+            }
+        }
+    }
+}
+
+/// `CREATE VIEW IF NOT EXISTS klines_{symbol}_{market}_{period}` over `klines FINAL`.
+/// The name is built from validated parts only; the filter values are bound.
+pub async fn create_view(store: &Store, pair: &PairKey) -> Result<(), StoreError> {
+    let db = store.database();
+    let sql = format!(
+        "CREATE VIEW IF NOT EXISTS `{db}`.`{view}` AS SELECT market, symbol, period, \
+         open_time, close_time, open, high, low, close, volume, quote_volume, trades, \
+         taker_buy_volume, taker_buy_quote_volume, is_final, source, ingested_at \
+         FROM `{db}`.klines FINAL WHERE market = ? AND symbol = ? AND period = ?",
+        view = pair.view_name()
+    );
+    store
+        .call(
+            store
+                .client()
+                .query(&sql)
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .execute(),
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_prefers_final_then_newest() {
+        let old_final = row_version(true, 1_000);
+        let new_open = row_version(false, 2_000_000_000_000_000);
+        let new_final = row_version(true, 2_000);
+        assert!(old_final > new_open);
+        assert!(new_final > old_final);
+        assert!(row_version(false, 2) > row_version(false, 1));
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_bounded() {
+        let mut rng = rand::rng();
+        let max = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let d = backoff_delay(attempt, max, &mut rng);
+            assert!(d <= max, "attempt {attempt}: {d:?}");
+            let base = Duration::from_millis(100)
+                .saturating_mul(1u32 << attempt.min(20))
+                .min(max);
+            assert!(d >= base / 2, "attempt {attempt}: {d:?} < {:?}", base / 2);
+        }
+    }
+}

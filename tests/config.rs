@@ -1,0 +1,179 @@
+//! Config loading: the seed file unchanged, defaults, env override, all errors at once,
+//! unknown keys, path resolution.
+
+use std::path::Path;
+use std::time::Duration;
+
+use quantservice::config::{Config, ConfigError, ENV_CLICKHOUSE_PASSWORD};
+
+/// The file exactly as users have it today.
+const SEED: &str = r#"app:
+  environment: prod
+
+  clickhouse:
+    host: "localhost"          # ClickHouse server address
+    port: 8123
+    database: "maxaira"
+    username: "default"
+    password: ""               # set a password in production
+
+  binance:
+    spot:
+      ws_url: "wss://stream.binance.com:9443/ws/"
+      rest_url: "https://data-api.binance.vision/api/v3/klines"
+    um:
+      ws_url: "wss://fstream.binance.com/ws/"
+      rest_url: "https://fapi.binance.com/fapi/v1/klines"
+    cm:
+      ws_url: "wss://dstream.binance.com/ws/"
+      rest_url: "https://dapi.binance.com/dapi/v1/klines"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml_with_env(text, Path::new("t.yaml"), |_| None)
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => e.problems(),
+    }
+}
+
+#[test]
+fn seed_file_loads_unchanged() {
+    let cfg = parse(SEED).unwrap();
+    assert_eq!(cfg.environment, "prod");
+    assert_eq!(cfg.clickhouse.host, "localhost");
+    assert_eq!(cfg.clickhouse.port, 8123);
+    assert_eq!(cfg.clickhouse.database, "maxaira");
+    assert_eq!(cfg.clickhouse.username, "default");
+    assert!(cfg.clickhouse.password.is_empty());
+    assert_eq!(cfg.binance.spot.ws_url, "wss://stream.binance.com:9443/ws/");
+    assert_eq!(
+        cfg.binance.spot.rest_url,
+        "https://data-api.binance.vision/api/v3/klines"
+    );
+    assert_eq!(cfg.binance.um.rest_url, "https://fapi.binance.com/fapi/v1/klines");
+    assert_eq!(cfg.binance.cm.ws_url, "wss://dstream.binance.com/ws/");
+}
+
+#[test]
+fn shipped_config_files_load_and_app_yaml_matches_the_seed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let shipped = Config::from_yaml_with_env(
+        &std::fs::read_to_string(dir.join("app.yaml")).unwrap(),
+        &dir.join("app.yaml"),
+        |_| None,
+    )
+    .unwrap();
+    assert_eq!(shipped, parse(SEED).unwrap());
+    let local = std::fs::read_to_string(dir.join("local.yaml")).unwrap();
+    assert!(parse(&local).is_ok());
+}
+
+#[test]
+fn defaults_fill_every_optional_section() {
+    let cfg = parse("app:\n  environment: dev\n").unwrap();
+    assert_eq!(cfg.clickhouse.host, "localhost");
+    assert_eq!(cfg.clickhouse.port, 8123);
+    assert!(!cfg.clickhouse.secure);
+    assert_eq!(cfg.clickhouse.timeout, Duration::from_secs(30));
+    assert_eq!(cfg.binance.um.ws_url, "wss://fstream.binance.com/ws/");
+    assert_eq!(cfg.logging.level, "info");
+    assert_eq!(cfg.logging.dir, None);
+    assert_eq!(cfg.logging.keep_days, 7);
+    assert_eq!(cfg.writer.batch_rows, 10_000);
+    assert_eq!(cfg.writer.flush_interval, Duration::from_secs(1));
+    assert_eq!(cfg.writer.channel_capacity, 100_000);
+    // Durations are written like 30s / 5m.
+    let cfg = parse("app:\n  writer:\n    flush_interval: 250ms\n    max_backoff: 5m\n").unwrap();
+    assert_eq!(cfg.writer.flush_interval, Duration::from_millis(250));
+    assert_eq!(cfg.writer.max_backoff, Duration::from_secs(300));
+}
+
+#[test]
+fn env_overrides_the_password() {
+    let env = |k: &str| (k == ENV_CLICKHOUSE_PASSWORD).then(|| "from-env-xyz".to_string());
+    let cfg = Config::from_yaml_with_env(SEED, Path::new("t.yaml"), env).unwrap();
+    assert_eq!(cfg.clickhouse.password.expose(), "from-env-xyz");
+    // ...and the redacted dump never shows it.
+    let dump = cfg.redacted_yaml();
+    assert!(!dump.contains("from-env-xyz"), "{dump}");
+    assert!(dump.contains("password: '***'"), "{dump}");
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_path_and_value() {
+    let text = r#"app:
+  environment: prod
+  clickhouse:
+    host: "localhost"
+    port: 0
+    database: "bad-name"
+    timeout: soon
+  binance:
+    um:
+      ws_url: "http://fstream.binance.com/ws/"
+  logging:
+    keep_days: "seven"
+  writer:
+    batch_rows: -5
+"#;
+    let p = problems(text);
+    let expect = [
+        "app.clickhouse.port: must be 1..65535, got 0",
+        "app.clickhouse.database: must match [A-Za-z_][A-Za-z0-9_]* (max 64), got \"bad-name\"",
+        "app.clickhouse.timeout: expected a duration like 500ms, 30s, 5m or 1h, got \"soon\"",
+        "app.binance.um.ws_url: must be a ws/wss URL with a host, got \"http://fstream.binance.com/ws/\" (scheme http)",
+        "app.logging.keep_days: expected an integer, got \"seven\"",
+        "app.writer.batch_rows: must be 1..1000000, got -5",
+    ];
+    for e in expect {
+        assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
+    }
+    assert_eq!(p.len(), expect.len(), "{p:#?}");
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_them() {
+    let text = "app:\n  clickhouse:\n    hots: localhost\n    port: 8123\n  loging:\n    level: info\ntop_level_typo: 1\n";
+    let p = problems(text);
+    assert!(
+        p.iter().any(|x| x.starts_with("app.clickhouse.hots: unknown key")),
+        "{p:#?}"
+    );
+    assert!(p.iter().any(|x| x.starts_with("app.loging: unknown key")), "{p:#?}");
+    assert!(p.iter().any(|x| x.starts_with("top_level_typo: unknown key")), "{p:#?}");
+    assert_eq!(p.len(), 3, "{p:#?}");
+}
+
+#[test]
+fn wrong_shapes_and_bad_yaml_are_clear() {
+    let p = problems("app:\n  clickhouse: localhost\n");
+    assert_eq!(p, vec!["app.clickhouse: expected a mapping, got \"localhost\""]);
+    let p = problems("- just\n- a list\n");
+    assert!(p[0].contains("expected a mapping"), "{p:?}");
+    let e = parse("app:\n  clickhouse: [unclosed\n").unwrap_err();
+    assert!(matches!(e, ConfigError::Yaml { .. }), "{e}");
+    let p = problems("app:\n  logging:\n    level: \"info,,=[\"\n");
+    assert!(p[0].starts_with("app.logging.level:"), "{p:?}");
+}
+
+#[test]
+fn config_path_resolution_order() {
+    let cli = Path::new("/tmp/from-cli.yaml");
+    assert_eq!(
+        Config::resolve_path(Some(cli), Some("/tmp/from-env.yaml".into())).unwrap(),
+        cli
+    );
+    assert_eq!(
+        Config::resolve_path(None, Some("/tmp/from-env.yaml".into())).unwrap(),
+        Path::new("/tmp/from-env.yaml")
+    );
+    // Without either, ./config/app.yaml (cargo runs tests from the package root).
+    assert_eq!(
+        Config::resolve_path(None, None).unwrap(),
+        Path::new("./config/app.yaml")
+    );
+}
