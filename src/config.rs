@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
-use serde_yaml_ng::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use crate::market::Market;
 
@@ -237,7 +237,7 @@ impl Config {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let root: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Yaml {
+        let root: Value = yaml_serde::from_str(text).map_err(|e| ConfigError::Yaml {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
@@ -264,7 +264,7 @@ impl Config {
         struct Root<'a> {
             app: &'a Config,
         }
-        serde_yaml_ng::to_string(&Root { app: self })
+        yaml_serde::to_string(&Root { app: self })
             .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
@@ -350,7 +350,12 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
     let defaults = WriterConfig::default();
     let mut wr = app.child("writer", errs);
     let writer = WriterConfig {
-        batch_rows: wr.int("batch_rows", defaults.batch_rows as i64, 1..=1_000_000, errs) as usize,
+        batch_rows: wr.int(
+            "batch_rows",
+            defaults.batch_rows as i64,
+            1..=1_000_000,
+            errs,
+        ) as usize,
         flush_interval: wr.duration("flush_interval", defaults.flush_interval, errs),
         channel_capacity: wr.int(
             "channel_capacity",
@@ -465,7 +470,10 @@ impl<'v> Section<'v> {
             None => default,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                errs.push(format!("{path}: expected true or false, got {}", show(other)));
+                errs.push(format!(
+                    "{path}: expected true or false, got {}",
+                    show(other)
+                ));
                 default
             }
         }

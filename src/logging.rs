@@ -139,7 +139,8 @@ mod tests {
                 inner: &mut out,
                 secrets: Arc::new(vec!["hunter2".to_string()]),
             };
-            w.write_all(b"connect with password hunter2 failed\n").unwrap();
+            w.write_all(b"connect with password hunter2 failed\n")
+                .unwrap();
         }
         assert_eq!(
             String::from_utf8(out).unwrap(),

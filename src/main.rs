@@ -60,14 +60,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let path = match Config::resolve_path(cli.config.as_deref(), std::env::var(ENV_CONFIG_PATH).ok())
-    {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let path =
+        match Config::resolve_path(cli.config.as_deref(), std::env::var(ENV_CONFIG_PATH).ok()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let cfg = match Config::load(&path) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -409,7 +409,10 @@ impl Kline {
                 .map_err(|e| format!("{name} {:?}: {e}", fields[i]))
         };
         let dec = |i: usize| -> Result<Decimal, String> {
-            fields[i].trim().parse::<Decimal>().map_err(|e| e.to_string())
+            fields[i]
+                .trim()
+                .parse::<Decimal>()
+                .map_err(|e| e.to_string())
         };
         let trades = fields[8]
             .trim()
@@ -456,7 +459,10 @@ mod tests {
             ("0.00000001", "0.00000001"),
             ("0", "0"),
             ("-1.50", "-1.5"),
-            ("1234567890123456789012.12345678", "1234567890123456789012.12345678"),
+            (
+                "1234567890123456789012.12345678",
+                "1234567890123456789012.12345678",
+            ),
             (".5", "0.5"),
             ("7.", "7"),
         ] {

@@ -1,5 +1,6 @@
 //! Config loading: the seed file unchanged, defaults, env override, all errors at once,
 //! unknown keys, path resolution.
+#![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::path::Path;
 use std::time::Duration;
@@ -54,7 +55,10 @@ fn seed_file_loads_unchanged() {
         cfg.binance.spot.rest_url,
         "https://data-api.binance.vision/api/v3/klines"
     );
-    assert_eq!(cfg.binance.um.rest_url, "https://fapi.binance.com/fapi/v1/klines");
+    assert_eq!(
+        cfg.binance.um.rest_url,
+        "https://fapi.binance.com/fapi/v1/klines"
+    );
     assert_eq!(cfg.binance.cm.ws_url, "wss://dstream.binance.com/ws/");
 }
 
@@ -140,18 +144,29 @@ fn unknown_keys_are_errors_naming_them() {
     let text = "app:\n  clickhouse:\n    hots: localhost\n    port: 8123\n  loging:\n    level: info\ntop_level_typo: 1\n";
     let p = problems(text);
     assert!(
-        p.iter().any(|x| x.starts_with("app.clickhouse.hots: unknown key")),
+        p.iter()
+            .any(|x| x.starts_with("app.clickhouse.hots: unknown key")),
         "{p:#?}"
     );
-    assert!(p.iter().any(|x| x.starts_with("app.loging: unknown key")), "{p:#?}");
-    assert!(p.iter().any(|x| x.starts_with("top_level_typo: unknown key")), "{p:#?}");
+    assert!(
+        p.iter().any(|x| x.starts_with("app.loging: unknown key")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("top_level_typo: unknown key")),
+        "{p:#?}"
+    );
     assert_eq!(p.len(), 3, "{p:#?}");
 }
 
 #[test]
 fn wrong_shapes_and_bad_yaml_are_clear() {
     let p = problems("app:\n  clickhouse: localhost\n");
-    assert_eq!(p, vec!["app.clickhouse: expected a mapping, got \"localhost\""]);
+    assert_eq!(
+        p,
+        vec!["app.clickhouse: expected a mapping, got \"localhost\""]
+    );
     let p = problems("- just\n- a list\n");
     assert!(p[0].contains("expected a mapping"), "{p:?}");
     let e = parse("app:\n  clickhouse: [unclosed\n").unwrap_err();

@@ -221,7 +221,9 @@ mod tests {
         assert!(base.requires().is_none());
         let stmts = base.statements();
         assert_eq!(stmts.len(), 4);
-        assert!(stmts.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+        assert!(stmts
+            .iter()
+            .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
         assert!(stmts.iter().all(|s| !s.ends_with(';')));
         let newer = &MIGRATIONS[1];
         assert_eq!(

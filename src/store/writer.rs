@@ -70,6 +70,11 @@ impl WriterHandle {
     pub fn stats(&self) -> &WriterStats {
         &self.stats
     }
+
+    /// Free slots in the channel; 0 means producers are being held back.
+    pub fn free_capacity(&self) -> usize {
+        self.tx.capacity()
+    }
 }
 
 /// What a finished writer did.

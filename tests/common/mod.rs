@@ -1,7 +1,7 @@
 //! Test harness: a real ClickHouse server per test binary (private data dir, free ports) unless
 //! `QS_TEST_CLICKHOUSE_URL` names one, a database per test (dropped afterwards), and a tiny
 //! blocking HTTP client for verification queries. Never silently passes without ClickHouse.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // shared by several test binaries; tests may unwrap
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -82,55 +82,15 @@ impl ChServer {
     }
 
     fn write_configs(&self) {
-        let d = self.dir.display();
-        let config = format!(
-            r#"<?xml version="1.0"?>
-<yandex>
-    <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><size>100M</size><count>1</count></logger>
-    <http_port>{http}</http_port>
-    <tcp_port>{tcp}</tcp_port>
-    <interserver_http_port>{inter}</interserver_http_port>
-    <listen_host>127.0.0.1</listen_host>
-    <max_connections>512</max_connections>
-    <keep_alive_timeout>3</keep_alive_timeout>
-    <max_concurrent_queries>100</max_concurrent_queries>
-    <uncompressed_cache_size>268435456</uncompressed_cache_size>
-    <mark_cache_size>268435456</mark_cache_size>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mlock_executable>false</mlock_executable>
-</yandex>
-"#,
-            http = self.http_port,
-            tcp = self.tcp_port,
-            inter = self.interserver_port,
-        );
-        let users = format!(
-            r#"<?xml version="1.0"?>
-<yandex>
-    <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-            <profile>default</profile><quota>default</quota>
-        </default>
-        <{PW_USER}>
-            <password>{PW_PASSWORD}</password>
-            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-            <profile>default</profile><quota>default</quota>
-        </{PW_USER}>
-    </users>
-    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
-</yandex>
-"#
-        );
+        let d = self.dir.display().to_string();
+        let config = include_str!("../../scripts/clickhouse/config.xml")
+            .replace("@DIR@", &d)
+            .replace("@HTTP_PORT@", &self.http_port.to_string())
+            .replace("@TCP_PORT@", &self.tcp_port.to_string())
+            .replace("@INTERSERVER_PORT@", &self.interserver_port.to_string());
+        let users = include_str!("../../scripts/clickhouse/users.xml")
+            .replace("@PW_USER@", PW_USER)
+            .replace("@PW_PASSWORD@", PW_PASSWORD);
         std::fs::write(self.dir.join("config.xml"), config).expect("write config.xml");
         std::fs::write(self.dir.join("users.xml"), users).expect("write users.xml");
     }
@@ -148,6 +108,7 @@ impl ChServer {
         // The watchdog ends the server when this test process is gone.
         let script = r#"
             "$@" & srv=$!
+            echo "$srv" > "$QS_CH_DIR/server.pid"
             while kill -0 "$QS_WATCH_PID" 2>/dev/null && kill -0 "$srv" 2>/dev/null; do sleep 0.2; done
             kill "$srv" 2>/dev/null; wait "$srv"
             kill -0 "$QS_WATCH_PID" 2>/dev/null || rm -rf "$QS_CH_DIR"
@@ -158,8 +119,10 @@ impl ChServer {
             .arg("sh")
             .arg(&bin)
             .args(&pre)
-            .arg(format!("--config-file={}", self.dir.join("config.xml").display()))
-            .arg(format!("--pid-file={}", self.pid_file().display()))
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
             .env("QS_WATCH_PID", std::process::id().to_string())
             .env("QS_CH_DIR", &self.dir)
             .stdin(Stdio::null())
@@ -169,7 +132,9 @@ impl ChServer {
                     .map(Stdio::from)
                     .unwrap_or_else(|_| Stdio::null()),
             );
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
@@ -222,7 +187,12 @@ fn ping(port: u16) -> bool {
 }
 
 /// A minimal blocking HTTP/1.0 request to 127.0.0.1:`port`. Returns (status, body).
-pub fn http(port: u16, method: &str, path_query: &str, body: &str) -> std::io::Result<(u16, String)> {
+pub fn http(
+    port: u16,
+    method: &str,
+    path_query: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(2),
@@ -332,7 +302,8 @@ impl TestDb {
 
     /// Runs SQL in this database; panics with the server's message on failure.
     pub fn sql(&self, sql: &str) -> String {
-        self.try_sql(sql).unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"))
+        self.try_sql(sql)
+            .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"))
     }
 
     pub fn try_sql(&self, sql: &str) -> Result<String, String> {
