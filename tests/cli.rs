@@ -6,10 +6,10 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, PW_PASSWORD, PW_USER};
+use common::{seed_for, TestDb, PW_PASSWORD, PW_USER};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_quantservice"));
@@ -25,192 +25,131 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     p
 }
 
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// What one run of the binary printed and returned.
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
 }
 
-/// The seed file with host, port and password pointed at the test server.
-fn seed_for(host: &str, port: u16, user: &str, password: &str, database: &str) -> String {
-    format!(
-        r#"app:
-  environment: prod
+impl Ran {
+    fn of(cmd: &mut Command) -> Ran {
+        let out = cmd.output().unwrap();
+        Ran {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 
-  clickhouse:
-    host: "{host}"          # ClickHouse server address
-    port: {port}
-    database: "{database}"
-    username: "{user}"
-    password: "{password}"               # set a password in production
+    /// Asserts the exit code and that `secret` appears nowhere in the output.
+    fn expect(self, code: i32, secret: &str) -> Ran {
+        let all = format!("{}\n{}", self.stdout, self.stderr);
+        assert_eq!(self.code, Some(code), "{all}");
+        assert!(
+            secret.is_empty() || !all.contains(secret),
+            "secret printed:\n{all}"
+        );
+        self
+    }
+}
 
-  binance:
-    spot:
-      ws_url: "wss://stream.binance.com:9443/ws/"
-      rest_url: "https://data-api.binance.vision/api/v3/klines"
-    um:
-      ws_url: "wss://fstream.binance.com/ws/"
-      rest_url: "https://fapi.binance.com/fapi/v1/klines"
-    cm:
-      ws_url: "wss://dstream.binance.com/ws/"
-      rest_url: "https://dapi.binance.com/dapi/v1/klines"
-"#
-    )
+/// Runs the binary with `args` and `config` written to a temp file passed as `--config`.
+fn run_with(config: &str, args: &[&str]) -> Ran {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), config);
+    Ran::of(bin().args(args).arg("--config").arg(&path))
 }
 
 #[test]
 fn check_config_passes_with_a_password_and_never_prints_it() {
     let db = TestDb::new("check_ok");
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &seed_for(&db.host, db.port, PW_USER, PW_PASSWORD, &db.name),
+    let config = seed_for(&db.host, db.port, PW_USER, PW_PASSWORD, &db.name);
+    let ran = run_with(&config, &["--check-config"]).expect(0, PW_PASSWORD);
+    assert!(ran.stdout.contains("connected"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("password: '***'"), "{}", ran.stdout);
+    assert!(
+        ran.stdout.contains(&format!("port: {}", db.port)),
+        "{}",
+        ran.stdout
     );
-    let out = bin()
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.contains("connected"), "{stdout}");
-    assert!(stdout.contains("password: '***'"), "{stdout}");
-    assert!(stdout.contains(&format!("port: {}", db.port)), "{stdout}");
-    assert!(!stdout.contains(PW_PASSWORD) && !stderr.contains(PW_PASSWORD));
 
-    // The same with the password from QS_CLICKHOUSE_PASSWORD and QS_CONFIG_PATH.
+    // The same with the password from QS_CLICKHOUSE_PASSWORD and the file from QS_CONFIG_PATH.
+    let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
         &seed_for(&db.host, db.port, PW_USER, "", &db.name),
     );
-    let out = bin()
-        .arg("--check-config")
-        .env("QS_CONFIG_PATH", &path)
-        .env("QS_CLICKHOUSE_PASSWORD", PW_PASSWORD)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(!stdout.contains(PW_PASSWORD) && !stderr.contains(PW_PASSWORD));
+    Ran::of(
+        bin()
+            .arg("--check-config")
+            .env("QS_CONFIG_PATH", &path)
+            .env("QS_CLICKHOUSE_PASSWORD", PW_PASSWORD),
+    )
+    .expect(0, PW_PASSWORD);
 }
 
 #[test]
 fn check_config_fails_clearly_on_wrong_password_or_unreachable_server() {
     let db = TestDb::new("check_bad");
-    let dir = tempfile::tempdir().unwrap();
     let wrong = "Not-the-Right-0ne";
-    let path = write_config(
-        dir.path(),
-        &seed_for(&db.host, db.port, PW_USER, wrong, &db.name),
-    );
-    let out = bin()
-        .args(["--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains(&format!("refused the credentials of user \"{PW_USER}\"")),
-        "{stderr}"
-    );
-    assert!(
-        !stdout.contains(wrong) && !stderr.contains(wrong),
-        "{stdout}\n{stderr}"
-    );
+    let config = seed_for(&db.host, db.port, PW_USER, wrong, &db.name);
+    let ran = run_with(&config, &["--check-config"]).expect(1, wrong);
+    let want = format!("refused the credentials of user \"{PW_USER}\"");
+    assert!(ran.stderr.contains(&want), "{}", ran.stderr);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path = write_config(dir.path(), &seed_for("127.0.0.1", port, "default", "", "x"));
-    let out = bin()
-        .args(["--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("unreachable"), "{stderr}");
+    let config = seed_for("127.0.0.1", common::dead_port(), "default", "", "x");
+    let ran = run_with(&config, &["check-config"]).expect(1, wrong);
+    assert!(ran.stderr.contains("unreachable"), "{}", ran.stderr);
 }
 
 #[test]
 fn invalid_config_lists_every_problem_and_exits_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        "app:\n  clickhouse:\n    port: 0\n    pasword: x\n  writer:\n    flush_interval: fast\n",
-    );
+    let config =
+        "app:\n  clickhouse:\n    port: 0\n    pasword: x\n  writer:\n    flush_interval: fast\n";
     for args in [vec!["--check-config"], vec!["migrate"], vec![]] {
-        let out = bin()
-            .args(&args)
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let (_, stderr) = text(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains("app.clickhouse.port: must be 1..65535, got 0"),
-            "{stderr}"
-        );
-        assert!(
-            stderr.contains("app.clickhouse.pasword: unknown key"),
-            "{stderr}"
-        );
-        assert!(stderr.contains("app.writer.flush_interval:"), "{stderr}");
+        let ran = run_with(config, &args).expect(1, "pasword: x");
+        for want in [
+            "app.clickhouse.port: must be 1..65535, got 0",
+            "app.clickhouse.pasword: unknown key",
+            "app.writer.flush_interval:",
+        ] {
+            assert!(ran.stderr.contains(want), "{args:?}: {}", ran.stderr);
+        }
     }
 }
 
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = bin()
-        .arg("--check-config")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains("QS_CONFIG_PATH"), "{stderr}");
-    let out = bin()
-        .args(["--check-config", "--config", "/nonexistent/app.yaml"])
-        .output()
-        .unwrap();
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1));
+    let ran = Ran::of(bin().arg("--check-config").current_dir(dir.path())).expect(1, "");
+    assert!(ran.stderr.contains("QS_CONFIG_PATH"), "{}", ran.stderr);
+    let ran = Ran::of(bin().args(["--check-config", "--config", "/nonexistent/app.yaml"]));
+    let ran = ran.expect(1, "");
     assert!(
-        stderr.contains("cannot read config file /nonexistent/app.yaml"),
-        "{stderr}"
+        ran.stderr
+            .contains("cannot read config file /nonexistent/app.yaml"),
+        "{}",
+        ran.stderr
     );
 }
 
 #[test]
 fn migrate_twice_on_an_empty_database() {
     let db = TestDb::new("cli_migrate");
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &seed_for(&db.host, db.port, "default", "", &db.name),
+    let config = seed_for(&db.host, db.port, "default", "", &db.name);
+    let first = run_with(&config, &["migrate"]).expect(0, "");
+    assert!(
+        first.stdout.contains("1 applied, 0 already applied"),
+        "{}",
+        first.stdout
     );
-    let run = || {
-        let out = bin()
-            .arg("migrate")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let (stdout, stderr) = text(&out);
-        assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-        stdout
-    };
-    let first = run();
-    assert!(first.contains("1 applied, 0 already applied"), "{first}");
-    let second = run();
-    assert!(second.contains("0 applied, 1 already applied"), "{second}");
+    let second = run_with(&config, &["migrate"]).expect(0, "");
+    assert!(
+        second.stdout.contains("0 applied, 1 already applied"),
+        "{}",
+        second.stdout
+    );
     assert_eq!(db.sql("SELECT count() FROM schema_migrations"), "1\n");
 }
 

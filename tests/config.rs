@@ -5,30 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
+use common::SEED;
 use quantservice::config::{Config, ConfigError, ENV_CLICKHOUSE_PASSWORD};
-
-/// The file exactly as users have it today.
-const SEED: &str = r#"app:
-  environment: prod
-
-  clickhouse:
-    host: "localhost"          # ClickHouse server address
-    port: 8123
-    database: "maxaira"
-    username: "default"
-    password: ""               # set a password in production
-
-  binance:
-    spot:
-      ws_url: "wss://stream.binance.com:9443/ws/"
-      rest_url: "https://data-api.binance.vision/api/v3/klines"
-    um:
-      ws_url: "wss://fstream.binance.com/ws/"
-      rest_url: "https://fapi.binance.com/fapi/v1/klines"
-    cm:
-      ws_url: "wss://dstream.binance.com/ws/"
-      rest_url: "https://dapi.binance.com/dapi/v1/klines"
-"#;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::from_yaml_with_env(text, Path::new("t.yaml"), |_| None)

@@ -255,10 +255,7 @@ async fn wrong_password_and_unreachable_server_are_classified() {
     assert!(v.major >= 18, "{v}");
 
     let mut down = db.config("").clickhouse;
-    down.port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    down.port = common::dead_port();
     let err = Store::new(&down)
         .unwrap()
         .server_version()

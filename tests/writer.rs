@@ -153,11 +153,7 @@ async fn cancellation_flushes_everything_buffered() {
 #[tokio::test]
 async fn back_pressure_then_loud_error_when_clickhouse_stays_down_at_shutdown() {
     // A port nobody listens on: every insert fails (retryable).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::dead_port();
     let db_cfg = format!(
         "app:\n  clickhouse:\n    host: 127.0.0.1\n    port: {port}\n  writer:\n    batch_rows: 5\n    flush_interval: 10ms\n    channel_capacity: 10\n    max_backoff: 50ms\n    shutdown_timeout: 300ms\n"
     );

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use clickhouse::Client;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{is_identifier, ClickHouseConfig};
 use crate::market::{Decimal, Kline, PairKey, Source};
@@ -248,33 +248,35 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Kline>, StoreError> {
-        let rows: Vec<StoredKline> = self
+        let rows: Vec<KlineRow> = self
             .call(
                 self.client
-                    .query(
-                        "SELECT open_time, close_time, open, high, low, close, volume, \
-                         quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, \
-                         is_final, source FROM klines FINAL \
-                         WHERE market = ? AND symbol = ? AND period = ? \
-                         AND open_time >= ? AND open_time < ? ORDER BY open_time",
-                    )
+                    .query(&format!(
+                        "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                             WHERE market = ? AND symbol = ? AND period = ? \
+                             AND open_time >= ? AND open_time < ? ORDER BY open_time"
+                    ))
                     .bind(pair.market.as_str())
                     .bind(pair.symbol.as_str())
                     .bind(pair.period.as_str())
                     .bind(from_ms)
                     .bind(to_ms)
-                    .fetch_all::<StoredKline>(),
+                    .fetch_all::<KlineRow>(),
             )
             .await?;
         rows.into_iter()
-            .map(|r| r.into_kline(pair.clone()))
+            .map(KlineRow::into_kline)
             .collect::<Result<_, _>>()
             .map_err(StoreError::Protocol)
     }
 }
 
-#[derive(clickhouse::Row, Deserialize)]
-struct StoredKline {
+/// One `klines` row in column order, used for RowBinary inserts and reads alike.
+#[derive(clickhouse::Row, Serialize, Deserialize)]
+pub(crate) struct KlineRow {
+    market: String,
+    symbol: String,
+    period: String,
     open_time: i64,
     close_time: i64,
     open: i128,
@@ -288,13 +290,49 @@ struct StoredKline {
     taker_buy_quote_volume: i128,
     is_final: u8,
     source: String,
+    ingested_at: i64,
+    version: u64,
 }
 
-impl StoredKline {
-    fn into_kline(self, pair: PairKey) -> Result<Kline, String> {
+/// The columns of `KlineRow`, in order, for SELECTs.
+const KLINE_COLUMNS: &str = "market, symbol, period, open_time, close_time, open, high, low, \
+    close, volume, quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, \
+    source, ingested_at, version";
+
+/// ReplacingMergeTree version: closed candles beat in-progress ones, then newer ingests win.
+pub fn row_version(is_final: bool, ingested_us: u64) -> u64 {
+    (u64::from(is_final) << 63) | (ingested_us & !(1u64 << 63))
+}
+
+impl KlineRow {
+    pub(crate) fn new(k: &Kline, ingested_us: u64) -> KlineRow {
+        KlineRow {
+            market: k.pair.market.as_str().to_string(),
+            symbol: k.pair.symbol.as_str().to_string(),
+            period: k.pair.period.as_str().to_string(),
+            open_time: k.open_time,
+            close_time: k.close_time,
+            open: k.open.mantissa(),
+            high: k.high.mantissa(),
+            low: k.low.mantissa(),
+            close: k.close.mantissa(),
+            volume: k.volume.mantissa(),
+            quote_volume: k.quote_volume.mantissa(),
+            trades: k.trades,
+            taker_buy_volume: k.taker_buy_volume.mantissa(),
+            taker_buy_quote_volume: k.taker_buy_quote_volume.mantissa(),
+            is_final: u8::from(k.is_final),
+            source: k.source.as_str().to_string(),
+            ingested_at: i64::try_from(ingested_us / 1000).unwrap_or(i64::MAX),
+            version: row_version(k.is_final, ingested_us),
+        }
+    }
+
+    fn into_kline(self) -> Result<Kline, String> {
         let d = Decimal::from_mantissa;
         Ok(Kline {
-            pair,
+            pair: PairKey::parse(&self.market, &self.symbol, &self.period)
+                .map_err(|e| format!("stored row has {e}"))?,
             open_time: self.open_time,
             close_time: self.close_time,
             open: d(self.open),

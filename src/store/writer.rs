@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Store, StoreError};
+use super::{KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
 
@@ -91,58 +90,6 @@ pub struct Writer {
     rx: mpsc::Receiver<Kline>,
     stats: Arc<WriterStats>,
     views: HashSet<PairKey>,
-}
-
-#[derive(clickhouse::Row, Serialize)]
-struct KlineRow {
-    market: &'static str,
-    symbol: String,
-    period: &'static str,
-    open_time: i64,
-    close_time: i64,
-    open: i128,
-    high: i128,
-    low: i128,
-    close: i128,
-    volume: i128,
-    quote_volume: i128,
-    trades: u64,
-    taker_buy_volume: i128,
-    taker_buy_quote_volume: i128,
-    is_final: u8,
-    source: &'static str,
-    ingested_at: i64,
-    version: u64,
-}
-
-/// ReplacingMergeTree version: closed candles beat in-progress ones, then newer ingests win.
-pub fn row_version(is_final: bool, ingested_us: u64) -> u64 {
-    (u64::from(is_final) << 63) | (ingested_us & !(1u64 << 63))
-}
-
-impl KlineRow {
-    fn new(k: &Kline, ingested_us: u64) -> KlineRow {
-        KlineRow {
-            market: k.pair.market.as_str(),
-            symbol: k.pair.symbol.as_str().to_string(),
-            period: k.pair.period.as_str(),
-            open_time: k.open_time,
-            close_time: k.close_time,
-            open: k.open.mantissa(),
-            high: k.high.mantissa(),
-            low: k.low.mantissa(),
-            close: k.close.mantissa(),
-            volume: k.volume.mantissa(),
-            quote_volume: k.quote_volume.mantissa(),
-            trades: k.trades,
-            taker_buy_volume: k.taker_buy_volume.mantissa(),
-            taker_buy_quote_volume: k.taker_buy_quote_volume.mantissa(),
-            is_final: u8::from(k.is_final),
-            source: k.source.as_str(),
-            ingested_at: i64::try_from(ingested_us / 1000).unwrap_or(i64::MAX),
-            version: row_version(k.is_final, ingested_us),
-        }
-    }
 }
 
 /// Full-jitter exponential backoff: attempt 0 waits up to 100 ms, doubling up to `max`.
@@ -347,6 +294,8 @@ pub async fn create_view(store: &Store, pair: &PairKey) -> Result<(), StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::store::row_version;
 
     #[test]
     fn version_prefers_final_then_newest() {

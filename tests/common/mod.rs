@@ -32,6 +32,11 @@ pub struct ChServer {
     child: Mutex<Option<Child>>,
 }
 
+/// A loopback port nobody listens on (bound, then released).
+pub fn dead_port() -> u16 {
+    free_port()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -352,4 +357,40 @@ pub fn binance_data(rel: &str) -> PathBuf {
         }
     }
     panic!("real kline data {rel} not found: set QS_SHARED_DIR to the shared/ directory");
+}
+
+/// The file exactly as users have it today.
+pub const SEED: &str = r#"app:
+  environment: prod
+
+  clickhouse:
+    host: "localhost"          # ClickHouse server address
+    port: 8123
+    database: "maxaira"
+    username: "default"
+    password: ""               # set a password in production
+
+  binance:
+    spot:
+      ws_url: "wss://stream.binance.com:9443/ws/"
+      rest_url: "https://data-api.binance.vision/api/v3/klines"
+    um:
+      ws_url: "wss://fstream.binance.com/ws/"
+      rest_url: "https://fapi.binance.com/fapi/v1/klines"
+    cm:
+      ws_url: "wss://dstream.binance.com/ws/"
+      rest_url: "https://dapi.binance.com/dapi/v1/klines"
+"#;
+
+/// The seed file with host, port, user, password and database pointed elsewhere.
+pub fn seed_for(host: &str, port: u16, user: &str, password: &str, database: &str) -> String {
+    SEED.replacen("host: \"localhost\"", &format!("host: \"{host}\""), 1)
+        .replacen("port: 8123", &format!("port: {port}"), 1)
+        .replacen("username: \"default\"", &format!("username: \"{user}\""), 1)
+        .replacen("password: \"\"", &format!("password: \"{password}\""), 1)
+        .replacen(
+            "database: \"maxaira\"",
+            &format!("database: \"{database}\""),
+            1,
+        )
 }
