@@ -54,8 +54,10 @@ pub async fn run_daemon(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
     };
-    info!(server = ?report.server_version.map(|v| v.to_string()),
-        applied = report.applied.len(), skipped = report.skipped.len(),
+    let server = report
+        .server_version
+        .map_or_else(|| "unknown".to_string(), |v| v.to_string());
+    info!(%server, applied = report.applied.len(), skipped = report.skipped.len(),
         "Schema up to date.");
 
     let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
