@@ -120,7 +120,11 @@ pub struct ClickHouseConfig {
 impl ClickHouseConfig {
     pub fn url(&self) -> String {
         let scheme = if self.secure { "https" } else { "http" };
-        format!("{scheme}://{}:{}", self.host, self.port)
+        if self.host.parse::<std::net::Ipv6Addr>().is_ok() {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -239,7 +243,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let root: Value = yaml_serde::from_str(text).map_err(|e| ConfigError::Yaml {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: hide_quoted(&e.to_string()),
         })?;
         let mut errs = Vec::new();
         let cfg = parse_root(&root, &mut errs);
@@ -268,11 +272,13 @@ impl Config {
             .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// All secrets in this config, for scrubbing them out of error text and logs.
+    /// The secrets in this config, for scrubbing them out of error text and logs. Secrets
+    /// shorter than 4 characters are left out: replacing every `8` or `ab` in a log line would
+    /// garble it and point at the secret instead of hiding it.
     pub fn secrets(&self) -> Vec<String> {
         [&self.clickhouse.password]
             .into_iter()
-            .filter(|s| !s.is_empty())
+            .filter(|s| s.expose().chars().count() >= 4)
             .map(|s| s.expose().to_string())
             .collect()
     }
@@ -303,9 +309,9 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
 
     let mut ch = app.child("clickhouse", errs);
     let host = ch.string("host", "localhost", errs);
-    if host.is_empty() || host.contains("://") || host.contains('/') || host.contains(' ') {
+    if !is_bare_host(&host) {
         errs.push(format!(
-            "app.clickhouse.host: must be a bare host name or address (set `secure: true` for https), got {host:?}"
+            "app.clickhouse.host: must be a bare host name or IP address (no scheme, port, user or path; set `secure: true` for https), got {host:?}"
         ));
     }
     let port = ch.port("port", 8123, errs);
@@ -320,8 +326,8 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
     if username.is_empty() {
         errs.push("app.clickhouse.username: must not be empty".to_string());
     }
-    let password = Secret::new(ch.string("password", "", errs));
-    let timeout = ch.duration("timeout", Duration::from_secs(30), errs);
+    let password = ch.secret("password", errs);
+    let timeout = ch.duration_in("timeout", Duration::from_secs(30), MIN_TIMEOUT, errs);
     ch.finish(errs);
 
     let mut bn = app.child("binance", errs);
@@ -356,23 +362,23 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
             1..=1_000_000,
             errs,
         ) as usize,
-        flush_interval: wr.duration("flush_interval", defaults.flush_interval, errs),
+        flush_interval: wr.duration_in(
+            "flush_interval",
+            defaults.flush_interval,
+            MIN_TIMEOUT,
+            errs,
+        ),
         channel_capacity: wr.int(
             "channel_capacity",
             defaults.channel_capacity as i64,
             1..=10_000_000,
             errs,
         ) as usize,
-        max_backoff: wr.duration("max_backoff", defaults.max_backoff, errs),
+        max_backoff: wr.duration_in("max_backoff", defaults.max_backoff, MIN_TIMEOUT, errs),
         shutdown_timeout: wr.duration("shutdown_timeout", defaults.shutdown_timeout, errs),
     };
     wr.finish(errs);
-    if writer.flush_interval.is_zero() {
-        errs.push("app.writer.flush_interval: must be greater than 0, got 0s".to_string());
-    }
-    if writer.max_backoff.is_zero() {
-        errs.push("app.writer.max_backoff: must be greater than 0, got 0s".to_string());
-    }
+
     app.finish(errs);
 
     Some(Config {
@@ -394,6 +400,46 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
         },
         writer,
     })
+}
+
+/// Durations above this are refused (they would overflow deadlines and mean nothing useful).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
+/// Timeouts and intervals below this are refused (0 would fail or spin).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// A host name or IP address with nothing else (no scheme, credentials, port or path), so
+/// that no credential can hide in it and end up in a printed URL.
+fn is_bare_host(host: &str) -> bool {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && !host.contains(['@', ':', '/', '?', '#', ' ', '[', ']'])
+        && url::Host::parse(host).is_ok()
+}
+
+/// Replaces every `quoted` or "quoted" span of a parser message with `…`: the YAML parser
+/// echoes values, and the value may be a password (secrets are not known before parsing).
+fn hide_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut open: Option<char> = None;
+    for c in msg.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A ClickHouse identifier we may interpolate into DDL (database names cannot be bound).
@@ -451,15 +497,33 @@ impl<'v> Section<'v> {
             .unwrap_or_else(|| default.to_string())
     }
 
+    /// A string value. Numbers are refused rather than converted (YAML would turn `1e3` into
+    /// `1000.0` or `0x1F` into `31`): the user is told to quote it.
     fn opt_string(&mut self, key: &'static str, errs: &mut Vec<String>) -> Option<String> {
         let path = self.key_path(key);
         match self.get(key)? {
             Value::String(s) => Some(s.clone()),
-            // Numbers are accepted where text is expected (e.g. an all-digit password).
-            Value::Number(n) => Some(n.to_string()),
             other => {
-                errs.push(format!("{path}: expected a string, got {}", show(other)));
+                errs.push(format!(
+                    "{path}: expected a string (quote it), got {}",
+                    show(other)
+                ));
                 None
+            }
+        }
+    }
+
+    /// A secret string: like `opt_string`, but no error ever shows the value.
+    fn secret(&mut self, key: &'static str, errs: &mut Vec<String>) -> Secret {
+        let path = self.key_path(key);
+        match self.get(key) {
+            None => Secret::default(),
+            Some(Value::String(s)) => Secret::new(s.clone()),
+            Some(_) => {
+                errs.push(format!(
+                    "{path}: expected a quoted string (value not shown: it is a secret)"
+                ));
+                Secret::default()
             }
         }
     }
@@ -512,10 +576,22 @@ impl<'v> Section<'v> {
         u16::try_from(n).unwrap_or(default)
     }
 
+    /// A duration from 0 up to `MAX_DURATION`.
     fn duration(
         &mut self,
         key: &'static str,
         default: Duration,
+        errs: &mut Vec<String>,
+    ) -> Duration {
+        self.duration_in(key, default, Duration::ZERO, errs)
+    }
+
+    /// A duration from `min` up to `MAX_DURATION`.
+    fn duration_in(
+        &mut self,
+        key: &'static str,
+        default: Duration,
+        min: Duration,
         errs: &mut Vec<String>,
     ) -> Duration {
         let path = self.key_path(key);
@@ -523,7 +599,16 @@ impl<'v> Section<'v> {
             return default;
         };
         match v.as_str().map(parse_duration) {
-            Some(Ok(d)) => d,
+            Some(Ok(d)) if d >= min && d <= MAX_DURATION => d,
+            Some(Ok(_)) => {
+                errs.push(format!(
+                    "{path}: must be {}..{}, got {}",
+                    format_duration(min),
+                    format_duration(MAX_DURATION),
+                    show(v)
+                ));
+                default
+            }
             Some(Err(why)) => {
                 errs.push(format!("{path}: {why}, got {}", show(v)));
                 default
@@ -666,6 +751,37 @@ mod tests {
         }
         for d in ["30s", "5m", "1h", "1m30s", "500ms", "2d"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn quoted_parts_of_parser_messages_are_hidden() {
+        assert_eq!(
+            hide_quoted("invalid value: string \"hunter2xyz\", expected i64 at line 3"),
+            "invalid value: string \"…\", expected i64 at line 3"
+        );
+        assert_eq!(
+            hide_quoted("invalid type: integer `123456`"),
+            "invalid type: integer `…`"
+        );
+    }
+
+    #[test]
+    fn bare_hosts() {
+        for ok in ["localhost", "127.0.0.1", "::1", "ch-1.example.com"] {
+            assert!(is_bare_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "u:pw@host",
+            "http://host",
+            "host:8123",
+            "host/x",
+            "a b",
+            "h?q",
+            "[::1]",
+        ] {
+            assert!(!is_bare_host(bad), "{bad}");
         }
     }
 

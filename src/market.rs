@@ -440,8 +440,8 @@ impl Kline {
 /// Binance's spot archives switched to microseconds on 2025-01-01: any timestamp past the year
 /// 5138 in ms is taken as µs and divided down.
 pub fn normalize_ms(t: i64) -> i64 {
-    const MS_LIMIT: i64 = 100_000_000_000_000; // 1e14 ms ≈ year 5138
-    if t.abs() >= MS_LIMIT {
+    const MS_LIMIT: u64 = 100_000_000_000_000; // 1e14 ms ≈ year 5138
+    if t.unsigned_abs() >= MS_LIMIT {
         t / 1000
     } else {
         t
@@ -523,5 +523,6 @@ mod tests {
     fn microsecond_timestamps_are_normalised() {
         assert_eq!(normalize_ms(1_735_689_600_000_000), 1_735_689_600_000);
         assert_eq!(normalize_ms(1_735_689_600_000), 1_735_689_600_000);
+        assert_eq!(normalize_ms(i64::MIN), i64::MIN / 1000);
     }
 }

@@ -63,7 +63,7 @@ fn run_with(config: &str, args: &[&str]) -> Ran {
 
 #[test]
 fn check_config_passes_with_a_password_and_never_prints_it() {
-    let db = TestDb::new("check_ok");
+    let db = TestDb::new_private("check_ok");
     let config = seed_for(&db.host, db.port, PW_USER, PW_PASSWORD, &db.name);
     let ran = run_with(&config, &["--check-config"]).expect(0, PW_PASSWORD);
     assert!(ran.stdout.contains("connected"), "{}", ran.stdout);
@@ -91,7 +91,7 @@ fn check_config_passes_with_a_password_and_never_prints_it() {
 
 #[test]
 fn check_config_fails_clearly_on_wrong_password_or_unreachable_server() {
-    let db = TestDb::new("check_bad");
+    let db = TestDb::new_private("check_bad");
     let wrong = "Not-the-Right-0ne";
     let config = seed_for(&db.host, db.port, PW_USER, wrong, &db.name);
     let ran = run_with(&config, &["--check-config"]).expect(1, wrong);
@@ -155,7 +155,7 @@ fn migrate_twice_on_an_empty_database() {
 
 #[test]
 fn daemon_migrates_idles_and_exits_cleanly_on_sigterm() {
-    let db = TestDb::new("daemon");
+    let db = TestDb::new_private("daemon");
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
@@ -168,19 +168,40 @@ fn daemon_migrates_idles_and_exits_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("Ready") {
-            break;
-        }
+    // Both streams are read on threads and handed over line by line, so no read can hang
+    // the test: every wait below has a deadline.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
     }
-    assert!(log.contains("Ready"), "daemon never became ready:\n{log}");
-    assert_eq!(db.sql("SELECT count() FROM schema_migrations"), "1\n");
+    drop(tx);
+    let mut log = String::new();
+    let wait_for = |needle: &str, log: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !log.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                Err(_) => panic!("no {needle:?} from the daemon within 60 s:\n{log}"),
+            }
+        }
+    };
+    wait_for("Ready", &mut log);
+    assert!(
+        db.sql("SELECT count() FROM schema_migrations").trim() != "0",
+        "daemon did not migrate"
+    );
 
     let started = Instant::now();
     let status = Command::new("kill")
@@ -188,14 +209,10 @@ fn daemon_migrates_idles_and_exits_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    for line in lines {
-        log.push_str(&line.unwrap());
-        log.push('\n');
-    }
+    wait_for("QuantService stopped.", &mut log);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(log.contains("QuantService stopped."), "{log}");
     assert!(!log.contains(PW_PASSWORD), "{log}");
     // Not a TTY: no colour codes for journald.
     assert!(!log.contains('\u{1b}'), "{log}");

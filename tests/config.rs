@@ -172,3 +172,74 @@ fn config_path_resolution_order() {
         Path::new("./config/app.yaml")
     );
 }
+
+#[test]
+fn secrets_never_appear_in_config_errors() {
+    // Unquoted numbers and wrongly tagged values: the error must not echo the secret.
+    for (value, secret) in [
+        ("12345678901234567890123", "12345678901234567890123"),
+        ("!!int hunter2xyz", "hunter2xyz"),
+        ("[hunter2xyz]", "hunter2xyz"),
+    ] {
+        let text = format!("app:\n  clickhouse:\n    password: {value}\n");
+        let err = parse(&text).unwrap_err();
+        let all = format!("{err} {:?}", err.problems());
+        assert!(!all.contains(secret), "{value}: {all}");
+        assert!(
+            all.contains("app.clickhouse.password") || all.contains("line"),
+            "{all}"
+        );
+    }
+}
+
+#[test]
+fn numbers_are_not_silently_turned_into_strings() {
+    let p = problems("app:\n  clickhouse:\n    database: 1e3\n    username: 0x1F\n");
+    assert!(
+        p.contains(
+            &"app.clickhouse.database: expected a string (quote it), got 1000.0".to_string()
+        ),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("app.clickhouse.username: expected a string (quote it)")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn credentials_or_ports_in_the_host_are_refused() {
+    for host in [
+        "u:leak@127.0.0.1",
+        "http://localhost",
+        "localhost:8123",
+        "host/path",
+    ] {
+        let p = problems(&format!("app:\n  clickhouse:\n    host: \"{host}\"\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("app.clickhouse.host: must be a bare host name"),
+            "{p:?}"
+        );
+    }
+    let cfg = parse("app:\n  clickhouse:\n    host: \"::1\"\n").unwrap();
+    assert_eq!(cfg.clickhouse.url(), "http://[::1]:8123");
+}
+
+#[test]
+fn durations_are_bounded() {
+    let p = problems(
+        "app:\n  clickhouse:\n    timeout: 0s\n  writer:\n    shutdown_timeout: 200000000000000d\n",
+    );
+    assert!(
+        p.contains(&"app.clickhouse.timeout: must be 1ms..30d, got \"0s\"".to_string()),
+        "{p:?}"
+    );
+    assert!(
+        p.contains(
+            &"app.writer.shutdown_timeout: must be 0s..30d, got \"200000000000000d\"".to_string()
+        ),
+        "{p:?}"
+    );
+}

@@ -54,15 +54,19 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
 
     let first = migrate::run(&store).await.unwrap();
     let version = first.server_version.unwrap();
-    assert_eq!(first.applied, vec!["0001_init.sql"]);
     // On 18.16 the newer-server improvements are skipped (and applied after an upgrade).
-    if version.major < 21 {
+    let newer = version >= MIGRATIONS[1].requires().unwrap();
+    let expected: Vec<&str> = if newer {
+        vec!["0001_init.sql", "0002_newer_server_improvements.sql"]
+    } else {
         assert_eq!(first.skipped, vec!["0002_newer_server_improvements.sql"]);
-    }
+        vec!["0001_init.sql"]
+    };
+    assert_eq!(first.applied, expected);
 
     let second = migrate::run(&store).await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
-    assert_eq!(second.already, vec!["0001_init.sql"]);
+    assert_eq!(second.already, expected);
     assert_eq!(
         second.applied.len() + second.already.len() + second.skipped.len(),
         MIGRATIONS.len()
@@ -82,9 +86,14 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
             "trading_pairs"
         ]
     );
+    let recorded: Vec<String> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, name)| format!("{}\t{name}\n", i + 1))
+        .collect();
     assert_eq!(
         db.sql("SELECT version, name FROM schema_migrations ORDER BY version"),
-        "1\t0001_init.sql\n"
+        recorded.concat()
     );
     let engine = db.sql(&format!(
         "SELECT engine, sorting_key FROM system.tables WHERE database = '{}' AND name = 'klines'",
@@ -236,7 +245,7 @@ async fn views_follow_the_seed_names_and_final_candles_win() {
 
 #[tokio::test]
 async fn wrong_password_and_unreachable_server_are_classified() {
-    let db = TestDb::new("errors");
+    let db = TestDb::new_private("errors");
     let mut cfg = db.config("").clickhouse;
     cfg.username = common::PW_USER.to_string();
     cfg.password = quantservice::config::Secret::new("wrong-Pa55word");
@@ -255,6 +264,7 @@ async fn wrong_password_and_unreachable_server_are_classified() {
     assert!(v.major >= 18, "{v}");
 
     let mut down = db.config("").clickhouse;
+    down.host = "127.0.0.1".to_string();
     down.port = common::dead_port();
     let err = Store::new(&down)
         .unwrap()
@@ -263,4 +273,18 @@ async fn wrong_password_and_unreachable_server_are_classified() {
         .unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
     assert!(err.to_string().contains("unreachable"), "{err}");
+}
+
+#[tokio::test]
+async fn a_table_left_by_an_older_deployment_is_reported_not_silently_used() {
+    let db = TestDb::new("legacy");
+    db.create();
+    db.sql("CREATE TABLE trading_pairs (symbol String, market String) ENGINE = MergeTree ORDER BY symbol");
+    let store = Store::new(&db.config("").clickhouse).unwrap();
+    let err = migrate::run(&store).await.unwrap_err().to_string();
+    assert!(
+        err.contains("trading_pairs has an older layout")
+            && err.contains("missing columns: period, enabled"),
+        "{err}"
+    );
 }

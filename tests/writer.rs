@@ -52,7 +52,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_row_is_lost_when_clickhouse_is_killed_mid_stream_and_restarted() {
     let server = Arc::new(ChServer::start());
-    let db = TestDb::on("127.0.0.1", server.http_port, "outage");
+    let db = TestDb::on_server(&server, "outage");
     let cfg = db.config(
         "  writer:\n    batch_rows: 500\n    flush_interval: 50ms\n    channel_capacity: 2000\n    max_backoff: 300ms\n",
     );
@@ -126,11 +126,13 @@ async fn no_row_is_lost_when_clickhouse_is_killed_mid_stream_and_restarted() {
     );
 }
 
-#[tokio::test]
-async fn cancellation_flushes_everything_buffered() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_wait_for_size_or_interval_and_cancellation_flushes_them() {
     let db = TestDb::new("shutdown");
-    // Neither the size nor the interval trigger would flush these rows: only shutdown does.
-    let cfg = db.config("  writer:\n    batch_rows: 100000\n    flush_interval: 1h\n");
+    // Neither the size nor the interval trigger fires for these rows: only shutdown flushes.
+    let cfg = db.config(
+        "  writer:\n    batch_rows: 100000\n    flush_interval: 1h\n    channel_capacity: 5000\n",
+    );
     let store = Store::new(&cfg.clickhouse).unwrap();
     migrate::run(&store).await.unwrap();
     let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
@@ -140,7 +142,15 @@ async fn cancellation_flushes_everything_buffered() {
     for i in 0..1234 {
         handle.send(candle(&pair, i)).await.unwrap();
     }
+    // The writer has taken every row into its batch (the channel is empty again)...
+    wait_until("rows taken by the writer", || {
+        handle.free_capacity() == 5000
+    })
+    .await;
+    // ...and holds them: the first row does not trigger an early flush.
+    tokio::task::yield_now().await;
     assert_eq!(handle.stats().rows_written(), 0);
+    assert_eq!(handle.stats().batches_written(), 0);
     cancel.cancel();
     let summary = task.await.unwrap().unwrap();
     assert_eq!(summary.rows_written, 1234);
@@ -148,6 +158,30 @@ async fn cancellation_flushes_everything_buffered() {
     // After shutdown the writer takes no more rows, and hands the row back.
     let err = handle.send(candle(&pair, 9999)).await.unwrap_err();
     assert_eq!(err.0.open_time, candle(&pair, 9999).open_time);
+}
+
+#[tokio::test]
+async fn a_partial_batch_is_flushed_after_the_interval_not_before() {
+    let db = TestDb::new("interval");
+    let cfg = db.config("  writer:\n    batch_rows: 100000\n    flush_interval: 700ms\n");
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let pair = PairKey::parse("spot", "BNBBTC", "1m").unwrap();
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
+    let task = tokio::spawn(writer.run(CancellationToken::new()));
+    let started = tokio::time::Instant::now();
+    for i in 0..10 {
+        handle.send(candle(&pair, i)).await.unwrap();
+    }
+    wait_until("the partial batch", || handle.stats().rows_written() == 10).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700),
+        "flushed after {waited:?}, before the 700ms interval"
+    );
+    assert_eq!(handle.stats().batches_written(), 1);
+    drop(handle);
+    assert_eq!(task.await.unwrap().unwrap().rows_written, 10);
 }
 
 #[tokio::test]

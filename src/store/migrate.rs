@@ -159,14 +159,118 @@ pub async fn run(store: &Store) -> Result<MigrationReport, StoreError> {
                 report.skipped.push(m.name.to_string());
             }
             Err(e) => {
-                return Err(StoreError::Invalid(format!(
-                    "migration {} failed: {e}",
-                    m.name
-                )))
+                return Err(StoreError::Migration {
+                    name: m.name.to_string(),
+                    source: Box::new(e),
+                })
             }
         }
     }
+    verify_layout(store).await?;
     Ok(report)
+}
+
+/// Columns the code relies on, per table. A table created by an older deployment under the same
+/// name (`CREATE TABLE IF NOT EXISTS` leaves it alone) is caught here instead of failing later.
+const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
+    (
+        "klines",
+        &[
+            "market",
+            "symbol",
+            "period",
+            "open_time",
+            "close_time",
+            "open",
+            "high",
+            "low",
+            "close",
+            "volume",
+            "quote_volume",
+            "trades",
+            "taker_buy_volume",
+            "taker_buy_quote_volume",
+            "is_final",
+            "source",
+            "ingested_at",
+            "version",
+        ],
+    ),
+    (
+        "trading_pairs",
+        &[
+            "market",
+            "symbol",
+            "period",
+            "enabled",
+            "backfill_from",
+            "stream",
+            "indicators",
+            "updated_at",
+        ],
+    ),
+    (
+        "proxy_config",
+        &[
+            "host",
+            "port",
+            "username",
+            "password",
+            "enabled",
+            "created_at",
+        ],
+    ),
+    (
+        "pair_status",
+        &[
+            "market",
+            "symbol",
+            "period",
+            "phase",
+            "last_closed_open_time",
+            "last_error",
+            "updated_at",
+        ],
+    ),
+];
+
+#[derive(clickhouse::Row, Deserialize)]
+struct ColumnRow {
+    table: String,
+    name: String,
+}
+
+/// Fails with the missing columns of every table that does not have the expected layout.
+async fn verify_layout(store: &Store) -> Result<(), StoreError> {
+    let columns: Vec<ColumnRow> = store
+        .call(
+            store
+                .client()
+                .query("SELECT table, name FROM system.columns WHERE database = ?")
+                .bind(store.database())
+                .fetch_all::<ColumnRow>(),
+        )
+        .await?;
+    let mut problems = Vec::new();
+    for (table, required) in REQUIRED_COLUMNS {
+        let missing: Vec<&str> = required
+            .iter()
+            .copied()
+            .filter(|c| !columns.iter().any(|r| r.table == *table && r.name == *c))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "table {}.{table} has an older layout (missing columns: {}); rename it and run migrate again to recreate it",
+                store.database(),
+                missing.join(", ")
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(problems.join("; ")))
+    }
 }
 
 async fn apply(store: &Store, m: &Migration) -> Result<(), StoreError> {

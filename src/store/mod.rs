@@ -35,6 +35,11 @@ pub enum StoreError {
     Protocol(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("migration {name} failed: {source}")]
+    Migration {
+        name: String,
+        source: Box<StoreError>,
+    },
 }
 
 impl StoreError {
@@ -43,6 +48,7 @@ impl StoreError {
         match self {
             StoreError::Unreachable { .. } | StoreError::Timeout { .. } => true,
             StoreError::Server { code, .. } => RETRYABLE_CODES.contains(code),
+            StoreError::Migration { source, .. } => source.is_retryable(),
             StoreError::Auth { .. } | StoreError::Protocol(_) | StoreError::Invalid(_) => false,
         }
     }
@@ -159,6 +165,20 @@ impl Store {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The engine of `name` in the configured database, or `None` if it does not exist.
+    pub async fn table_engine(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let rows: Vec<String> = self
+            .call(
+                self.server
+                    .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+                    .bind(self.database.as_str())
+                    .bind(name)
+                    .fetch_all::<String>(),
+            )
+            .await?;
+        Ok(rows.into_iter().next())
     }
 
     /// Runs `fut` under `app.clickhouse.timeout` and classifies its error.

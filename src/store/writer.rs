@@ -123,28 +123,32 @@ impl Writer {
     /// retrying for up to `shutdown_timeout`.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
         let mut buf: Vec<Kline> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
-        let mut ticker = tokio::time::interval(self.cfg.flush_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the oldest buffered row must be flushed at the latest.
+        let mut flush_at: Option<Instant> = None;
         let mut deadline: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled(), if deadline.is_none() => {
-                    deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
-                    break;
-                }
+                _ = cancel.cancelled() => break,
                 row = self.rx.recv() => match row {
                     Some(k) => {
+                        if buf.is_empty() {
+                            flush_at = Some(Instant::now() + self.cfg.flush_interval);
+                        }
                         buf.push(k);
                         if buf.len() >= self.cfg.batch_rows {
                             self.flush(&mut buf, &cancel, &mut deadline).await?;
+                            flush_at = None;
                             if deadline.is_some() { break; }
                         }
                     }
                     None => break,
                 },
-                _ = ticker.tick(), if !buf.is_empty() => {
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)),
+                    if flush_at.is_some() =>
+                {
                     self.flush(&mut buf, &cancel, &mut deadline).await?;
+                    flush_at = None;
                     if deadline.is_some() { break; }
                 }
             }
@@ -176,8 +180,9 @@ impl Writer {
     }
 
     /// Writes `buf` or keeps retrying. Without a deadline it retries forever (the channel
-    /// fills and producers wait); cancellation sets the shutdown deadline, after which the
-    /// remaining rows are reported as an error rather than dropped silently.
+    /// fills and producers wait); cancellation sets the shutdown deadline, which also caps
+    /// every attempt, after which the remaining rows are reported as an error rather than
+    /// dropped silently.
     async fn flush(
         &mut self,
         buf: &mut Vec<Kline>,
@@ -186,7 +191,15 @@ impl Writer {
     ) -> Result<(), WriterError> {
         let mut attempt: u32 = 0;
         loop {
-            match self.insert(buf).await {
+            let limit = attempt_limit(self.store.timeout(), *deadline);
+            let result = match limit {
+                Some(limit) => self.insert(buf, limit).await,
+                None => Err(StoreError::Timeout {
+                    url: self.store.url().to_string(),
+                    timeout: Duration::ZERO,
+                }),
+            };
+            match result {
                 Ok(()) => {
                     self.stats
                         .rows_written
@@ -199,7 +212,7 @@ impl Writer {
                             "ClickHouse insert succeeded after retries."
                         );
                     }
-                    self.ensure_views(buf).await;
+                    self.ensure_views(buf, *deadline).await;
                     buf.clear();
                     return Ok(());
                 }
@@ -209,16 +222,24 @@ impl Writer {
                     attempt = attempt.saturating_add(1);
                     if let Some(d) = *deadline {
                         if Instant::now() + delay > d {
-                            error!(rows = buf.len(), error = %e,
+                            self.rx.close();
+                            let rows = buf.len() + self.rx.len();
+                            error!(rows, error = %e,
                                 "Shutdown deadline passed; rows NOT written to ClickHouse.");
                             return Err(WriterError::Unflushed {
-                                rows: buf.len() + self.rx.len(),
+                                rows,
                                 last_error: e,
                             });
                         }
                     }
-                    warn!(rows = buf.len(), attempt, retry_in = ?delay, error = %e,
-                        "ClickHouse insert failed; keeping the batch and retrying.");
+                    if !e.is_retryable() && attempt >= 5 {
+                        error!(rows = buf.len(), attempt, retry_in = ?delay, error = %e,
+                            "ClickHouse keeps refusing this batch; the rows are kept and retried, \
+                             and producers wait until the cause is fixed.");
+                    } else {
+                        warn!(rows = buf.len(), attempt, retry_in = ?delay, error = %e,
+                            "ClickHouse insert failed; keeping the batch and retrying.");
+                    }
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled(), if deadline.is_none() => {
@@ -231,13 +252,13 @@ impl Writer {
         }
     }
 
-    async fn insert(&self, rows: &[Kline]) -> Result<(), StoreError> {
+    async fn insert(&self, rows: &[Kline], limit: Duration) -> Result<(), StoreError> {
         let ingested_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         let client = self.store.client();
         self.store
-            .call(async {
+            .call_with_timeout(limit, async {
                 let mut insert = client.insert::<KlineRow>("klines").await?;
                 for k in rows {
                     insert.write(&KlineRow::new(k, ingested_us)).await?;
@@ -248,21 +269,57 @@ impl Writer {
     }
 
     /// Creates `klines_{symbol}_{market}_{period}` for pairs written for the first time.
-    /// A failure is logged and retried with the next batch of that pair.
-    async fn ensure_views(&mut self, rows: &[Kline]) {
-        let new: HashSet<&PairKey> = rows
+    /// A failure is logged and retried with the next batch of that pair. An existing object
+    /// of that name that is not a view (a table from an older deployment) is left alone,
+    /// loudly.
+    async fn ensure_views(&mut self, rows: &[Kline], deadline: Option<Instant>) {
+        let new: Vec<PairKey> = rows
             .iter()
             .map(|k| &k.pair)
             .filter(|p| !self.views.contains(*p))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .cloned()
             .collect();
         for pair in new {
-            match create_view(&self.store, pair).await {
-                Ok(()) => {
-                    debug!(%pair, view = pair.view_name(), "Per-pair view ready.");
-                    self.views.insert(pair.clone());
+            let Some(limit) = attempt_limit(self.store.timeout(), deadline) else {
+                return;
+            };
+            let view = pair.view_name();
+            let created = match tokio::time::timeout(limit, create_view(&self.store, &pair)).await {
+                Ok(Ok(())) => self.store.table_engine(&view).await,
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(StoreError::Timeout {
+                    url: self.store.url().to_string(),
+                    timeout: limit,
+                }),
+            };
+            match created {
+                Ok(Some(engine)) if engine == "View" => {
+                    debug!(%pair, view, "Per-pair view ready.");
+                    self.views.insert(pair);
+                }
+                Ok(engine) => {
+                    error!(%pair, view, engine = ?engine,
+                        "An object with the per-pair view's name exists and is not a view (an \
+                         older deployment's table?); it is left alone and NOT updated. Rename it \
+                         to get the view over `klines`.");
+                    self.views.insert(pair);
                 }
                 Err(e) => warn!(%pair, error = %e, "Cannot create per-pair view; will retry."),
             }
+        }
+    }
+}
+
+/// How long the next ClickHouse call may take: the request timeout, capped by the shutdown
+/// deadline; `None` when the deadline has passed.
+fn attempt_limit(timeout: Duration, deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        None => Some(timeout),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(timeout))
         }
     }
 }

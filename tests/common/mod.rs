@@ -29,6 +29,8 @@ pub struct ChServer {
     tcp_port: u16,
     interserver_port: u16,
     dir: PathBuf,
+    /// Written into the server's macros, to be sure the server on our port is ours.
+    instance: String,
     child: Mutex<Option<Child>>,
 }
 
@@ -60,26 +62,46 @@ fn server_command() -> Option<(PathBuf, Vec<String>)> {
     find_in_path("clickhouse").map(|p| (p, vec!["server".to_string()]))
 }
 
+/// Why a launch failed: a port race (try other ports) or anything else (give up).
+enum LaunchError {
+    PortTaken(String),
+    Failed(String),
+}
+
 impl ChServer {
     /// Starts a new private server; panics with an install hint if none can be started.
+    /// Ports are picked free but can be taken by someone else before the server binds them;
+    /// such a race is detected and retried with other ports.
     pub fn start() -> ChServer {
-        let base = std::env::temp_dir().join(format!(
-            "qs-ch-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(base.join("tmp")).expect("create ClickHouse temp dir");
-        let server = ChServer {
-            http_port: free_port(),
-            tcp_port: free_port(),
-            interserver_port: free_port(),
-            dir: base,
-            child: Mutex::new(None),
-        };
-        server.write_configs();
-        server.launch();
-        server
+        let mut last = String::new();
+        for _ in 0..5 {
+            let instance = format!(
+                "qs-ch-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let dir = std::env::temp_dir().join(&instance);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("tmp")).expect("create ClickHouse temp dir");
+            let server = ChServer {
+                http_port: free_port(),
+                tcp_port: free_port(),
+                interserver_port: free_port(),
+                dir,
+                instance,
+                child: Mutex::new(None),
+            };
+            server.write_configs();
+            match server.launch() {
+                Ok(()) => return server,
+                Err(LaunchError::PortTaken(why)) => {
+                    server.stop_child();
+                    last = why;
+                }
+                Err(LaunchError::Failed(why)) => panic!("{why}"),
+            }
+        }
+        panic!("could not start a private clickhouse-server: ports kept being taken ({last})");
     }
 
     pub fn url(&self) -> String {
@@ -92,7 +114,8 @@ impl ChServer {
             .replace("@DIR@", &d)
             .replace("@HTTP_PORT@", &self.http_port.to_string())
             .replace("@TCP_PORT@", &self.tcp_port.to_string())
-            .replace("@INTERSERVER_PORT@", &self.interserver_port.to_string());
+            .replace("@INTERSERVER_PORT@", &self.interserver_port.to_string())
+            .replace("@INSTANCE@", &self.instance);
         let users = include_str!("../../scripts/clickhouse/users.xml")
             .replace("@PW_USER@", PW_USER)
             .replace("@PW_PASSWORD@", PW_PASSWORD);
@@ -104,10 +127,20 @@ impl ChServer {
         self.dir.join("server.pid")
     }
 
-    /// Starts the server process and waits until it answers `/ping`.
-    fn launch(&self) {
+    fn stop_child(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let pid = std::fs::read_to_string(self.pid_file()).unwrap_or_default();
+            if !pid.trim().is_empty() {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server process and waits until it answers `/ping` as this instance.
+    fn launch(&self) -> Result<(), LaunchError> {
         let Some((bin, pre)) = server_command() else {
-            panic!("{INSTALL_HINT}");
+            return Err(LaunchError::Failed(INSTALL_HINT.to_string()));
         };
         let _ = std::fs::remove_file(self.pid_file());
         // The watchdog ends the server when this test process is gone.
@@ -139,73 +172,109 @@ impl ChServer {
             );
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
+            .map_err(|e| LaunchError::Failed(format!("{INSTALL_HINT} ({e})")))?;
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if ping(self.http_port) {
-                return;
+            if ping("127.0.0.1", self.http_port) {
+                return if self.answers_as_us() {
+                    Ok(())
+                } else {
+                    Err(LaunchError::PortTaken(format!(
+                        "another server answers on port {}",
+                        self.http_port
+                    )))
+                };
             }
-            if let Some(status) = self
+            let exited = self
                 .child
                 .lock()
                 .unwrap()
                 .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
                 let stderr =
                     std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                panic!("{INSTALL_HINT}\nclickhouse-server exited with {status}:\n{stderr}\n{log}");
+                let text = format!("clickhouse-server exited with {status}:\n{stderr}\n{log}");
+                return Err(if text.contains("Address already in use") {
+                    LaunchError::PortTaken(text)
+                } else {
+                    LaunchError::Failed(text)
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{INSTALL_HINT}\nclickhouse-server did not answer /ping within 60 s");
+        Err(LaunchError::Failed(format!(
+            "clickhouse-server did not answer /ping within 60 s (logs in {})",
+            self.dir.display()
+        )))
+    }
+
+    fn answers_as_us(&self) -> bool {
+        run_sql(
+            "127.0.0.1",
+            self.http_port,
+            None,
+            "SELECT substitution FROM system.macros WHERE macro = 'qs_instance'",
+        )
+        .is_ok_and(|v| v.trim() == self.instance)
     }
 
     /// Kills the server (SIGKILL, like a crash) and waits until it is gone.
     pub fn kill(&self) {
         let pid = std::fs::read_to_string(self.pid_file()).unwrap_or_default();
-        let pid = pid.trim();
-        assert!(!pid.is_empty(), "no pid file for the ClickHouse server");
-        let _ = Command::new("kill").args(["-KILL", pid]).status();
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.wait();
-        }
+        assert!(
+            !pid.trim().is_empty(),
+            "no pid file for the ClickHouse server"
+        );
+        self.stop_child();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while ping(self.http_port) && Instant::now() < deadline {
+        while ping("127.0.0.1", self.http_port) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!ping(self.http_port), "ClickHouse still answers after kill");
+        assert!(
+            !ping("127.0.0.1", self.http_port),
+            "ClickHouse still answers after kill"
+        );
     }
 
     /// Starts the server again on the same data dir and ports.
     pub fn restart(&self) {
-        self.launch();
+        if let Err(LaunchError::PortTaken(why) | LaunchError::Failed(why)) = self.launch() {
+            panic!("cannot restart ClickHouse: {why}");
+        }
     }
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn ping(port: u16) -> bool {
-    matches!(http(port, "GET", "/ping", ""), Ok((200, body)) if body.starts_with("Ok"))
+fn ping(host: &str, port: u16) -> bool {
+    matches!(http(host, port, "GET", "/ping", "", None), Ok((200, body)) if body.starts_with("Ok"))
 }
 
-/// A minimal blocking HTTP/1.0 request to 127.0.0.1:`port`. Returns (status, body).
+/// A minimal blocking HTTP/1.0 request. Returns (status, body).
 pub fn http(
+    host: &str,
     port: u16,
     method: &str,
     path_query: &str,
     body: &str,
+    auth: Option<(&str, &str)>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(2),
-    )?;
+    use std::net::ToSocketAddrs;
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("cannot resolve {host}")))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = auth
+        .map(|(u, p)| format!("X-ClickHouse-User: {u}\r\nX-ClickHouse-Key: {p}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path_query} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path_query} HTTP/1.0\r\nHost: {host}\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
@@ -232,34 +301,77 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// Where the shared server for this test binary is.
-pub struct Shared {
+/// A ClickHouse server tests can use, with the credentials of its admin user.
+pub struct Server {
     pub host: String,
     pub port: u16,
-    server: Option<ChServer>,
+    pub user: String,
+    pub password: String,
+    /// Set when the harness started it; such a server also has the `PW_USER` user.
+    private: Option<ChServer>,
 }
 
-/// The ClickHouse every test in this binary shares: `QS_TEST_CLICKHOUSE_URL`, or a private one.
-pub fn shared() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
+impl Server {
+    fn private() -> Server {
+        let server = ChServer::start();
+        Server {
+            host: "127.0.0.1".to_string(),
+            port: server.http_port,
+            user: "default".to_string(),
+            password: String::new(),
+            private: Some(server),
+        }
+    }
+
+    fn sql(&self, db: Option<&str>, sql: &str) -> Result<String, String> {
+        let auth = (!self.password.is_empty() || self.user != "default")
+            .then_some((self.user.as_str(), self.password.as_str()));
+        let path = match db {
+            Some(db) => format!("/?database={}", percent_encode(db)),
+            None => "/".to_string(),
+        };
+        match http(&self.host, self.port, "POST", &path, sql, auth) {
+            Ok((200, body)) => Ok(body),
+            Ok((code, body)) => Err(format!("ClickHouse answered {code}: {body}")),
+            Err(e) => Err(format!(
+                "cannot reach ClickHouse at {}:{}: {e}",
+                self.host, self.port
+            )),
+        }
+    }
+}
+
+/// The ClickHouse every test in this binary shares: `QS_TEST_CLICKHOUSE_URL`
+/// (`http://[user:password@]host:port`), or a private one.
+pub fn shared() -> &'static Server {
+    static SHARED: OnceLock<Server> = OnceLock::new();
     SHARED.get_or_init(|| match std::env::var("QS_TEST_CLICKHOUSE_URL") {
         Ok(url) if !url.is_empty() => {
             let u = url::Url::parse(&url).expect("QS_TEST_CLICKHOUSE_URL must be a URL");
-            Shared {
+            Server {
                 host: u.host_str().unwrap_or("127.0.0.1").to_string(),
                 port: u.port().unwrap_or(8123),
-                server: None,
+                user: match u.username() {
+                    "" => "default".to_string(),
+                    name => name.to_string(),
+                },
+                password: u.password().unwrap_or("").to_string(),
+                private: None,
             }
         }
-        _ => {
-            let server = ChServer::start();
-            Shared {
-                host: "127.0.0.1".to_string(),
-                port: server.http_port,
-                server: Some(server),
-            }
-        }
+        _ => Server::private(),
     })
+}
+
+/// A server the harness started itself, with the `PW_USER` user: the shared one when it is
+/// private, else one of its own (tests of credentials need a user we control).
+pub fn private() -> &'static Server {
+    static PRIVATE: OnceLock<Server> = OnceLock::new();
+    let s = shared();
+    if s.private.is_some() {
+        return s;
+    }
+    PRIVATE.get_or_init(Server::private)
 }
 
 /// A database of its own for one test, dropped when the value is dropped.
@@ -267,15 +379,33 @@ pub struct TestDb {
     pub name: String,
     pub host: String,
     pub port: u16,
+    server: &'static Server,
 }
 
 impl TestDb {
+    /// On the shared server.
     pub fn new(tag: &str) -> TestDb {
-        let s = shared();
-        TestDb::on(&s.host, s.port, tag)
+        TestDb::on(shared(), tag)
     }
 
-    pub fn on(host: &str, port: u16, tag: &str) -> TestDb {
+    /// On a server the harness started (with `PW_USER`).
+    pub fn new_private(tag: &str) -> TestDb {
+        TestDb::on(private(), tag)
+    }
+
+    /// On a dedicated server (leaked: it lives until the test process ends).
+    pub fn on_server(server: &ChServer, tag: &str) -> TestDb {
+        let s: &'static Server = Box::leak(Box::new(Server {
+            host: "127.0.0.1".to_string(),
+            port: server.http_port,
+            user: "default".to_string(),
+            password: String::new(),
+            private: None,
+        }));
+        TestDb::on(s, tag)
+    }
+
+    fn on(server: &'static Server, tag: &str) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "qs_test_{}_{}_{}",
@@ -285,18 +415,21 @@ impl TestDb {
         );
         let db = TestDb {
             name,
-            host: host.to_string(),
-            port,
+            host: server.host.clone(),
+            port: server.port,
+            server,
         };
-        db.sql_default(&format!("DROP DATABASE IF EXISTS `{}`", db.name));
+        server
+            .sql(None, &format!("DROP DATABASE IF EXISTS `{}`", db.name))
+            .unwrap_or_else(|e| panic!("{e}"));
         db
     }
 
     /// YAML for a config pointing at this database; `extra` is appended under `app:`.
     pub fn yaml(&self, extra: &str) -> String {
         format!(
-            "app:\n  environment: test\n  clickhouse:\n    host: \"{}\"\n    port: {}\n    database: \"{}\"\n    username: \"default\"\n    password: \"\"\n{extra}",
-            self.host, self.port, self.name
+            "app:\n  environment: test\n  clickhouse:\n    host: \"{}\"\n    port: {}\n    database: \"{}\"\n    username: \"{}\"\n    password: \"{}\"\n{extra}",
+            self.host, self.port, self.name, self.server.user, self.server.password
         )
     }
 
@@ -312,20 +445,23 @@ impl TestDb {
     }
 
     pub fn try_sql(&self, sql: &str) -> Result<String, String> {
-        run_sql(self.port, Some(&self.name), sql)
+        self.server.sql(Some(&self.name), sql)
     }
 
-    fn sql_default(&self, sql: &str) -> String {
-        run_sql(self.port, None, sql).unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"))
+    /// Creates this database (tests that set up tables before the code under test runs).
+    pub fn create(&self) {
+        self.server
+            .sql(None, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.name))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
-pub fn run_sql(port: u16, db: Option<&str>, sql: &str) -> Result<String, String> {
+fn run_sql(host: &str, port: u16, db: Option<&str>, sql: &str) -> Result<String, String> {
     let path = match db {
         Some(db) => format!("/?database={}", percent_encode(db)),
         None => "/".to_string(),
     };
-    match http(port, "POST", &path, sql) {
+    match http(host, port, "POST", &path, sql, None) {
         Ok((200, body)) => Ok(body),
         Ok((code, body)) => Err(format!("ClickHouse answered {code}: {body}")),
         Err(e) => Err(format!("cannot reach ClickHouse on port {port}: {e}")),
@@ -334,11 +470,9 @@ pub fn run_sql(port: u16, db: Option<&str>, sql: &str) -> Result<String, String>
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let _ = run_sql(
-            self.port,
-            None,
-            &format!("DROP DATABASE IF EXISTS `{}`", self.name),
-        );
+        let _ = self
+            .server
+            .sql(None, &format!("DROP DATABASE IF EXISTS `{}`", self.name));
     }
 }
 
