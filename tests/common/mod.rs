@@ -451,7 +451,10 @@ impl TestDb {
     /// Creates this database (tests that set up tables before the code under test runs).
     pub fn create(&self) {
         self.server
-            .sql(None, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.name))
+            .sql(
+                None,
+                &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.name),
+            )
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }
