@@ -40,6 +40,53 @@ impl Market {
             Market::Cm => "cm",
         }
     }
+
+    /// The REST path prefix (`/api/v3/klines` → `/api/v3`).
+    pub fn rest_prefix(self) -> &'static str {
+        match self {
+            Market::Spot => "/api/v3",
+            Market::Um => "/fapi/v1",
+            Market::Cm => "/dapi/v1",
+        }
+    }
+
+    /// The archive folder below `data/` on data.binance.vision.
+    pub fn archive_dir(self) -> &'static str {
+        match self {
+            Market::Spot => "spot",
+            Market::Um => "futures/um",
+            Market::Cm => "futures/cm",
+        }
+    }
+
+    /// The largest `limit` a klines request may ask for.
+    pub fn max_klines_limit(self) -> u32 {
+        match self {
+            Market::Spot => 1000,
+            Market::Um | Market::Cm => 1500,
+        }
+    }
+
+    /// Request weight of one klines call: spot 2 flat; futures 1/2/5/10 by `limit`.
+    pub fn klines_weight(self, limit: u32) -> u32 {
+        match self {
+            Market::Spot => 2,
+            Market::Um | Market::Cm => match limit {
+                0..=99 => 1,
+                100..=499 => 2,
+                500..=1000 => 5,
+                _ => 10,
+            },
+        }
+    }
+
+    /// Request weight of `exchangeInfo`.
+    pub fn exchange_info_weight(self) -> u32 {
+        match self {
+            Market::Spot => 20,
+            Market::Um | Market::Cm => 1,
+        }
+    }
 }
 
 impl fmt::Display for Market {
@@ -173,6 +220,47 @@ impl Period {
             Period::W1 => 7 * 1_440 * MIN,
             Period::Mo1 => return None,
         })
+    }
+
+    /// The interval's name in archive paths: `1mo` for `1M`, the API name otherwise.
+    pub fn archive_name(self) -> &'static str {
+        match self {
+            Period::Mo1 => "1mo",
+            other => other.as_str(),
+        }
+    }
+
+    /// Whether data.binance.vision publishes daily files for it (only `1s` up to `1d`).
+    pub fn has_daily_archive(self) -> bool {
+        !matches!(self, Period::D3 | Period::W1 | Period::Mo1)
+    }
+
+    /// The open time of the candle containing `t` (ms). Weeks start on Monday 00:00 UTC,
+    /// months on the 1st; other periods are multiples of their length since the epoch.
+    pub fn align(self, t: i64) -> i64 {
+        const DAY: i64 = 86_400_000;
+        match self {
+            Period::Mo1 => month_start(t),
+            // 1970-01-05 was the first Monday after the epoch.
+            Period::W1 => (t - 4 * DAY).div_euclid(7 * DAY) * 7 * DAY + 4 * DAY,
+            other => {
+                let len = other.fixed_ms().unwrap_or(DAY);
+                t.div_euclid(len) * len
+            }
+        }
+    }
+
+    /// The open time of the candle after the one opening at `open_time`.
+    pub fn next_open(self, open_time: i64) -> i64 {
+        match self.fixed_ms() {
+            Some(len) => open_time.saturating_add(len),
+            None => next_month_start(open_time),
+        }
+    }
+
+    /// Binance's close time for a candle: the next open minus 1 ms.
+    pub fn close_time(self, open_time: i64) -> i64 {
+        self.next_open(open_time) - 1
     }
 
     /// Whether Binance offers this interval on `market`.
@@ -437,6 +525,45 @@ impl Kline {
     }
 }
 
+/// Midnight UTC of the first day of the month containing `t` (ms).
+pub fn month_start(t: i64) -> i64 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let Some(dt) = Utc.timestamp_millis_opt(t).single() else {
+        return t;
+    };
+    Utc.with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
+        .single()
+        .map_or(t, |m| m.timestamp_millis())
+}
+
+/// Midnight UTC of the first day of the month after the one containing `t` (ms).
+pub fn next_month_start(t: i64) -> i64 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let Some(dt) = Utc.timestamp_millis_opt(t).single() else {
+        return t;
+    };
+    let (y, m) = if dt.month() == 12 {
+        (dt.year() + 1, 1)
+    } else {
+        (dt.year(), dt.month() + 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .map_or(t, |m| m.timestamp_millis())
+}
+
+/// `YYYY-MM` (UTC) of `t` in ms, as archive file names write months.
+pub fn month_label(t: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(t)
+        .map_or_else(|| t.to_string(), |d| d.format("%Y-%m").to_string())
+}
+
+/// `YYYY-MM-DD` (UTC) of `t` in ms, as archive file names write days.
+pub fn day_label(t: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(t)
+        .map_or_else(|| t.to_string(), |d| d.format("%Y-%m-%d").to_string())
+}
+
 /// Binance's spot archives switched to microseconds on 2025-01-01: any timestamp past the year
 /// 5138 in ms is taken as µs and divided down.
 pub fn normalize_ms(t: i64) -> i64 {
@@ -517,6 +644,37 @@ mod tests {
         assert_eq!(key.view_name(), "klines_btcusdt_spot_1m");
         let key = PairKey::parse("cm", "BTCUSD_PERP", "1h").unwrap();
         assert_eq!(key.view_name(), "klines_btcusd_perp_cm_1h");
+    }
+
+    #[test]
+    fn period_alignment_and_steps() {
+        // 2024-02-15 13:37:00 UTC
+        let t = 1_708_004_220_000;
+        assert_eq!(Period::H1.align(t), 1_708_002_000_000);
+        assert_eq!(Period::D1.align(t), 1_707_955_200_000);
+        // Monday 2024-02-12 00:00 UTC.
+        assert_eq!(Period::W1.align(t), 1_707_696_000_000);
+        // 2024-02-01, then 2024-03-01 (leap February).
+        assert_eq!(Period::Mo1.align(t), 1_706_745_600_000);
+        assert_eq!(Period::Mo1.next_open(1_706_745_600_000), 1_709_251_200_000);
+        assert_eq!(Period::Mo1.close_time(1_706_745_600_000), 1_709_251_199_999);
+        // December rolls over the year.
+        assert_eq!(next_month_start(1_703_980_800_000), 1_704_067_200_000);
+        assert_eq!(Period::M1.close_time(1_640_995_200_000), 1_640_995_259_999);
+        assert_eq!(month_label(t), "2024-02");
+        assert_eq!(day_label(t), "2024-02-15");
+        assert_eq!(Period::Mo1.archive_name(), "1mo");
+        assert!(Period::D1.has_daily_archive() && !Period::W1.has_daily_archive());
+    }
+
+    #[test]
+    fn weights_follow_the_fact_sheet() {
+        assert_eq!(Market::Spot.klines_weight(1000), 2);
+        assert_eq!(Market::Um.klines_weight(99), 1);
+        assert_eq!(Market::Um.klines_weight(100), 2);
+        assert_eq!(Market::Cm.klines_weight(499), 2);
+        assert_eq!(Market::Cm.klines_weight(1000), 5);
+        assert_eq!(Market::Um.klines_weight(1500), 10);
     }
 
     #[test]
