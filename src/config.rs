@@ -102,6 +102,7 @@ pub struct Config {
     pub binance: BinanceConfig,
     pub logging: LoggingConfig,
     pub writer: WriterConfig,
+    pub backfill: BackfillConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -133,6 +134,8 @@ pub struct BinanceConfig {
     pub spot: MarketEndpoints,
     pub um: MarketEndpoints,
     pub cm: MarketEndpoints,
+    /// Base of the bulk archives (data.binance.vision layout).
+    pub archive_url: String,
 }
 
 impl BinanceConfig {
@@ -148,7 +151,56 @@ impl BinanceConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MarketEndpoints {
     pub ws_url: String,
+    /// The klines endpoint; `exchangeInfo`, `time` and `ping` are derived from it.
     pub rest_url: String,
+    /// Overrides the REQUEST_WEIGHT budget per window read from `exchangeInfo`.
+    pub weight_limit: Option<u32>,
+}
+
+impl MarketEndpoints {
+    /// The REST base: `rest_url` without its final `/klines`.
+    pub fn rest_base(&self) -> &str {
+        self.rest_url
+            .trim_end_matches('/')
+            .strip_suffix("/klines")
+            .unwrap_or(&self.rest_url)
+    }
+}
+
+/// `app.backfill`: historical backfill (REST and bulk archives).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackfillConfig {
+    /// `auto` (archives where they exist, REST for the rest), `archive` or `rest`.
+    pub source: BackfillSource,
+    /// Fraction of each REQUEST_WEIGHT budget we allow ourselves to use.
+    pub weight_budget_ratio: f64,
+    /// Concurrent REST requests per backfill (all within the shared weight budget).
+    pub concurrency: usize,
+    /// Attempts per REST request on 5xx, timeouts and network errors.
+    pub max_retries: u32,
+    /// Timeout of one REST or archive request.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackfillSource {
+    Auto,
+    Archive,
+    Rest,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            source: BackfillSource::Auto,
+            weight_budget_ratio: 0.9,
+            concurrency: 4,
+            max_retries: 5,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -336,11 +388,52 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
         let mut m = bn.child(market.as_str(), errs);
         let ws_url = m.url("ws_url", ws_default, &["ws", "wss"], errs);
         let rest_url = m.url("rest_url", rest_default, &["http", "https"], errs);
+        if !rest_url.trim_end_matches('/').ends_with("/klines") {
+            errs.push(format!(
+                "app.binance.{market}.rest_url: must be the klines endpoint ending in /klines (exchangeInfo, time and ping are derived from it), got {rest_url:?}"
+            ));
+        }
+        let weight_limit = m
+            .opt_int("weight_limit", 1..=1_000_000, errs)
+            .and_then(|n| u32::try_from(n).ok());
         m.finish(errs);
-        endpoints.push(MarketEndpoints { ws_url, rest_url });
+        endpoints.push(MarketEndpoints {
+            ws_url,
+            rest_url,
+            weight_limit,
+        });
     }
+    let archive_url = bn.url(
+        "archive_url",
+        "https://data.binance.vision",
+        &["http", "https"],
+        errs,
+    );
     bn.finish(errs);
     let [spot, um, cm]: [MarketEndpoints; 3] = endpoints.try_into().ok()?;
+
+    let bdef = BackfillConfig::default();
+    let mut bf = app.child("backfill", errs);
+    let source = match bf.string("source", "auto", errs).as_str() {
+        "auto" => BackfillSource::Auto,
+        "archive" => BackfillSource::Archive,
+        "rest" => BackfillSource::Rest,
+        other => {
+            errs.push(format!(
+                "app.backfill.source: must be auto, archive or rest, got {other:?}"
+            ));
+            bdef.source
+        }
+    };
+    let weight_budget_ratio = bf.ratio("weight_budget_ratio", bdef.weight_budget_ratio, errs);
+    let backfill = BackfillConfig {
+        source,
+        weight_budget_ratio,
+        concurrency: bf.int("concurrency", bdef.concurrency as i64, 1..=64, errs) as usize,
+        max_retries: bf.int("max_retries", i64::from(bdef.max_retries), 1..=100, errs) as u32,
+        request_timeout: bf.duration_in("request_timeout", bdef.request_timeout, MIN_TIMEOUT, errs),
+    };
+    bf.finish(errs);
 
     let mut lg = app.child("logging", errs);
     let level = lg.string("level", "info", errs);
@@ -392,13 +485,19 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
             password,
             timeout,
         },
-        binance: BinanceConfig { spot, um, cm },
+        binance: BinanceConfig {
+            spot,
+            um,
+            cm,
+            archive_url,
+        },
         logging: LoggingConfig {
             level,
             dir,
             keep_days,
         },
         writer,
+        backfill,
     })
 }
 
@@ -566,6 +665,35 @@ impl<'v> Section<'v> {
             }
             None => {
                 errs.push(format!("{path}: expected an integer, got {}", show(v)));
+                default
+            }
+        }
+    }
+
+    fn opt_int(
+        &mut self,
+        key: &'static str,
+        range: std::ops::RangeInclusive<i64>,
+        errs: &mut Vec<String>,
+    ) -> Option<i64> {
+        self.map?.get(key).filter(|v| !v.is_null())?;
+        let n = self.int(key, *range.start(), range.clone(), errs);
+        Some(n)
+    }
+
+    /// A number in (0, 1].
+    fn ratio(&mut self, key: &'static str, default: f64, errs: &mut Vec<String>) -> f64 {
+        let path = self.key_path(key);
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_f64() {
+            Some(x) if x > 0.0 && x <= 1.0 => x,
+            _ => {
+                errs.push(format!(
+                    "{path}: must be a number in (0, 1], got {}",
+                    show(v)
+                ));
                 default
             }
         }

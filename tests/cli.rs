@@ -139,18 +139,21 @@ fn migrate_twice_on_an_empty_database() {
     let db = TestDb::new("cli_migrate");
     let config = seed_for(&db.host, db.port, "default", "", &db.name);
     let first = run_with(&config, &["migrate"]).expect(0, "");
-    assert!(
-        first.stdout.contains("1 applied, 0 already applied"),
-        "{}",
-        first.stdout
-    );
+    let applied: usize = db
+        .sql("SELECT count() FROM schema_migrations")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(applied >= 1);
+    let want = format!("{applied} applied, 0 already applied");
+    assert!(first.stdout.contains(&want), "{}", first.stdout);
     let second = run_with(&config, &["migrate"]).expect(0, "");
-    assert!(
-        second.stdout.contains("0 applied, 1 already applied"),
-        "{}",
-        second.stdout
+    let want = format!("0 applied, {applied} already applied");
+    assert!(second.stdout.contains(&want), "{}", second.stdout);
+    assert_eq!(
+        db.sql("SELECT count() FROM schema_migrations"),
+        format!("{applied}\n")
     );
-    assert_eq!(db.sql("SELECT count() FROM schema_migrations"), "1\n");
 }
 
 #[test]

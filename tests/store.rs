@@ -55,14 +55,19 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
     let first = migrate::run(&store).await.unwrap();
     let version = first.server_version.unwrap();
     // On 18.16 the newer-server improvements are skipped (and applied after an upgrade).
-    let newer = version >= MIGRATIONS[1].requires().unwrap();
-    let expected: Vec<&str> = if newer {
-        vec!["0001_init.sql", "0002_newer_server_improvements.sql"]
-    } else {
-        assert_eq!(first.skipped, vec!["0002_newer_server_improvements.sql"]);
-        vec!["0001_init.sql"]
-    };
+    let expected: Vec<&str> = MIGRATIONS
+        .iter()
+        .filter(|m| m.requires().is_none_or(|min| version >= min))
+        .map(|m| m.name)
+        .collect();
+    let skipped: Vec<&str> = MIGRATIONS
+        .iter()
+        .filter(|m| !expected.contains(&m.name))
+        .map(|m| m.name)
+        .collect();
+    assert!(expected.contains(&"0001_init.sql"));
     assert_eq!(first.applied, expected);
+    assert_eq!(first.skipped, skipped);
 
     let second = migrate::run(&store).await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
@@ -79,6 +84,7 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
     assert_eq!(
         tables.lines().collect::<Vec<_>>(),
         vec![
+            "exchange_gaps",
             "klines",
             "pair_status",
             "proxy_config",
@@ -86,10 +92,10 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
             "trading_pairs"
         ]
     );
-    let recorded: Vec<String> = expected
+    let recorded: Vec<String> = MIGRATIONS
         .iter()
-        .enumerate()
-        .map(|(i, name)| format!("{}\t{name}\n", i + 1))
+        .filter(|m| expected.contains(&m.name))
+        .map(|m| format!("{}\t{}\n", m.version, m.name))
         .collect();
     assert_eq!(
         db.sql("SELECT version, name FROM schema_migrations ORDER BY version"),

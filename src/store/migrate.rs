@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_newer_server_improvements.sql",
         sql: include_str!("../../sql/0002_newer_server_improvements.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_exchange_gaps.sql",
+        sql: include_str!("../../sql/0003_exchange_gaps.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half
@@ -208,6 +213,10 @@ const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
             "indicators",
             "updated_at",
         ],
+    ),
+    (
+        "exchange_gaps",
+        &["market", "symbol", "period", "start_ms", "end_ms"],
     ),
     (
         "proxy_config",
