@@ -87,8 +87,9 @@ async fn migrate_when_ready(
         match migrate::run(store).await {
             Ok(r) => return Ok(Some(r)),
             Err(e) if e.is_retryable() => {
-                let delay = crate::store::writer::backoff_delay(
+                let delay = crate::backoff::delay(
                     attempt,
+                    Duration::from_millis(500),
                     Duration::from_secs(30),
                     &mut rand::rng(),
                 );

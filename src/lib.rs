@@ -24,7 +24,9 @@
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`).
 
 pub mod app;
+pub mod backoff;
 pub mod config;
+pub mod exchange;
 pub mod logging;
 pub mod market;
 pub mod store;

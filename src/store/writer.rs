@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -90,15 +89,6 @@ pub struct Writer {
     rx: mpsc::Receiver<Kline>,
     stats: Arc<WriterStats>,
     views: HashSet<PairKey>,
-}
-
-/// Full-jitter exponential backoff: attempt 0 waits up to 100 ms, doubling up to `max`.
-pub fn backoff_delay(attempt: u32, max: Duration, rng: &mut impl Rng) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1u32 << attempt.min(20))
-        .min(max);
-    let lo = base / 2;
-    lo + base.saturating_sub(lo).mul_f64(rng.random::<f64>())
 }
 
 impl Writer {
@@ -218,7 +208,12 @@ impl Writer {
                 }
                 Err(e) => {
                     self.stats.insert_failures.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff_delay(attempt, self.cfg.max_backoff, &mut rand::rng());
+                    let delay = crate::backoff::delay(
+                        attempt,
+                        Duration::from_millis(100),
+                        self.cfg.max_backoff,
+                        &mut rand::rng(),
+                    );
                     attempt = attempt.saturating_add(1);
                     if let Some(d) = *deadline {
                         if Instant::now() + delay > d {
@@ -350,8 +345,6 @@ pub async fn create_view(store: &Store, pair: &PairKey) -> Result<(), StoreError
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     use crate::store::row_version;
 
     #[test]
@@ -362,19 +355,5 @@ mod tests {
         assert!(old_final > new_open);
         assert!(new_final > old_final);
         assert!(row_version(false, 2) > row_version(false, 1));
-    }
-
-    #[test]
-    fn backoff_is_jittered_and_bounded() {
-        let mut rng = rand::rng();
-        let max = Duration::from_secs(5);
-        for attempt in 0..40 {
-            let d = backoff_delay(attempt, max, &mut rng);
-            assert!(d <= max, "attempt {attempt}: {d:?}");
-            let base = Duration::from_millis(100)
-                .saturating_mul(1u32 << attempt.min(20))
-                .min(max);
-            assert!(d >= base / 2, "attempt {attempt}: {d:?} < {:?}", base / 2);
-        }
     }
 }

@@ -1,0 +1,643 @@
+//! Binance REST client for spot, USD-M and COIN-M: klines with each market's own rules,
+//! `exchangeInfo` (symbol status, onboard dates, the REQUEST_WEIGHT budget), server time and
+//! the first available candle. Every request goes through the rate governor of its
+//! (market, egress); 5xx and network errors are retried with jittered backoff, 429/418 are
+//! waited out, 403/451 block the egress, -1121/-1120 are permanent.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::governor::{Budget, Governor, Governors};
+use super::ExchangeError;
+use crate::config::Config;
+use crate::market::{Decimal, Kline, Market, PairKey, Period, Source};
+
+/// The egress name of direct connections (proxies get their own in a later issue).
+pub const DIRECT: &str = "direct";
+
+/// How long an `exchangeInfo` answer is trusted.
+const EXCHANGE_INFO_TTL: Duration = Duration::from_secs(3600);
+/// COIN-M refuses klines windows longer than this.
+pub const CM_MAX_WINDOW_MS: i64 = 200 * 86_400_000;
+
+/// Request counters (for summaries and the metrics line).
+#[derive(Debug, Default)]
+pub struct RestStats {
+    pub requests: AtomicU64,
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl RestStats {
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One symbol in `exchangeInfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymbolInfo {
+    /// `status` (spot, um) or `contractStatus` (cm), e.g. `TRADING`, `BREAK`.
+    pub status: String,
+    /// Futures only: when the contract was listed (ms).
+    pub onboard_ms: Option<i64>,
+}
+
+/// The parts of `exchangeInfo` QuantService uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeInfo {
+    pub weight_budget: Option<Budget>,
+    pub symbols: HashMap<String, SymbolInfo>,
+}
+
+/// Klines as returned by one request, with the server time they were judged against.
+#[derive(Debug, Clone)]
+pub struct KlinePage {
+    pub rows: Vec<Kline>,
+    /// Estimated server time when the reply arrived; rows closing at or after it are not final.
+    pub server_now: i64,
+}
+
+pub struct RestClient {
+    http: reqwest::Client,
+    bases: HashMap<Market, String>,
+    governors: Arc<Governors>,
+    egress: String,
+    max_retries: u32,
+    stats: Arc<RestStats>,
+    /// server time − local time, per market, once measured.
+    offsets: Mutex<HashMap<Market, i64>>,
+    infos: Mutex<HashMap<Market, (Instant, Arc<ExchangeInfo>)>>,
+}
+
+impl RestClient {
+    pub fn new(cfg: &Config, governors: Arc<Governors>) -> Result<RestClient, ExchangeError> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.backfill.request_timeout)
+            .connect_timeout(cfg.backfill.request_timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("quantservice/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ExchangeError::Protocol {
+                url: String::new(),
+                msg: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let bases = Market::ALL
+            .into_iter()
+            .map(|m| (m, cfg.binance.market(m).rest_base().to_string()))
+            .collect();
+        Ok(RestClient {
+            http,
+            bases,
+            governors,
+            egress: DIRECT.to_string(),
+            max_retries: cfg.backfill.max_retries,
+            stats: Arc::new(RestStats::default()),
+            offsets: Mutex::new(HashMap::new()),
+            infos: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn stats(&self) -> &RestStats {
+        &self.stats
+    }
+
+    pub fn governor(&self, market: Market) -> Arc<Governor> {
+        self.governors.get(market, &self.egress)
+    }
+
+    fn url(&self, market: Market, endpoint: &str) -> String {
+        let base = self.bases.get(&market).map_or("", String::as_str);
+        format!("{base}/{endpoint}")
+    }
+
+    /// `exchangeInfo` of `market` (cached for an hour); also adopts its weight budget.
+    pub async fn exchange_info(&self, market: Market) -> Result<Arc<ExchangeInfo>, ExchangeError> {
+        if let Some((at, info)) = self
+            .infos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&market)
+        {
+            if at.elapsed() < EXCHANGE_INFO_TTL {
+                return Ok(info.clone());
+            }
+        }
+        let url = self.url(market, "exchangeInfo");
+        let v = self
+            .get_json(market, &url, &[], market.exchange_info_weight())
+            .await?;
+        let info =
+            Arc::new(
+                parse_exchange_info(market, &v).map_err(|msg| ExchangeError::Protocol {
+                    url: url.clone(),
+                    msg,
+                })?,
+            );
+        if let Some(budget) = info.weight_budget {
+            self.governor(market).set_budget(budget);
+        }
+        self.infos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(market, (Instant::now(), info.clone()));
+        Ok(info)
+    }
+
+    /// The symbol's `exchangeInfo` entry, or `InvalidSymbol`.
+    pub async fn symbol_info(&self, pair: &PairKey) -> Result<SymbolInfo, ExchangeError> {
+        let info = self.exchange_info(pair.market).await?;
+        info.symbols
+            .get(pair.symbol.as_str())
+            .cloned()
+            .ok_or_else(|| ExchangeError::InvalidSymbol {
+                market: pair.market,
+                symbol: pair.symbol.to_string(),
+                msg: "not listed in exchangeInfo".to_string(),
+            })
+    }
+
+    /// Server time (ms) of `market`; also records the clock offset used to judge open candles.
+    pub async fn server_time(&self, market: Market) -> Result<i64, ExchangeError> {
+        let url = self.url(market, "time");
+        let before = local_ms();
+        let v = self.get_json(market, &url, &[], 1).await?;
+        let after = local_ms();
+        let server =
+            v.get("serverTime")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| ExchangeError::Protocol {
+                    url,
+                    msg: "no serverTime".to_string(),
+                })?;
+        let offset = server - (before + after) / 2;
+        self.offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(market, offset);
+        Ok(server)
+    }
+
+    /// Estimated server time now (local time plus the measured offset, 0 if never measured).
+    pub fn server_now(&self, market: Market) -> i64 {
+        let offset = self
+            .offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&market)
+            .copied()
+            .unwrap_or(0);
+        local_ms() + offset
+    }
+
+    /// The open time of the pair's first candle, or `None` if Binance has none.
+    /// spot/um: `startTime=0&limit=1`; cm: `onboardDate` (the startTime=0 trick fails there
+    /// with -4088), then the first candle of the 200-day window from it.
+    pub async fn first_open_time(&self, pair: &PairKey) -> Result<Option<i64>, ExchangeError> {
+        match pair.market {
+            Market::Spot | Market::Um => {
+                let page = self.klines(pair, Some(0), None, 1).await?;
+                Ok(page.rows.first().map(|k| k.open_time))
+            }
+            Market::Cm => {
+                let info = self.symbol_info(pair).await?;
+                let Some(onboard) = info.onboard_ms else {
+                    return Ok(None);
+                };
+                let start = pair.period.align(onboard);
+                let now = self.server_now(pair.market);
+                let mut from = start;
+                // Probe forward in 200-day windows for the first candle (usually the first).
+                while from <= now {
+                    let to = (from + CM_MAX_WINDOW_MS - 1).min(now);
+                    let page = self.klines(pair, Some(from), Some(to), 1500).await?;
+                    if let Some(first) = page.rows.first() {
+                        // cm returns the most recent rows of the window: if the window was
+                        // full, the first candle may lie before them.
+                        if page.rows.len() < 1500 || first.open_time == from {
+                            return Ok(Some(first.open_time));
+                        }
+                        let page = self
+                            .klines(pair, Some(from), Some(first.open_time - 1), 1)
+                            .await?;
+                        return Ok(Some(
+                            page.rows.first().map_or(first.open_time, |k| k.open_time),
+                        ));
+                    }
+                    from = to + 1;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// One klines request. Rows whose close time is not before the server's now are marked
+    /// not final (the in-progress candle).
+    pub async fn klines(
+        &self,
+        pair: &PairKey,
+        start: Option<i64>,
+        end: Option<i64>,
+        limit: u32,
+    ) -> Result<KlinePage, ExchangeError> {
+        let limit = limit.clamp(1, pair.market.max_klines_limit());
+        let url = self.url(pair.market, "klines");
+        let mut query = vec![
+            ("symbol", pair.symbol.to_string()),
+            ("interval", pair.period.to_string()),
+            ("limit", limit.to_string()),
+        ];
+        if let Some(s) = start {
+            query.push(("startTime", s.to_string()));
+        }
+        if let Some(e) = end {
+            query.push(("endTime", e.to_string()));
+        }
+        let v = match self
+            .get_json(pair.market, &url, &query, pair.market.klines_weight(limit))
+            .await
+        {
+            Err(ExchangeError::Rejected {
+                code: -1121, msg, ..
+            }) => {
+                return Err(ExchangeError::InvalidSymbol {
+                    market: pair.market,
+                    symbol: pair.symbol.to_string(),
+                    msg,
+                })
+            }
+            Err(ExchangeError::Rejected {
+                code: -1120, msg, ..
+            }) => {
+                return Err(ExchangeError::InvalidInterval {
+                    market: pair.market,
+                    period: pair.period.to_string(),
+                    msg,
+                })
+            }
+            other => other?,
+        };
+        let server_now = self.server_now(pair.market);
+        let rows = parse_klines(pair, &v, server_now)
+            .map_err(|msg| ExchangeError::Protocol { url, msg })?;
+        Ok(KlinePage { rows, server_now })
+    }
+
+    /// GET through the governor, with retries. Returns the parsed JSON body of a 200.
+    async fn get_json(
+        &self,
+        market: Market,
+        url: &str,
+        query: &[(&str, String)],
+        weight: u32,
+    ) -> Result<Value, ExchangeError> {
+        let gov = self.governor(market);
+        let mut failures: u32 = 0;
+        let mut limited: u32 = 0;
+        loop {
+            let permit = gov.acquire(weight).await?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = self.http.get(url).query(query).send().await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                    let msg = error_chain(&e);
+                    if failures >= self.max_retries {
+                        return Err(ExchangeError::Network {
+                            url: url.to_string(),
+                            attempts: failures,
+                            msg,
+                        });
+                    }
+                    self.pause(failures, url, &msg).await;
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            if let Some(used) = used_weight(&headers) {
+                gov.observe_used(&permit, used);
+            }
+            let retry_after = headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = match resp.text().await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                    let msg = error_chain(&e);
+                    if failures >= self.max_retries {
+                        return Err(ExchangeError::Network {
+                            url: url.to_string(),
+                            attempts: failures,
+                            msg,
+                        });
+                    }
+                    self.pause(failures, url, &msg).await;
+                    continue;
+                }
+            };
+            if status == 200 {
+                self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                return serde_json::from_str(&body).map_err(|e| ExchangeError::Protocol {
+                    url: url.to_string(),
+                    msg: format!("invalid JSON: {e}"),
+                });
+            }
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let (code, msg) = binance_error(&body);
+            match status {
+                429 | 418 => {
+                    if status == 429 {
+                        gov.on_429(retry_after);
+                    } else {
+                        gov.on_418(retry_after);
+                    }
+                    limited += 1;
+                    if limited > self.max_retries.saturating_mul(4) {
+                        return Err(ExchangeError::Server {
+                            url: url.to_string(),
+                            status,
+                            attempts: limited,
+                            msg,
+                        });
+                    }
+                }
+                403 | 451 => {
+                    // 451: restricted location, lasting; 403: WAF, usually minutes.
+                    let block = if status == 451 {
+                        Duration::from_secs(3600)
+                    } else {
+                        Duration::from_secs(300)
+                    };
+                    gov.on_blocked(status, block, msg);
+                    gov.acquire(0).await?;
+                }
+                408 | 500..=599 => {
+                    failures += 1;
+                    if failures >= self.max_retries {
+                        return Err(ExchangeError::Server {
+                            url: url.to_string(),
+                            status,
+                            attempts: failures,
+                            msg,
+                        });
+                    }
+                    self.pause(failures, url, &msg).await;
+                }
+                _ => {
+                    return Err(ExchangeError::Rejected {
+                        url: url.to_string(),
+                        status,
+                        code,
+                        msg,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, failures: u32, url: &str, msg: &str) {
+        let delay = crate::backoff::delay(
+            failures - 1,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            &mut rand::rng(),
+        );
+        warn!(%url, attempt = failures, retry_in = ?delay, error = %msg,
+            "Binance request failed; retrying.");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn local_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// `X-MBX-USED-WEIGHT-<n><unit>` (any window), the largest if several.
+fn used_weight(headers: &reqwest::header::HeaderMap) -> Option<u32> {
+    headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-mbx-used-weight-"))
+        .filter_map(|(_, v)| v.to_str().ok()?.trim().parse::<u32>().ok())
+        .max()
+}
+
+/// `{"code": -1121, "msg": "Invalid symbol."}` → (code, msg); other bodies are quoted briefly.
+fn binance_error(body: &str) -> (i64, String) {
+    match serde_json::from_str::<Value>(body) {
+        Ok(v) => (
+            v.get("code").and_then(Value::as_i64).unwrap_or(0),
+            v.get("msg")
+                .and_then(Value::as_str)
+                .unwrap_or(body)
+                .to_string(),
+        ),
+        Err(_) => (0, body.chars().take(200).collect()),
+    }
+}
+
+fn parse_exchange_info(market: Market, v: &Value) -> Result<ExchangeInfo, String> {
+    let weight_budget = v
+        .get("rateLimits")
+        .and_then(Value::as_array)
+        .and_then(|limits| {
+            limits.iter().find_map(|l| {
+                if l.get("rateLimitType")?.as_str()? != "REQUEST_WEIGHT" {
+                    return None;
+                }
+                let unit = match l.get("interval")?.as_str()? {
+                    "SECOND" => 1,
+                    "MINUTE" => 60,
+                    "HOUR" => 3600,
+                    "DAY" => 86_400,
+                    _ => return None,
+                };
+                let num = l.get("intervalNum")?.as_u64()?;
+                let limit = u32::try_from(l.get("limit")?.as_u64()?).ok()?;
+                Some(Budget {
+                    limit,
+                    window: Duration::from_secs(unit * num.max(1)),
+                })
+            })
+        });
+    let status_key = match market {
+        Market::Cm => "contractStatus",
+        Market::Spot | Market::Um => "status",
+    };
+    let symbols = v
+        .get("symbols")
+        .and_then(Value::as_array)
+        .ok_or("exchangeInfo has no symbols")?
+        .iter()
+        .filter_map(|s| {
+            let name = s.get("symbol")?.as_str()?.to_string();
+            let status = s
+                .get(status_key)
+                .or_else(|| s.get("status"))
+                .and_then(Value::as_str)
+                .unwrap_or("UNKNOWN")
+                .to_string();
+            let onboard_ms = s.get("onboardDate").and_then(Value::as_i64);
+            Some((name, SymbolInfo { status, onboard_ms }))
+        })
+        .collect();
+    Ok(ExchangeInfo {
+        weight_budget,
+        symbols,
+    })
+}
+
+/// Parses a klines reply: 12-element rows, times and trades as numbers, prices and volumes
+/// as strings (kept exact).
+pub fn parse_klines(pair: &PairKey, v: &Value, server_now: i64) -> Result<Vec<Kline>, String> {
+    let rows = v.as_array().ok_or("klines reply is not an array")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let f = row
+            .as_array()
+            .filter(|f| f.len() >= 11)
+            .ok_or_else(|| format!("row {i} is not a 12-element array"))?;
+        let int = |j: usize| -> Result<i64, String> {
+            match &f[j] {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| format!("row {i} field {j}: expected an integer, got {}", f[j]))
+        };
+        let dec = |j: usize| -> Result<Decimal, String> {
+            f[j].as_str()
+                .ok_or_else(|| {
+                    format!("row {i} field {j}: expected a decimal string, got {}", f[j])
+                })?
+                .parse::<Decimal>()
+                .map_err(|e| format!("row {i} field {j}: {e}"))
+        };
+        let open_time = int(0)?;
+        let close_time = int(6)?;
+        out.push(Kline {
+            pair: pair.clone(),
+            open_time,
+            open: dec(1)?,
+            high: dec(2)?,
+            low: dec(3)?,
+            close: dec(4)?,
+            volume: dec(5)?,
+            close_time,
+            quote_volume: dec(7)?,
+            trades: u64::try_from(int(8)?).map_err(|e| format!("row {i} trades: {e}"))?,
+            taker_buy_volume: dec(9)?,
+            taker_buy_quote_volume: dec(10)?,
+            is_final: close_time < server_now,
+            source: Source::Rest,
+        });
+    }
+    debug!(%pair, rows = out.len(), "Parsed klines.");
+    Ok(out)
+}
+
+/// The candles expected on the grid in `[start, end)`, as open times (1M by calendar).
+pub fn grid(period: Period, start: i64, end: i64) -> impl Iterator<Item = i64> {
+    let first = {
+        let a = period.align(start);
+        if a < start {
+            period.next_open(a)
+        } else {
+            a
+        }
+    };
+    std::iter::successors(Some(first), move |&t| Some(period.next_open(t)))
+        .take_while(move |&t| t < end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kline_rows_parse_exactly_and_the_open_candle_is_not_final() {
+        let pair = PairKey::parse("spot", "BNBBTC", "1m").unwrap();
+        let v: Value = serde_json::from_str(
+            r#"[[1499040000000,"0.01634790","0.80000000","0.01575800","0.01577100","148976.11427815",1499040059999,"2434.19055334",308,"1756.87402397","28.46694368","0"],
+                [1499040060000,"1","2","0.5","1.5","10",1499040119999,"15",3,"5","7.5","0"]]"#,
+        )
+        .unwrap();
+        let rows = parse_klines(&pair, &v, 1_499_040_100_000).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].open.to_string(), "0.0163479");
+        assert_eq!(rows[0].volume.to_string(), "148976.11427815");
+        assert_eq!(rows[0].trades, 308);
+        assert!(rows[0].is_final);
+        assert!(!rows[1].is_final, "closes after server now");
+        let bad: Value = serde_json::from_str(r#"[[1, 2.5, "1"]]"#).unwrap();
+        assert!(parse_klines(&pair, &bad, 0).is_err());
+        let float: Value = serde_json::from_str(
+            r#"[[1499040000000,0.1,"0.8","0.01","0.01","1",1499040059999,"1",1,"1","1","0"]]"#,
+        )
+        .unwrap();
+        assert!(parse_klines(&pair, &float, 0)
+            .unwrap_err()
+            .contains("decimal string"));
+    }
+
+    #[test]
+    fn exchange_info_parses_budgets_and_statuses() {
+        let v: Value = serde_json::from_str(
+            r#"{"rateLimits":[{"rateLimitType":"ORDERS","interval":"MINUTE","intervalNum":1,"limit":1200},
+                              {"rateLimitType":"REQUEST_WEIGHT","interval":"SECOND","intervalNum":2,"limit":120}],
+                "symbols":[{"symbol":"BTCUSD_PERP","contractStatus":"TRADING","onboardDate":1597017600000}]}"#,
+        )
+        .unwrap();
+        let info = parse_exchange_info(Market::Cm, &v).unwrap();
+        assert_eq!(
+            info.weight_budget,
+            Some(Budget {
+                limit: 120,
+                window: Duration::from_secs(2)
+            })
+        );
+        let s = &info.symbols["BTCUSD_PERP"];
+        assert_eq!(s.status, "TRADING");
+        assert_eq!(s.onboard_ms, Some(1_597_017_600_000));
+    }
+
+    #[test]
+    fn grid_covers_the_range_on_period_boundaries() {
+        let g: Vec<i64> = grid(Period::H1, 1_700_000_000_000, 1_700_010_000_000).collect();
+        assert_eq!(g.first(), Some(&1_700_002_800_000));
+        assert!(g
+            .iter()
+            .all(|t| t % 3_600_000 == 0 && *t < 1_700_010_000_000));
+        assert_eq!(g.len(), 2);
+        let months: Vec<i64> = grid(Period::Mo1, 1_704_067_200_000, 1_711_929_600_000).collect();
+        assert_eq!(months.len(), 3); // Jan, Feb, Mar 2024
+    }
+}
