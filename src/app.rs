@@ -131,3 +131,131 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// What `backfill-gap` asks for (strings as typed; validated here).
+#[derive(Debug, Clone)]
+pub struct BackfillRequest {
+    pub market: String,
+    pub symbol: String,
+    pub period: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Overrides `app.backfill.source` for this run.
+    pub source: Option<String>,
+}
+
+/// What `backfill-gap` did, for its one-line summary.
+#[derive(Debug, Clone)]
+pub struct BackfillOutcome {
+    pub pair: crate::market::PairKey,
+    pub summary: crate::tasks::backfill::BackfillSummary,
+    pub rows_written: u64,
+    pub requests: u64,
+    pub weight: u64,
+    pub http_429: u64,
+    pub http_418: u64,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for BackfillOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.summary;
+        write!(
+            f,
+            "backfill-gap {}: rows={} (archive={} rest={}) already={} gaps={} requests={} weight={} 429={} 418={} archive_files={} archive_fallbacks={} seconds={:.1}",
+            self.pair,
+            self.rows_written,
+            s.rows_archive,
+            s.rows_rest,
+            s.present,
+            s.gap_candles,
+            self.requests,
+            self.weight,
+            self.http_429,
+            self.http_418,
+            s.archive_files,
+            s.archive_fallbacks,
+            self.seconds
+        )
+    }
+}
+
+/// `backfill-gap`: every closed candle of one pair in `[start_ms, end_ms)` into ClickHouse.
+pub async fn backfill_gap(
+    mut cfg: Config,
+    req: BackfillRequest,
+    progress: indicatif::ProgressBar,
+    cancel: CancellationToken,
+) -> anyhow::Result<BackfillOutcome> {
+    use crate::config::BackfillSource;
+    use crate::exchange::archive::ArchiveClient;
+    use crate::exchange::governor::Governors;
+    use crate::exchange::rest::RestClient;
+    use crate::tasks::backfill::Backfill;
+    use std::sync::Arc;
+
+    let pair = crate::market::PairKey::parse(&req.market, &req.symbol, &req.period)?;
+    if req.start_ms >= req.end_ms {
+        anyhow::bail!(
+            "range inverted or empty: --start_ms {} must be before --end_ms {}",
+            req.start_ms,
+            req.end_ms
+        );
+    }
+    if let Some(source) = &req.source {
+        cfg.backfill.source = match source.as_str() {
+            "auto" => BackfillSource::Auto,
+            "archive" => BackfillSource::Archive,
+            "rest" => BackfillSource::Rest,
+            other => anyhow::bail!("--source must be auto, archive or rest, got {other:?}"),
+        };
+    }
+    let started = std::time::Instant::now();
+    let store = Store::new(&cfg.clickhouse)?;
+    migrate::run(&store)
+        .await
+        .context("cannot prepare ClickHouse")?;
+
+    let mut governors = Governors::new(cfg.backfill.weight_budget_ratio);
+    for m in crate::market::Market::ALL {
+        governors = governors.with_override(m, cfg.binance.market(m).weight_limit);
+    }
+    let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
+    let archive = Arc::new(ArchiveClient::new(
+        &cfg.binance.archive_url,
+        cfg.backfill.request_timeout,
+    )?);
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+    let writer_cancel = CancellationToken::new();
+    let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
+    let backfill = Backfill::new(
+        rest.clone(),
+        archive,
+        store,
+        handle.clone(),
+        cfg.backfill.clone(),
+    );
+    let result = backfill
+        .run(&pair, req.start_ms, req.end_ms, &progress, &cancel)
+        .await;
+    // Whatever happened, what was fetched is flushed before we report.
+    drop(backfill);
+    drop(handle);
+    writer_cancel.cancel();
+    let flushed = writer_task.await.context("writer task panicked")?;
+    progress.finish_and_clear();
+    let summary = result?;
+    let written = flushed.context("rows could not be written")?.rows_written;
+    let gov = rest.governor(pair.market).stats();
+    let (requests, _, _) = rest.stats().snapshot();
+    Ok(BackfillOutcome {
+        pair,
+        summary,
+        rows_written: written,
+        requests,
+        weight: gov.weight,
+        http_429: gov.http_429,
+        http_418: gov.http_418,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -21,7 +21,10 @@
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
 //! - [`store`]: ClickHouse client, migrations, the batched kline writer.
 //! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing.
-//! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`).
+//! - [`exchange`]: Binance REST client, rate governor, bulk archive reader.
+//! - [`tasks`]: the historical backfill engine.
+//! - [`backoff`]: jittered exponential backoff shared by every retry loop.
+//! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`).
 
 pub mod app;
 pub mod backoff;
@@ -30,3 +33,4 @@ pub mod exchange;
 pub mod logging;
 pub mod market;
 pub mod store;
+pub mod tasks;

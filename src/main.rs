@@ -42,6 +42,38 @@ enum Command {
     Migrate,
     /// Same as --check-config.
     CheckConfig,
+    /// Backfill every closed candle of one pair in [start_ms, end_ms) into ClickHouse.
+    BackfillGap(BackfillArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BackfillArgs {
+    /// Binance symbol, e.g. ETHUSDT or BTCUSD_PERP.
+    #[arg(long)]
+    symbol: String,
+    /// spot, um (USD-M futures) or cm (COIN-M futures).
+    #[arg(long)]
+    market: String,
+    /// Kline interval, e.g. 1m, 1h, 1d, 1M (1s on spot only).
+    #[arg(long)]
+    period: String,
+    /// First open time (Unix ms, inclusive).
+    #[arg(
+        long = "start_ms",
+        visible_alias = "start-ms",
+        allow_negative_numbers = true
+    )]
+    start_ms: i64,
+    /// End (Unix ms, exclusive).
+    #[arg(
+        long = "end_ms",
+        visible_alias = "end-ms",
+        allow_negative_numbers = true
+    )]
+    end_ms: i64,
+    /// Override app.backfill.source for this run: auto, archive or rest.
+    #[arg(long)]
+    source: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -90,8 +122,8 @@ async fn run(cli: Cli) -> ExitCode {
     };
 
     let check = cli.check_config || matches!(cli.command, Some(Command::CheckConfig));
-    // Commands whose stdout is their output log to stderr.
-    let console = if check {
+    // Commands whose stdout is their output (the config dump, the summary) log to stderr.
+    let console = if check || matches!(cli.command, Some(Command::BackfillGap(_))) {
         Console::Stderr
     } else {
         Console::Stdout
@@ -140,6 +172,36 @@ async fn run(cli: Cli) -> ExitCode {
             app::run_daemon(cfg, shutdown).await
         }
         Some(Command::CheckConfig) => Ok(()),
+        Some(Command::BackfillGap(args)) => {
+            let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let bar = indicatif::ProgressBar::new(0);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{spinner} {bar:40} {pos}/{len} candles {per_sec} eta {eta}",
+                ) {
+                    bar.set_style(style);
+                }
+                bar
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let cancel = CancellationToken::new();
+            let trigger = cancel.clone();
+            tokio::spawn(async move {
+                app::shutdown_signal().await;
+                trigger.cancel();
+            });
+            let req = app::BackfillRequest {
+                market: args.market,
+                symbol: args.symbol,
+                period: args.period,
+                start_ms: args.start_ms,
+                end_ms: args.end_ms,
+                source: args.source,
+            };
+            app::backfill_gap(cfg, req, progress, cancel)
+                .await
+                .map(|outcome| println!("{outcome}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

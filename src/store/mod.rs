@@ -291,6 +291,79 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Open times of the pair's closed candles stored in `[from, to)`.
+    pub async fn final_open_times(
+        &self,
+        pair: &PairKey,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.call(
+            self.client
+                .query(
+                    "SELECT DISTINCT open_time FROM klines \
+                     WHERE market = ? AND symbol = ? AND period = ? AND is_final = 1 \
+                     AND open_time >= ? AND open_time < ?",
+                )
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(from_ms)
+                .bind(to_ms)
+                .fetch_all::<i64>(),
+        )
+        .await
+    }
+
+    /// Exchange-confirmed gaps `[start, end)` of the pair overlapping `[from, to)`.
+    pub async fn exchange_gaps(
+        &self,
+        pair: &PairKey,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.call(
+            self.client
+                .query(
+                    "SELECT start_ms, end_ms FROM exchange_gaps FINAL \
+                     WHERE market = ? AND symbol = ? AND period = ? \
+                     AND end_ms > ? AND start_ms < ? ORDER BY start_ms",
+                )
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(from_ms)
+                .bind(to_ms)
+                .fetch_all::<(i64, i64)>(),
+        )
+        .await
+    }
+
+    /// Records that Binance has no candles for the pair in `[start, end)`.
+    pub async fn record_gap(
+        &self,
+        pair: &PairKey,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(
+            self.client
+                .query(
+                    "INSERT INTO exchange_gaps (market, symbol, period, start_ms, end_ms) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(start_ms)
+                .bind(end_ms)
+                .execute(),
+        )
+        .await
+    }
+}
+
 /// One `klines` row in column order, used for RowBinary inserts and reads alike.
 #[derive(clickhouse::Row, Serialize, Deserialize)]
 pub(crate) struct KlineRow {
