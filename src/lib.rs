@@ -27,4 +27,5 @@ pub mod app;
 pub mod config;
 pub mod logging;
 pub mod market;
+pub mod sim;
 pub mod store;
