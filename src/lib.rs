@@ -32,5 +32,6 @@ pub mod config;
 pub mod exchange;
 pub mod logging;
 pub mod market;
+pub mod sim;
 pub mod store;
 pub mod tasks;
