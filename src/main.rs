@@ -44,6 +44,8 @@ enum Command {
     CheckConfig,
     /// Backfill every closed candle of one pair in [start_ms, end_ms) into ClickHouse.
     BackfillGap(BackfillArgs),
+    /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
+    SimExchange(quantservice::sim::cli::SimArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,7 +94,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    if cli.check_config && matches!(cli.command, Some(Command::Run) | Some(Command::Migrate)) {
+    let cli = match cli.command {
+        Some(Command::SimExchange(args)) => return run_sim(args).await,
+        command => Cli { command, ..cli },
+    };
+    if cli.check_config
+        && cli.command.is_some()
+        && !matches!(cli.command, Some(Command::CheckConfig))
+    {
         eprintln!("error: --check-config cannot be combined with a command");
         return ExitCode::from(2);
     }
@@ -171,7 +180,7 @@ async fn run(cli: Cli) -> ExitCode {
             });
             app::run_daemon(cfg, shutdown).await
         }
-        Some(Command::CheckConfig) => Ok(()),
+        Some(Command::CheckConfig) | Some(Command::SimExchange(_)) => Ok(()),
         Some(Command::BackfillGap(args)) => {
             let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 let bar = indicatif::ProgressBar::new(0);
@@ -207,6 +216,23 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", scrub(format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sim-exchange`: needs no app.yaml; logs to stderr.
+async fn run_sim(args: quantservice::sim::cli::SimArgs) -> ExitCode {
+    let logging = quantservice::config::LoggingConfig {
+        level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
+        dir: None,
+        keep_days: 1,
+    };
+    let _guard = logging::init(&logging, Console::Stderr, Vec::new());
+    match quantservice::sim::cli::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

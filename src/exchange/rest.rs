@@ -199,10 +199,16 @@ impl RestClient {
         local_ms() + offset
     }
 
-    /// The open time of the pair's first candle, or `None` if Binance has none.
-    /// spot/um: `startTime=0&limit=1`; cm: `onboardDate` (the startTime=0 trick fails there
-    /// with -4088), then the first candle of the 200-day window from it.
-    pub async fn first_open_time(&self, pair: &PairKey) -> Result<Option<i64>, ExchangeError> {
+    /// The open time of the pair's first candle (on COIN-M: the first at or after `from` and
+    /// before `to`), or `None` if Binance has none. spot/um: `startTime=0&limit=1`; cm: from
+    /// `onboardDate` (the startTime=0 trick fails there with -4088), probing windows small
+    /// enough that one page holds them whole (COIN-M anchors pages at endTime).
+    pub async fn first_open_time(
+        &self,
+        pair: &PairKey,
+        from: i64,
+        to: i64,
+    ) -> Result<Option<i64>, ExchangeError> {
         match pair.market {
             Market::Spot | Market::Um => {
                 let page = self.klines(pair, Some(0), None, 1).await?;
@@ -210,30 +216,24 @@ impl RestClient {
             }
             Market::Cm => {
                 let info = self.symbol_info(pair).await?;
-                let Some(onboard) = info.onboard_ms else {
-                    return Ok(None);
-                };
-                let start = pair.period.align(onboard);
+                // Without onboardDate (some stand-ins omit it), probe from `from`.
+                let lower = info.onboard_ms.map_or(from, |o| o.max(from));
                 let now = self.server_now(pair.market);
-                let mut from = start;
-                // Probe forward in 200-day windows for the first candle (usually the first).
-                while from <= now {
-                    let to = (from + CM_MAX_WINDOW_MS - 1).min(now);
-                    let page = self.klines(pair, Some(from), Some(to), 1500).await?;
-                    if let Some(first) = page.rows.first() {
-                        // cm returns the most recent rows of the window: if the window was
-                        // full, the first candle may lie before them.
-                        if page.rows.len() < 1500 || first.open_time == from {
-                            return Ok(Some(first.open_time));
-                        }
-                        let page = self
-                            .klines(pair, Some(from), Some(first.open_time - 1), 1)
-                            .await?;
-                        return Ok(Some(
-                            page.rows.first().map_or(first.open_time, |k| k.open_time),
-                        ));
+                let limit = pair.market.max_klines_limit();
+                let span = pair
+                    .period
+                    .fixed_ms()
+                    .map_or(CM_MAX_WINDOW_MS, |len| len * i64::from(limit))
+                    .min(CM_MAX_WINDOW_MS);
+                let mut start = pair.period.align(lower.max(0));
+                let stop = to.min(now);
+                while start < stop {
+                    let end = (start + span - 1).min(now);
+                    let page = self.klines(pair, Some(start), Some(end), limit).await?;
+                    if let Some(first) = page.rows.iter().map(|k| k.open_time).min() {
+                        return Ok(Some(first));
                     }
-                    from = to + 1;
+                    start = end + 1;
                 }
                 Ok(None)
             }

@@ -112,7 +112,7 @@ impl Backfill {
         self.rest.symbol_info(pair).await?;
         let now = self.rest.server_time(pair.market).await?;
         let mut summary = BackfillSummary::default();
-        let Some(first) = self.rest.first_open_time(pair).await? else {
+        let Some(first) = self.rest.first_open_time(pair, start, end).await? else {
             info!(%pair, "Binance has no candles for this pair.");
             return Ok(summary);
         };
