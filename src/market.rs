@@ -67,6 +67,16 @@ impl Market {
         }
     }
 
+    /// The page size that gets the most candles per unit of weight: spot weighs 2 whatever
+    /// the limit (so 1000); futures weigh 2 up to 499 rows and 10 for 1500 (so 499: 249.5
+    /// candles per weight instead of 150).
+    pub fn efficient_klines_limit(self) -> u32 {
+        match self {
+            Market::Spot => 1000,
+            Market::Um | Market::Cm => 499,
+        }
+    }
+
     /// Request weight of one klines call: spot 2 flat; futures 1/2/5/10 by `limit`.
     pub fn klines_weight(self, limit: u32) -> u32 {
         match self {

@@ -230,18 +230,18 @@ async fn a_small_budget_is_never_exceeded() {
 
 #[tokio::test]
 async fn a_418_ban_is_respected() {
-    // The client believes it may use 100000 weight; the simulator allows 20 per 2 s and bans
-    // after repeated 429s for 3 s.
+    // The client believes it may use 100000 weight and sends 32 requests at once; the
+    // simulator allows 4 per 2 s and bans for 3 s after repeated 429s in a window.
     let sim = start_sim(
         SimConfig::default()
-            .with_budget(Market::Um, 20, Duration::from_secs(2))
+            .with_budget(Market::Um, 4, Duration::from_secs(2))
             .with_ban_duration(Duration::from_secs(3)),
     )
     .await;
     let db = TestDb::new("ban");
     let start = 1_609_459_200_000; // 2021-01-01
-    let end = start + 10 * DAY; // 10 requests of 1500 1m candles, 10 weight each
-    let cfg_extra = "  backfill:\n    concurrency: 8\n";
+    let end = start + 3 * DAY; // 9 requests of up to 499 1m candles, 2 weight each
+    let cfg_extra = "  backfill:\n    concurrency: 32\n";
     let yaml = sim_yaml(&sim, cfg_extra).replace(
         &format!("      rest_url: \"{}\"\n", sim.rest_url(Market::Um)),
         &format!(
@@ -261,7 +261,7 @@ async fn a_418_ban_is_respected() {
     let out = backfill_gap(cfg, req, ProgressBar::hidden(), CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(out.rows_written, 10 * 1440, "{out}");
+    assert_eq!(out.rows_written, 3 * 1440, "{out}");
     assert!(out.http_418 >= 1, "the test must provoke a ban: {out}");
     // After the first 418, nothing reached the simulator until the ban was over (requests
     // already in flight when it was issued arrive within a few ms).

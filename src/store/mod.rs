@@ -268,7 +268,7 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Kline>, StoreError> {
-        let rows: Vec<KlineRow> = self
+        let rows: Vec<KlineRow<String>> = self
             .call(
                 self.client
                     .query(&format!(
@@ -281,7 +281,7 @@ impl Store {
                     .bind(pair.period.as_str())
                     .bind(from_ms)
                     .bind(to_ms)
-                    .fetch_all::<KlineRow>(),
+                    .fetch_all::<KlineRow<String>>(),
             )
             .await?;
         rows.into_iter()
@@ -364,12 +364,13 @@ impl Store {
     }
 }
 
-/// One `klines` row in column order, used for RowBinary inserts and reads alike.
+/// One `klines` row in column order, used for RowBinary inserts (borrowing the kline's
+/// strings: no allocation per row) and reads (owning them) alike.
 #[derive(clickhouse::Row, Serialize, Deserialize)]
-pub(crate) struct KlineRow {
-    market: String,
-    symbol: String,
-    period: String,
+pub(crate) struct KlineRow<S> {
+    market: S,
+    symbol: S,
+    period: S,
     open_time: i64,
     close_time: i64,
     open: i128,
@@ -382,7 +383,7 @@ pub(crate) struct KlineRow {
     taker_buy_volume: i128,
     taker_buy_quote_volume: i128,
     is_final: u8,
-    source: String,
+    source: S,
     ingested_at: i64,
     version: u64,
 }
@@ -397,12 +398,12 @@ pub fn row_version(is_final: bool, ingested_us: u64) -> u64 {
     (u64::from(is_final) << 63) | (ingested_us & !(1u64 << 63))
 }
 
-impl KlineRow {
-    pub(crate) fn new(k: &Kline, ingested_us: u64) -> KlineRow {
+impl<'a> KlineRow<&'a str> {
+    pub(crate) fn new(k: &'a Kline, ingested_us: u64) -> KlineRow<&'a str> {
         KlineRow {
-            market: k.pair.market.as_str().to_string(),
-            symbol: k.pair.symbol.as_str().to_string(),
-            period: k.pair.period.as_str().to_string(),
+            market: k.pair.market.as_str(),
+            symbol: k.pair.symbol.as_str(),
+            period: k.pair.period.as_str(),
             open_time: k.open_time,
             close_time: k.close_time,
             open: k.open.mantissa(),
@@ -415,12 +416,14 @@ impl KlineRow {
             taker_buy_volume: k.taker_buy_volume.mantissa(),
             taker_buy_quote_volume: k.taker_buy_quote_volume.mantissa(),
             is_final: u8::from(k.is_final),
-            source: k.source.as_str().to_string(),
+            source: k.source.as_str(),
             ingested_at: i64::try_from(ingested_us / 1000).unwrap_or(i64::MAX),
             version: row_version(k.is_final, ingested_us),
         }
     }
+}
 
+impl KlineRow<String> {
     fn into_kline(self) -> Result<Kline, String> {
         let d = Decimal::from_mantissa;
         Ok(Kline {

@@ -254,7 +254,7 @@ impl Writer {
         let client = self.store.client();
         self.store
             .call_with_timeout(limit, async {
-                let mut insert = client.insert::<KlineRow>("klines").await?;
+                let mut insert = client.insert::<KlineRow<&str>>("klines").await?;
                 for k in rows {
                     insert.write(&KlineRow::new(k, ingested_us)).await?;
                 }

@@ -419,9 +419,9 @@ fn runs(period: Period, times: &[i64]) -> Vec<(i64, i64)> {
 }
 
 /// Splits the missing candles into REST requests: (first open, last open, count), each at
-/// most one request's `limit` and, on COIN-M, within 200 days.
+/// most the market's most weight-efficient page and, on COIN-M, within 200 days.
 fn rest_windows(pair: &PairKey, missing: &[i64]) -> Vec<(i64, i64, usize)> {
-    let limit = pair.market.max_klines_limit() as usize;
+    let limit = pair.market.efficient_klines_limit() as usize;
     let mut out = Vec::new();
     for (rs, re) in runs(pair.period, missing) {
         let mut first: Option<i64> = None;
@@ -456,14 +456,11 @@ mod tests {
         let m = 60_000;
         let missing: Vec<i64> = (0..3000).chain(5000..5010).map(|i| i * m).collect();
         let windows = rest_windows(&pair, &missing);
-        assert_eq!(
-            windows,
-            vec![
-                (0, 1499 * m, 1500),
-                (1500 * m, 2999 * m, 1500),
-                (5000 * m, 5009 * m, 10)
-            ]
-        );
+        assert_eq!(windows.len(), 8);
+        assert_eq!(windows[0], (0, 498 * m, 499));
+        assert_eq!(windows[6], (2994 * m, 2999 * m, 6));
+        assert_eq!(windows[7], (5000 * m, 5009 * m, 10));
+        assert_eq!(windows.iter().map(|w| w.2).sum::<usize>(), 3010);
         assert_eq!(
             runs(Period::M1, &[0, m, 3 * m]),
             vec![(0, 2 * m), (3 * m, 4 * m)]

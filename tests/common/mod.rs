@@ -26,7 +26,7 @@ const INSTALL_HINT: &str = "ClickHouse is needed for the integration tests and n
 /// kills it when the test process exits, and removes the data dir.
 pub struct ChServer {
     pub http_port: u16,
-    tcp_port: u16,
+    pub tcp_port: u16,
     interserver_port: u16,
     dir: PathBuf,
     /// Written into the server's macros, to be sure the server on our port is ours.
@@ -312,6 +312,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The native-protocol port, for `clickhouse-client` (private servers only).
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.private.as_ref().map(|s| s.tcp_port)
+    }
+
     fn private() -> Server {
         let server = ChServer::start();
         Server {
