@@ -97,7 +97,10 @@ async fn archive_vs_clickhouse_client() {
     for run in 0..3 {
         // Ours: download, checksum, decode, write, end to end.
         let db = TestDb::new_private(&format!("bench_archive_{run}"));
-        let cfg = db.config(&sim_yaml(&sim, ""));
+        let cfg = db.config(&sim_yaml(
+            &sim,
+            &std::env::var("QS_BENCH_EXTRA").unwrap_or_default(),
+        ));
         let req = BackfillRequest {
             market: "spot".into(),
             symbol: "BTCUSDT".into(),
@@ -113,6 +116,25 @@ async fn archive_vs_clickhouse_client() {
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(out.rows_written, rows, "{out}");
         ours.push(rows as f64 / secs);
+        if std::env::var("QS_BENCH_DEBUG").is_ok() {
+            let cfg = db.config(&sim_yaml(&sim, ""));
+            let req = BackfillRequest {
+                market: "spot".into(),
+                symbol: "BTCUSDT".into(),
+                period: "1m".into(),
+                start_ms: start,
+                end_ms: end,
+                source: Some("archive".into()),
+            };
+            let t2 = Instant::now();
+            let again = backfill_gap(cfg, req, ProgressBar::hidden(), CancellationToken::new())
+                .await
+                .unwrap();
+            eprintln!(
+                "run {run}: {secs:.3}s; a no-op rerun takes {:.3}s ({again})",
+                t2.elapsed().as_secs_f64()
+            );
+        }
 
         // Anchor: clickhouse-client inserting the same rows from CSV into the same types.
         let adb = TestDb::new_private(&format!("bench_anchor_{run}"));
@@ -159,14 +181,14 @@ async fn rest_budget_use() {
     // Start right at a window boundary so the run covers whole windows.
     let now = sim::now_ms();
     let boundary = (now / MIN + 1) * MIN;
-    tokio::time::sleep(Duration::from_millis(u64::try_from(boundary - now).unwrap())).await;
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(boundary - now).unwrap(),
+    ))
+    .await;
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(
-            u64::try_from(minutes * MIN).unwrap(),
-        ))
-        .await;
+        tokio::time::sleep(Duration::from_millis(u64::try_from(minutes * MIN).unwrap())).await;
         trigger.cancel();
     });
     let cfg = db.config(&sim_yaml(&sim, "  backfill:\n    concurrency: 8\n"));

@@ -118,8 +118,9 @@ impl FromStr for Market {
 }
 
 /// A validated Binance symbol: `^[A-Z0-9_]{2,32}$`. Safe to use in identifiers (view names).
+/// Shared (`Arc<str>`): every kline carries its pair, and cloning must not allocate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Symbol(String);
+pub struct Symbol(std::sync::Arc<str>);
 
 impl Symbol {
     pub fn as_str(&self) -> &str {
@@ -140,7 +141,7 @@ impl FromStr for Symbol {
             && s.bytes()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
         if ok {
-            Ok(Symbol(s.to_string()))
+            Ok(Symbol(std::sync::Arc::from(s)))
         } else {
             Err(InputError::Symbol(s.to_string()))
         }

@@ -168,7 +168,7 @@ impl ArchiveClient {
         &self,
         pair: &PairKey,
         file: ArchiveFile,
-        tx: mpsc::Sender<Kline>,
+        tx: mpsc::Sender<Vec<Kline>>,
     ) -> Result<u64, ArchiveError> {
         let url = file.url(&self.base, pair);
         let name = file.name(pair);
@@ -218,12 +218,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Decodes the single CSV inside `zip`, sending rows to `tx` (blocking). Skips a header line.
+/// Rows per message from the decoder (one channel hop per row would dominate the cost).
+const DECODE_CHUNK: usize = 1024;
+
+/// Decodes the single CSV inside `zip`, sending rows to `tx` in chunks (blocking). Skips a
+/// header line.
 fn decode(
     pair: &PairKey,
     file: &str,
     zip: Vec<u8>,
-    tx: &mpsc::Sender<Kline>,
+    tx: &mpsc::Sender<Vec<Kline>>,
 ) -> Result<u64, ArchiveError> {
     let corrupt = |msg: String| ArchiveError::Corrupt {
         file: file.to_string(),
@@ -235,23 +239,45 @@ fn decode(
     }
     let entry = archive.by_index(0).map_err(|e| corrupt(e.to_string()))?;
     let mut rows = 0u64;
-    for (i, line) in BufReader::new(entry).lines().enumerate() {
-        let line = line.map_err(|e| corrupt(format!("line {}: {e}", i + 1)))?;
-        let line = line.trim();
-        if line.is_empty() {
+    let mut chunk = Vec::with_capacity(DECODE_CHUNK);
+    let mut reader = BufReader::with_capacity(1 << 16, entry);
+    let mut line = String::new();
+    for i in 0.. {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| corrupt(format!("line {}: {e}", i + 1)))?;
+        if n == 0 {
+            break;
+        }
+        let text = line.trim();
+        if text.is_empty() {
             continue;
         }
-        let fields: Vec<&str> = line.split(',').collect();
+        let mut parts = [""; 12];
+        let mut n = 0;
+        for (j, part) in text.split(',').take(12).enumerate() {
+            parts[j] = part;
+            n = j + 1;
+        }
+        let fields = &parts[..n];
         if i == 0 && fields[0].trim().parse::<i64>().is_err() {
             continue; // header row (futures files from 2022 on)
         }
         // Columns by position: COIN-M's header names lie about columns 7 and 10.
-        let k = Kline::from_fields(pair.clone(), &fields, true, Source::Archive)
+        let k = Kline::from_fields(pair.clone(), fields, true, Source::Archive)
             .map_err(|e| corrupt(format!("line {}: {e}", i + 1)))?;
-        if tx.blocking_send(k).is_err() {
-            break; // the consumer stopped
-        }
+        chunk.push(k);
         rows += 1;
+        if chunk.len() == DECODE_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK));
+            if tx.blocking_send(full).is_err() {
+                return Ok(rows); // the consumer stopped
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(chunk);
     }
     Ok(rows)
 }

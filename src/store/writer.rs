@@ -117,22 +117,22 @@ impl Writer {
         let mut flush_at: Option<Instant> = None;
         let mut deadline: Option<Instant> = None;
         loop {
+            let space = room(&buf, self.cfg.batch_rows);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                row = self.rx.recv() => match row {
-                    Some(k) => {
-                        if buf.is_empty() {
+                received = self.rx.recv_many(&mut buf, space) => match received {
+                    n if n > 0 => {
+                        if buf.len() == n {
                             flush_at = Some(Instant::now() + self.cfg.flush_interval);
                         }
-                        buf.push(k);
                         if buf.len() >= self.cfg.batch_rows {
                             self.flush(&mut buf, &cancel, &mut deadline).await?;
                             flush_at = None;
                             if deadline.is_some() { break; }
                         }
                     }
-                    None => break,
+                    _ => break,
                 },
                 _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)),
                     if flush_at.is_some() =>
@@ -305,6 +305,11 @@ impl Writer {
             }
         }
     }
+}
+
+/// How many more rows fit in the batch (at least 1, as `recv_many` requires).
+fn room(buf: &[Kline], batch_rows: usize) -> usize {
+    batch_rows.saturating_sub(buf.len()).max(1)
 }
 
 /// How long the next ClickHouse call may take: the request timeout, capped by the shutdown

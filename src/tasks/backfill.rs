@@ -273,19 +273,22 @@ impl Backfill {
             .copied()
             .filter(|&t| t >= fs && t < fe)
             .collect();
-        let (tx, mut rx) = mpsc::channel::<Kline>(4096);
+        let (tx, mut rx) = mpsc::channel::<Vec<Kline>>(8);
         let fetch = self.archive.fetch(pair, file, tx);
         let consume = async {
             let mut written = 0u64;
-            while let Some(k) = rx.recv().await {
-                if wanted.remove(&k.open_time) {
-                    self.writer
-                        .send(k)
-                        .await
-                        .map_err(|_| BackfillError::WriterClosed)?;
-                    written += 1;
-                    progress.inc(1);
+            while let Some(chunk) = rx.recv().await {
+                let before = written;
+                for k in chunk {
+                    if wanted.remove(&k.open_time) {
+                        self.writer
+                            .send(k)
+                            .await
+                            .map_err(|_| BackfillError::WriterClosed)?;
+                        written += 1;
+                    }
                 }
+                progress.inc(written - before);
             }
             Ok::<u64, BackfillError>(written)
         };
