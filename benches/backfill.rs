@@ -52,9 +52,16 @@ fn main() {
     rt.block_on(async {
         println!("| benchmark | ours | anchor | ratio / target |");
         println!("|---|---|---|---|");
-        archive_vs_clickhouse_client().await;
-        rest_budget_use().await;
-        peak_rss_five_years().await;
+        let only = std::env::var("QS_BENCH_ONLY").unwrap_or_default();
+        if only.is_empty() || only == "archive" {
+            archive_vs_clickhouse_client().await;
+        }
+        if only.is_empty() || only == "rest" {
+            rest_budget_use().await;
+        }
+        if only.is_empty() || only == "rss" {
+            peak_rss_five_years().await;
+        }
     });
 }
 
@@ -197,7 +204,7 @@ async fn rest_budget_use() {
         symbol: "ETHUSDT".into(),
         period: "1m".into(),
         start_ms: 1_577_836_800_000, // 2020-01-01
-        end_ms: 1_640_995_200_000,   // 2022-01-01: more than 2 minutes of work
+        end_ms: 1_735_689_600_000,   // 2025-01-01: more than 2 minutes of work
         source: Some("rest".into()),
     };
     let _ = backfill_gap(cfg, req, ProgressBar::hidden(), cancel).await;
@@ -208,6 +215,21 @@ async fn rest_budget_use() {
         .map(|r| u64::from(r.weight))
         .sum();
     let budget = 2400 * u64::try_from(minutes).unwrap();
+    if std::env::var("QS_BENCH_DEBUG").is_ok() {
+        for w in 0..minutes {
+            let ws = boundary + w * MIN;
+            let in_window: Vec<_> = log
+                .iter()
+                .filter(|r| r.at_ms >= ws && r.at_ms < ws + MIN && r.weight > 0)
+                .collect();
+            let total: u32 = in_window.iter().map(|r| r.weight).sum();
+            let last = in_window.last().map_or(0, |r| r.at_ms - ws);
+            eprintln!(
+                "window {w}: weight {total}, {} requests, last at +{last} ms",
+                in_window.len()
+            );
+        }
+    }
     let (e429, e418) = (sim.count_status(429), sim.count_status(418));
     println!(
         "| REST path, um 1m, {minutes} whole minute(s) at 2400 weight/min | {weight} weight = {:.1} % of the budget, {e429}× 429, {e418}× 418 | budget {budget} | target ≥ 90 %, zero 429 |",

@@ -233,7 +233,7 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
-            batch_rows: 10_000,
+            batch_rows: 100_000,
             flush_interval: Duration::from_secs(1),
             channel_capacity: 100_000,
             max_backoff: Duration::from_secs(30),

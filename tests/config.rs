@@ -67,7 +67,7 @@ fn defaults_fill_every_optional_section() {
     assert_eq!(cfg.logging.level, "info");
     assert_eq!(cfg.logging.dir, None);
     assert_eq!(cfg.logging.keep_days, 7);
-    assert_eq!(cfg.writer.batch_rows, 10_000);
+    assert_eq!(cfg.writer.batch_rows, 100_000);
     assert_eq!(cfg.writer.flush_interval, Duration::from_secs(1));
     assert_eq!(cfg.writer.channel_capacity, 100_000);
     // Durations are written like 30s / 5m.

@@ -65,6 +65,31 @@ impl WriterHandle {
             .map_err(|e| WriterClosed(Box::new(e.0)))
     }
 
+    /// Queues many rows with one wait per group instead of one per row (bulk producers).
+    pub async fn send_many(&self, rows: Vec<Kline>) -> Result<(), WriterClosed> {
+        let mut rows = rows.into_iter();
+        let group = (self.tx.max_capacity() / 4).max(1);
+        loop {
+            let n = rows.len().min(group);
+            if n == 0 {
+                return Ok(());
+            }
+            match self.tx.reserve_many(n).await {
+                Ok(permits) => {
+                    for (permit, k) in permits.zip(rows.by_ref()) {
+                        permit.send(k);
+                    }
+                }
+                // n > 0, so a row is left to hand back.
+                Err(_) => {
+                    return rows
+                        .next()
+                        .map_or(Ok(()), |k| Err(WriterClosed(Box::new(k))))
+                }
+            }
+        }
+    }
+
     pub fn stats(&self) -> &WriterStats {
         &self.stats
     }

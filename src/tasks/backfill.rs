@@ -277,18 +277,15 @@ impl Backfill {
         let fetch = self.archive.fetch(pair, file, tx);
         let consume = async {
             let mut written = 0u64;
-            while let Some(chunk) = rx.recv().await {
-                let before = written;
-                for k in chunk {
-                    if wanted.remove(&k.open_time) {
-                        self.writer
-                            .send(k)
-                            .await
-                            .map_err(|_| BackfillError::WriterClosed)?;
-                        written += 1;
-                    }
-                }
-                progress.inc(written - before);
+            while let Some(mut chunk) = rx.recv().await {
+                chunk.retain(|k| wanted.remove(&k.open_time));
+                let n = chunk.len() as u64;
+                self.writer
+                    .send_many(chunk)
+                    .await
+                    .map_err(|_| BackfillError::WriterClosed)?;
+                written += n;
+                progress.inc(n);
             }
             Ok::<u64, BackfillError>(written)
         };
@@ -352,19 +349,18 @@ impl Backfill {
                 rows.iter().map(|k| k.open_time).min(),
                 rows.iter().map(|k| k.open_time).max(),
             );
-            for k in rows {
-                if !k.is_final {
-                    continue; // still open: never stored as final
-                }
-                if got.insert(k.open_time) {
-                    self.writer
-                        .send(k)
-                        .await
-                        .map_err(|_| BackfillError::WriterClosed)?;
-                    counters.rows_rest.fetch_add(1, Ordering::Relaxed);
-                    progress.inc(1);
-                }
-            }
+            // Still-open candles are never stored as final; duplicates across pages skipped.
+            let fresh: Vec<Kline> = rows
+                .into_iter()
+                .filter(|k| k.is_final && got.insert(k.open_time))
+                .collect();
+            let n = fresh.len() as u64;
+            self.writer
+                .send_many(fresh)
+                .await
+                .map_err(|_| BackfillError::WriterClosed)?;
+            counters.rows_rest.fetch_add(n, Ordering::Relaxed);
+            progress.inc(n);
             complete = match (pair.market, full, min_t, max_t) {
                 (_, false, _, _) | (_, true, None, _) | (_, true, _, None) => true,
                 // spot/um fill forward from startTime: continue after the last row.
