@@ -310,17 +310,7 @@ impl RestClient {
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    failures += 1;
-                    let msg = error_chain(&e);
-                    if failures >= self.max_retries {
-                        return Err(ExchangeError::Network {
-                            url: url.to_string(),
-                            attempts: failures,
-                            msg,
-                        });
-                    }
-                    self.pause(failures, url, &msg).await;
+                    self.network_failure(&mut failures, url, &e).await?;
                     continue;
                 }
             };
@@ -337,17 +327,7 @@ impl RestClient {
             let body = match resp.text().await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    failures += 1;
-                    let msg = error_chain(&e);
-                    if failures >= self.max_retries {
-                        return Err(ExchangeError::Network {
-                            url: url.to_string(),
-                            attempts: failures,
-                            msg,
-                        });
-                    }
-                    self.pause(failures, url, &msg).await;
+                    self.network_failure(&mut failures, url, &e).await?;
                     continue;
                 }
             };
@@ -409,6 +389,28 @@ impl RestClient {
                 }
             }
         }
+    }
+
+    /// Counts a transport failure; waits before the next attempt, or gives up after
+    /// `max_retries`.
+    async fn network_failure(
+        &self,
+        failures: &mut u32,
+        url: &str,
+        e: &reqwest::Error,
+    ) -> Result<(), ExchangeError> {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        *failures += 1;
+        let msg = error_chain(e);
+        if *failures >= self.max_retries {
+            return Err(ExchangeError::Network {
+                url: url.to_string(),
+                attempts: *failures,
+                msg,
+            });
+        }
+        self.pause(*failures, url, &msg).await;
+        Ok(())
     }
 
     async fn pause(&self, failures: u32, url: &str, msg: &str) {
