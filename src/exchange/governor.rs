@@ -3,8 +3,13 @@
 //! before a request, syncs with `X-MBX-USED-WEIGHT-*` after it, pauses after a 429, stops all
 //! requests during a 418 ban and refuses requests through a blocked egress (403/451).
 //! It does not send requests (the REST client does).
+//!
+//! The budget is enforced over a *sliding* window (the weight reserved in any span of one
+//! window plus a small margin stays within the cap), not only per epoch-aligned window: that
+//! is safe whether the exchange counts per calendar minute (Binance) or over a rolling minute,
+//! and whatever the clock skew between us, since every fixed window is one such span.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -123,8 +128,8 @@ impl Governors {
                     state: Mutex::new(State {
                         budget,
                         overridden: overridden.is_some(),
-                        window_start: i64::MIN,
-                        used: 0,
+                        log: VecDeque::new(),
+                        in_log: 0,
                         pause_until: None,
                         ban_until: None,
                         blocked: None,
@@ -160,9 +165,11 @@ pub struct Governor {
 struct State {
     budget: Budget,
     overridden: bool,
-    /// Start (ms) of the window `used` counts.
-    window_start: i64,
-    used: u32,
+    /// Reservations of the last window span: (when, wall-clock ms, weight). Header syncs and
+    /// 429s add entries for weight we did not reserve ourselves.
+    log: VecDeque<(Instant, i64, u32)>,
+    /// Sum of the weights in `log`.
+    in_log: u32,
     /// After a 429: no request before this.
     pause_until: Option<Instant>,
     /// During a 418 ban: no request before this.
@@ -172,11 +179,44 @@ struct State {
     stats: GovernorStats,
 }
 
-/// Weight reserved for one request in one window.
+/// Weight reserved for one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Permit {
-    window_start: i64,
+    /// Wall-clock ms of the reservation (to match the exchange's window in its reply).
+    at_ms: i64,
     pub weight: u32,
+}
+
+impl State {
+    /// Drops reservations older than one window span.
+    fn prune(&mut self, now: Instant) {
+        let span = self.budget.window + margin(self.budget.window);
+        while let Some(&(at, _, w)) = self.log.front() {
+            if at + span > now {
+                break;
+            }
+            self.log.pop_front();
+            self.in_log -= w;
+        }
+    }
+
+    fn push(&mut self, now: Instant, wall: i64, weight: u32) {
+        self.log.push_back((now, wall, weight));
+        self.in_log += weight;
+    }
+
+    /// When enough of the oldest reservations will have aged out for `need` more weight.
+    fn room_at(&self, need: u32, cap: u32) -> Instant {
+        let span = self.budget.window + margin(self.budget.window);
+        let mut left = self.in_log;
+        for &(at, _, w) in &self.log {
+            left -= w;
+            if left + need <= cap {
+                return at + span;
+            }
+        }
+        Instant::now() + span
+    }
 }
 
 impl Governor {
@@ -244,29 +284,22 @@ impl Governor {
                     None => {
                         st.ban_until = None;
                         st.pause_until = None;
-                        let wall = self.clock.now_ms();
-                        let window_ms = window_ms(st.budget.window);
-                        let ws = wall.div_euclid(window_ms) * window_ms;
-                        if ws > st.window_start {
-                            st.window_start = ws;
-                            st.used = 0;
-                        }
+                        st.prune(now);
                         let cap = usable(st.budget.limit, self.ratio);
                         let w = weight.min(cap);
-                        if st.used + w <= cap {
-                            st.used += w;
+                        if st.in_log + w <= cap {
+                            let wall = self.clock.now_ms();
+                            st.push(now, wall, w);
                             st.stats.weight += u64::from(weight);
                             if waited {
                                 st.stats.waits += 1;
                             }
                             return Ok(Permit {
-                                window_start: ws,
+                                at_ms: wall,
                                 weight,
                             });
                         }
-                        // Sleep into the next window, with a margin for clock skew.
-                        let left = u64::try_from(ws + window_ms - wall).unwrap_or(0);
-                        now + Duration::from_millis(left) + margin(st.budget.window)
+                        st.room_at(w, cap)
                     }
                 }
             };
@@ -277,11 +310,26 @@ impl Governor {
         }
     }
 
-    /// Syncs with the used weight Binance reported for a request sent with `permit`.
+    /// Syncs with the used weight Binance reported for a request sent with `permit` (its
+    /// count for the current fixed window). Weight the exchange counted that we did not
+    /// reserve (another program on the same address) is added; stale replies are ignored.
     pub fn observe_used(&self, permit: &Permit, used: u32) {
         let mut st = self.lock();
-        if permit.window_start == st.window_start && used > st.used {
-            st.used = used;
+        let window_ms = window_ms(st.budget.window);
+        let wall = self.clock.now_ms();
+        let ws = permit.at_ms.div_euclid(window_ms) * window_ms;
+        if wall.div_euclid(window_ms) * window_ms != ws {
+            return;
+        }
+        st.prune(Instant::now());
+        let ours: u32 = st
+            .log
+            .iter()
+            .filter(|&&(_, at, _)| at >= ws)
+            .map(|&(_, _, w)| w)
+            .sum();
+        if used > ours {
+            st.push(Instant::now(), wall, used - ours);
         }
     }
 
@@ -296,8 +344,15 @@ impl Governor {
             u64::try_from(wall.div_euclid(window_ms) * window_ms + window_ms - wall).unwrap_or(0),
         ) + margin(st.budget.window);
         let pause = retry_after.unwrap_or(to_window_end);
-        st.pause_until = Some(Instant::now() + pause);
-        st.used = st.budget.limit;
+        let now = Instant::now();
+        st.pause_until = Some(now + pause);
+        // Treat the budget as used up for a whole span.
+        st.prune(now);
+        let cap = usable(st.budget.limit, self.ratio);
+        if st.in_log < cap {
+            let fill = cap - st.in_log;
+            st.push(now, wall, fill);
+        }
         warn!(market = %self.market, egress = %self.egress, pause = ?pause,
             "Binance answered 429 (too much weight); pausing this market.");
     }
@@ -361,6 +416,34 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(60_500));
         assert_eq!(gov.stats().waits, 1);
         assert_eq!(gov.stats().weight, 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_span_of_one_window_exceeds_the_cap() {
+        // Whether the exchange counts per calendar minute or over a rolling minute, and
+        // whatever the skew, every 60 s span must stay within the budget.
+        let (g, _) = governor(100);
+        let mut tasks = Vec::new();
+        for i in 0..120u64 {
+            let gov = g.get(Market::Um, "direct");
+            tasks.push(tokio::spawn(async move {
+                // Arrivals spread over time, unlike a single burst.
+                tokio::time::sleep(Duration::from_millis(i * 700)).await;
+                gov.acquire(7).await.map(|_| Instant::now())
+            }));
+        }
+        let mut times = Vec::new();
+        for t in tasks {
+            times.push(t.await.unwrap().unwrap());
+        }
+        times.sort();
+        for (i, start) in times.iter().enumerate() {
+            let in_span = times[i..]
+                .iter()
+                .take_while(|t| t.duration_since(*start) < Duration::from_secs(60))
+                .count();
+            assert!(in_span * 7 <= 100, "{in_span} requests within 60 s of {i}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
