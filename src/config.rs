@@ -761,6 +761,9 @@ impl<'v> Section<'v> {
         let path = self.key_path(key);
         let s = self.string(key, default, errs);
         match url::Url::parse(&s) {
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => errs.push(format!(
+                "{path}: credentials in URLs are not allowed (they would show in logs and errors)"
+            )),
             Ok(u) if schemes.contains(&u.scheme()) && u.host_str().is_some() => {}
             Ok(u) => errs.push(format!(
                 "{path}: must be a {} URL with a host, got {s:?} (scheme {})",

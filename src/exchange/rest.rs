@@ -322,8 +322,9 @@ impl RestClient {
             let retry_after = headers
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| Duration::from_secs_f64(s.min(4.0 * 86_400.0)));
             let body = match resp.text().await {
                 Ok(b) => b,
                 Err(e) => {
@@ -345,7 +346,15 @@ impl RestClient {
                     if status == 429 {
                         gov.on_429(retry_after);
                     } else {
-                        gov.on_418(retry_after);
+                        // Without Retry-After, the body may say "IP banned until <ms>".
+                        let until = retry_after.or_else(|| {
+                            banned_until(&msg).map(|t| {
+                                Duration::from_millis(
+                                    u64::try_from(t - self.server_now(market)).unwrap_or(0),
+                                )
+                            })
+                        });
+                        gov.on_418(until);
                     }
                     limited += 1;
                     if limited > self.max_retries.saturating_mul(4) {
@@ -443,11 +452,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// `X-MBX-USED-WEIGHT-<n><unit>` (any window), the largest if several.
+/// `X-MBX-USED-WEIGHT-<n><unit>` or the legacy bare `X-MBX-USED-WEIGHT` (the one-minute
+/// count), the largest if several.
 fn used_weight(headers: &reqwest::header::HeaderMap) -> Option<u32> {
     headers
         .iter()
-        .filter(|(name, _)| name.as_str().starts_with("x-mbx-used-weight-"))
+        .filter(|(name, _)| name.as_str().starts_with("x-mbx-used-weight"))
         .filter_map(|(_, v)| v.to_str().ok()?.trim().parse::<u32>().ok())
         .max()
 }
@@ -464,6 +474,13 @@ fn binance_error(body: &str) -> (i64, String) {
         ),
         Err(_) => (0, body.chars().take(200).collect()),
     }
+}
+
+/// The end of a ban from Binance's -1003 message "... IP banned until 1712345678901. ...".
+fn banned_until(msg: &str) -> Option<i64> {
+    let rest = &msg[msg.find("banned until ")? + "banned until ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 fn parse_exchange_info(market: Market, v: &Value) -> Result<ExchangeInfo, String> {
@@ -608,6 +625,20 @@ mod tests {
         assert!(parse_klines(&pair, &float, 0)
             .unwrap_err()
             .contains("decimal string"));
+    }
+
+    #[test]
+    fn ban_ends_and_weight_headers_are_read() {
+        assert_eq!(
+            banned_until("Way too much request weight used; IP banned until 1712345678901. Please use WebSocket Streams"),
+            Some(1_712_345_678_901)
+        );
+        assert_eq!(banned_until("Too many requests"), None);
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-mbx-used-weight", "17".parse().unwrap());
+        assert_eq!(used_weight(&h), Some(17));
+        h.insert("x-mbx-used-weight-1m", "21".parse().unwrap());
+        assert_eq!(used_weight(&h), Some(21));
     }
 
     #[test]

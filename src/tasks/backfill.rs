@@ -29,6 +29,8 @@ const DAY_MS: i64 = 86_400_000;
 const MONTH_ARCHIVE_LAG_MS: i64 = 8 * DAY_MS;
 /// Daily archives appear the next day.
 const DAY_ARCHIVE_LAG_MS: i64 = DAY_MS;
+/// A missing candle is recorded as an exchange gap only once it closed this long ago.
+const GAP_GRACE_MS: i64 = 10 * 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -108,8 +110,16 @@ impl Backfill {
         if start >= end {
             return Err(BackfillError::InvalidRange { start, end });
         }
-        // Unknown symbols fail here, before any klines request; this also adopts the budget.
-        self.rest.symbol_info(pair).await?;
+        // Unknown symbols fail here, before any klines request (this also adopts the budget).
+        // A delisted contract can be missing from exchangeInfo while its klines are still
+        // served: then the first-candle probe decides (-1121 = unknown).
+        match self.rest.symbol_info(pair).await {
+            Ok(_) => {}
+            Err(ExchangeError::InvalidSymbol { .. }) if pair.market != Market::Cm => {
+                warn!(%pair, "Symbol not in exchangeInfo; asking klines directly.");
+            }
+            Err(e) => return Err(e.into()),
+        }
         let now = self.rest.server_time(pair.market).await?;
         let mut summary = BackfillSummary::default();
         let Some(first) = self.rest.first_open_time(pair, start, end).await? else {
@@ -166,6 +176,7 @@ impl Backfill {
             .final_open_times(pair, cs, ce)
             .await?
             .into_iter()
+            .map(|t| pair.period.align(t))
             .collect();
         let gaps = self.store.exchange_gaps(pair, cs, ce).await?;
         let in_gap = |t: i64| gaps.iter().any(|&(s, e)| t >= s && t < e);
@@ -228,7 +239,8 @@ impl Backfill {
         while m < ce {
             let me = next_month_start(m);
             let whole_month = m >= cs && me <= ce;
-            let published = me + MONTH_ARCHIVE_LAG_MS <= now;
+            // `1s` works in daily chunks: a monthly file would be fetched once per day.
+            let published = me + MONTH_ARCHIVE_LAG_MS <= now && pair.period != Period::S1;
             let miss = count_in(missing, m, me);
             if published
                 && miss > 0
@@ -278,7 +290,7 @@ impl Backfill {
         let consume = async {
             let mut written = 0u64;
             while let Some(mut chunk) = rx.recv().await {
-                chunk.retain(|k| wanted.remove(&k.open_time));
+                chunk.retain(|k| wanted.remove(&pair.period.align(k.open_time)));
                 let n = chunk.len() as u64;
                 self.writer
                     .send_many(chunk)
@@ -330,29 +342,32 @@ impl Backfill {
         let limit = u32::try_from(n)
             .unwrap_or(u32::MAX)
             .clamp(1, pair.market.max_klines_limit());
-        let end_close = pair.period.close_time(last);
+        let period = pair.period;
+        let after_last = period.next_open(last);
+        // Grid slots seen (candles are matched to slots by alignment: early history has
+        // candles a few seconds off the grid).
         let mut got: HashSet<i64> = HashSet::new();
-        let mut s = first;
-        let mut e = end_close;
-        let mut complete = false;
-        let mut server_now = i64::MIN;
-        while !complete {
+        let (mut s, mut e) = (first, period.close_time(last));
+        let mut server_now;
+        // Page until every slot of the window is known: returned, or absent with the
+        // exchange's word for it (spot/um pages hold every row from startTime on; COIN-M
+        // pages every row up to endTime). A short page is not taken as proof: one more
+        // request must come back empty.
+        loop {
             let page = self.rest.klines(pair, Some(s), Some(e), limit).await?;
             server_now = page.server_now;
             let rows: Vec<Kline> = page
                 .rows
                 .into_iter()
-                .filter(|k| k.open_time >= first && k.open_time <= last)
+                .filter(|k| k.open_time >= first && k.open_time < after_last)
                 .collect();
-            let full = rows.len() as u32 >= limit;
-            let (min_t, max_t) = (
-                rows.iter().map(|k| k.open_time).min(),
-                rows.iter().map(|k| k.open_time).max(),
+            let bounds = (
+                rows.iter().map(|k| period.align(k.open_time)).min(),
+                rows.iter().map(|k| period.align(k.open_time)).max(),
             );
-            // Still-open candles are never stored as final; duplicates across pages skipped.
             let fresh: Vec<Kline> = rows
                 .into_iter()
-                .filter(|k| k.is_final && got.insert(k.open_time))
+                .filter(|k| k.is_final && got.insert(period.align(k.open_time)))
                 .collect();
             let n = fresh.len() as u64;
             self.writer
@@ -361,36 +376,56 @@ impl Backfill {
                 .map_err(|_| BackfillError::WriterClosed)?;
             counters.rows_rest.fetch_add(n, Ordering::Relaxed);
             progress.inc(n);
-            complete = match (pair.market, full, min_t, max_t) {
-                (_, false, _, _) | (_, true, None, _) | (_, true, _, None) => true,
-                // spot/um fill forward from startTime: continue after the last row.
-                (Market::Spot | Market::Um, true, _, Some(max_t)) => {
-                    s = pair.period.next_open(max_t);
-                    s > last
-                }
-                // COIN-M returns the newest rows of the window: continue before the first.
-                (Market::Cm, true, Some(min_t), _) => {
-                    e = min_t - 1;
-                    e < first
-                }
+            let (Some(min_t), Some(max_t)) = bounds else {
+                break; // nothing in [s, e]
             };
-        }
-        // Slots Binance did not return although the window is closed: confirmed gaps.
-        if end_close < server_now {
-            let absent: Vec<i64> = grid(pair.period, first, pair.period.next_open(last))
-                .filter(|t| !got.contains(t))
-                .collect();
-            for (gs, ge) in runs(pair.period, &absent) {
-                self.store.record_gap(pair, gs, ge).await?;
-                let count = grid(pair.period, gs, ge).count() as u64;
-                counters.gap_candles.fetch_add(count, Ordering::Relaxed);
-                progress.inc(count);
-                info!(%pair, start_ms = gs, end_ms = ge, candles = count,
-                    "Binance has no candles here (maintenance?); gap recorded.");
+            match pair.market {
+                Market::Spot | Market::Um => {
+                    let next = period.next_open(max_t);
+                    if next > last {
+                        break;
+                    }
+                    if next <= s {
+                        return Err(no_progress(pair, s, e));
+                    }
+                    s = next;
+                }
+                Market::Cm => {
+                    if min_t <= first {
+                        break;
+                    }
+                    if min_t > e {
+                        return Err(no_progress(pair, s, e));
+                    }
+                    e = min_t - 1;
+                }
             }
+        }
+        // Absent slots are confirmed gaps once they are safely past: the newest closed
+        // candle can appear with a lag, so recent ones are left for the next run.
+        let absent: Vec<i64> = grid(period, first, after_last)
+            .filter(|t| !got.contains(t) && period.close_time(*t) + GAP_GRACE_MS < server_now)
+            .collect();
+        for (gs, ge) in runs(period, &absent) {
+            self.store.record_gap(pair, gs, ge).await?;
+            let count = grid(period, gs, ge).count() as u64;
+            counters.gap_candles.fetch_add(count, Ordering::Relaxed);
+            progress.inc(count);
+            info!(%pair, start_ms = gs, end_ms = ge, candles = count,
+                "Binance has no candles here (maintenance?); gap recorded.");
         }
         Ok(())
     }
+}
+
+/// A reply that did not move the page forward (an exchange ignoring startTime/endTime).
+fn no_progress(pair: &PairKey, s: i64, e: i64) -> BackfillError {
+    BackfillError::Exchange(ExchangeError::Protocol {
+        url: format!("{} klines", pair.market),
+        msg: format!(
+            "{pair}: the page for startTime={s} endTime={e} did not advance; the exchange ignores the time range"
+        ),
+    })
 }
 
 /// Where the chunk starting at `t` ends: a day for `1s`, a year for daily and longer periods,
