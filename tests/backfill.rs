@@ -594,3 +594,55 @@ async fn bad_input_exits_1_with_a_clear_message() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("ClickHouse"), "{stderr}");
 }
+
+/// A stand-in stricter than our default simulator: weight counted over a rolling window, no
+/// weight or Retry-After headers, at most 300 rows per page whatever `limit` says, and the
+/// newest closed candles served with a 3-minute lag. Still: no 429, every candle exactly, and
+/// no lagging candle mistaken for an exchange gap.
+#[tokio::test]
+async fn a_stricter_stand_in_is_still_filled_exactly_without_429_or_false_gaps() {
+    let sim =
+        start_sim(SimConfig::default().with_budget(Market::Um, 120, Duration::from_secs(4))).await;
+    sim.set_rolling_window(true);
+    sim.set_no_weight_headers(true);
+    sim.set_page_cap(Some(300));
+    sim.set_lag(Duration::from_secs(180));
+    let db = TestDb::new("strict");
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    let now = sim::now_ms();
+    let start = Period::M1.align(now) - 2 * DAY;
+    let out = backfill(
+        &db,
+        &sim,
+        "  backfill:\n    concurrency: 8\n",
+        &pair,
+        start,
+        now,
+        "rest",
+    )
+    .await;
+    assert_eq!(
+        (sim.count_status(429), sim.count_status(418)),
+        (0, 0),
+        "{out}"
+    );
+    assert_eq!(
+        out.summary.gap_candles, 0,
+        "lagging candles are not gaps: {out}"
+    );
+    let rows = stored(&db, &pair).await;
+    let missing = out.summary.expected - rows.len() as u64;
+    assert!((2..=5).contains(&missing), "{missing} missing: {out}");
+    let expected: Vec<Kline> = rows
+        .iter()
+        .map(|k| synthetic::candle(&pair, k.open_time))
+        .collect();
+    assert_eq!(values(&rows), values(&expected));
+    assert_eq!(rows.first().unwrap().open_time, start);
+
+    // Once the lag is over, a rerun fills exactly the rest.
+    sim.set_lag(Duration::ZERO);
+    let again = backfill(&db, &sim, "", &pair, start, now, "rest").await;
+    assert_eq!(again.rows_written, missing, "{again}");
+    assert_eq!(raw_count(&db, &pair), out.summary.expected);
+}

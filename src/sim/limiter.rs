@@ -1,7 +1,8 @@
-//! Request-weight accounting per (market, client IP) in fixed windows aligned to the epoch,
-//! with Binance's 429 → 418 escalation. Owns budgets and bans; knows nothing about HTTP.
+//! Request-weight accounting per (market, client IP) in fixed windows aligned to the epoch
+//! (Binance), or optionally over a rolling window (a stricter stand-in), with Binance's
+//! 429 → 418 escalation. Owns budgets and bans; knows nothing about HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -70,7 +71,12 @@ pub(crate) struct Limiter {
     ban_ms: i64,
     windows: HashMap<(Market, IpAddr), Window>,
     bans: HashMap<(Market, IpAddr), i64>,
+    /// Rolling mode: charges of the last window per (market, ip).
+    rolling: Option<Charges>,
 }
+
+/// (arrival ms, weight) per (market, client IP).
+type Charges = HashMap<(Market, IpAddr), VecDeque<(i64, u32)>>;
 
 /// Refused requests tolerated in one window before the client is banned.
 const REFUSALS_BEFORE_BAN: u32 = 2;
@@ -82,7 +88,23 @@ impl Limiter {
             ban_ms: duration_ms(ban),
             windows: HashMap::new(),
             bans: HashMap::new(),
+            rolling: None,
         }
+    }
+
+    /// Counts weight over the last `window` at every request instead of per fixed window.
+    pub(crate) fn set_rolling(&mut self, on: bool) {
+        self.rolling = on.then(HashMap::new);
+    }
+
+    /// Rolling mode: the weight charged in `(now - window, now]`.
+    fn rolling_used(&mut self, market: Market, ip: IpAddr, now: i64) -> Option<u32> {
+        let len = self.budget(market).window_ms();
+        let charges = self.rolling.as_mut()?.entry((market, ip)).or_default();
+        while charges.front().is_some_and(|&(t, _)| t <= now - len) {
+            charges.pop_front();
+        }
+        Some(charges.iter().map(|&(_, w)| w).sum())
     }
 
     pub(crate) fn budget(&self, market: Market) -> Budget {
@@ -124,7 +146,10 @@ impl Limiter {
 
     /// Weight used by `ip` on `market` in the current window.
     pub(crate) fn used(&mut self, market: Market, ip: IpAddr, now: i64) -> u32 {
-        self.window(market, ip, now).used
+        match self.rolling_used(market, ip, now) {
+            Some(used) => used,
+            None => self.window(market, ip, now).used,
+        }
     }
 
     /// Admits and charges, refuses (429) or bans (418) one request of `weight`.
@@ -142,6 +167,31 @@ impl Limiter {
             self.bans.remove(&(market, ip));
         }
         let window_end = self.window(market, ip, now).start + budget.window_ms();
+        if let Some(used) = self.rolling_used(market, ip, now) {
+            if used.saturating_add(weight) <= budget.limit {
+                if let Some(c) = self.rolling.as_mut().and_then(|r| r.get_mut(&(market, ip))) {
+                    c.push_back((now, weight));
+                }
+                return Admission::Allowed {
+                    used: used + weight,
+                };
+            }
+            // Refusals still escalate per fixed window below.
+            let w = self.window(market, ip, now);
+            w.refused += 1;
+            if w.refused > REFUSALS_BEFORE_BAN {
+                let until = now.saturating_add(ban_ms);
+                self.bans.insert((market, ip), until);
+                return Admission::Banned {
+                    used,
+                    retry_after_s: secs_until(now, until),
+                };
+            }
+            return Admission::Limited {
+                used,
+                retry_after_s: secs_until(now, window_end),
+            };
+        }
         let w = self.window(market, ip, now);
         if w.used.saturating_add(weight) <= budget.limit {
             w.used += weight;

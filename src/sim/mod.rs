@@ -160,6 +160,12 @@ pub(crate) struct Faults {
     pub maintenance: Vec<Maintenance>,
     pub bad_checksum: bool,
     pub archives_available: bool,
+    /// At most this many klines per reply, whatever `limit` asks (a stricter stand-in).
+    pub page_cap: Option<usize>,
+    /// Closed candles younger than this are not served yet (Binance's database lag).
+    pub lag_ms: i64,
+    /// Send no `X-MBX-USED-WEIGHT-*` and no `Retry-After` headers.
+    pub no_weight_headers: bool,
 }
 
 /// Most requests kept in the log; older ones are dropped (status counts stay exact).
@@ -241,6 +247,9 @@ pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<SimHan
             maintenance: Vec::new(),
             bad_checksum: false,
             archives_available: true,
+            page_cap: None,
+            lag_ms: 0,
+            no_weight_headers: false,
         }),
         limiter: Mutex::new(Limiter::new(cfg.budgets, cfg.ban)),
         zips: Mutex::new(ZipCache::default()),
@@ -355,6 +364,26 @@ impl SimHandle {
         lock(&self.shared.faults).archives_available = on;
     }
 
+    /// Serve at most `cap` klines per reply, whatever `limit` asks (`None`: no cap).
+    pub fn set_page_cap(&self, cap: Option<usize>) {
+        lock(&self.shared.faults).page_cap = cap;
+    }
+
+    /// Hide closed candles that closed less than `lag` ago (Binance's database lag).
+    pub fn set_lag(&self, lag: Duration) {
+        lock(&self.shared.faults).lag_ms = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
+    }
+
+    /// Send no weight headers and no `Retry-After` (a terser stand-in).
+    pub fn set_no_weight_headers(&self, on: bool) {
+        lock(&self.shared.faults).no_weight_headers = on;
+    }
+
+    /// Count weight over a rolling window instead of fixed epoch-aligned windows.
+    pub fn set_rolling_window(&self, on: bool) {
+        lock(&self.shared.limiter).set_rolling(on);
+    }
+
     /// Every request so far (the newest 250,000), oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.shared.log).records.iter().cloned().collect()
@@ -434,7 +463,20 @@ async fn dispatch(
             }
         }
     } else if let Some((market, endpoint)) = rest::route(&path) {
-        let (resp, weight) = rest::serve(&shared, market, endpoint, &query, &headers, ip, now);
+        let (mut resp, weight) = rest::serve(&shared, market, endpoint, &query, &headers, ip, now);
+        if lock(&shared.faults).no_weight_headers {
+            let names: Vec<_> = resp
+                .headers()
+                .keys()
+                .filter(|n| {
+                    n.as_str().starts_with("x-mbx-used-weight") || n.as_str() == "retry-after"
+                })
+                .cloned()
+                .collect();
+            for n in names {
+                resp.headers_mut().remove(n);
+            }
+        }
         (resp, Some(market), RequestKind::Rest, weight)
     } else {
         (plain(404, "Not Found"), None, RequestKind::Other, 0)

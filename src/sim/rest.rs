@@ -261,6 +261,23 @@ fn klines<'p>(
             view.backward(lo, hi, limit, now)
         }
     };
+    let (page_cap, lag_ms) = {
+        let f = lock(&sim.faults);
+        (f.page_cap, f.lag_ms)
+    };
+    let mut rows = rows;
+    if lag_ms > 0 {
+        rows.retain(|k| !(k.is_final && k.close_time >= now - lag_ms));
+    }
+    if let Some(cap) = page_cap.filter(|c| rows.len() > *c) {
+        match market {
+            // Forward pages keep their oldest rows, COIN-M's endTime-anchored ones the newest.
+            Market::Spot | Market::Um => rows.truncate(cap),
+            Market::Cm => {
+                rows.drain(..rows.len() - cap);
+            }
+        }
+    }
     let micros = market == Market::Spot
         && headers
             .get("x-mbx-time-unit")
