@@ -386,6 +386,10 @@ impl RestClient {
                             msg,
                         });
                     }
+                    // A 503 may say when to come back.
+                    if let Some(wait) = retry_after {
+                        tokio::time::sleep(wait.min(Duration::from_secs(300))).await;
+                    }
                     self.pause(failures, url, &msg).await;
                 }
                 _ => {

@@ -44,6 +44,18 @@ pub struct SimArgs {
     /// Serve a real klines CSV for a pair: `market:SYMBOL:period:PATH` (repeatable).
     #[arg(long, value_name = "MARKET:SYMBOL:PERIOD:PATH", value_parser = parse_csv)]
     pub csv: Vec<CsvArg>,
+    /// Count weight over a rolling window instead of fixed epoch-aligned windows.
+    #[arg(long)]
+    pub rolling_window: bool,
+    /// Serve at most N klines per reply, whatever `limit` asks.
+    #[arg(long, value_name = "N")]
+    pub page_cap: Option<usize>,
+    /// Serve closed candles only once they closed this many seconds ago.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub lag_seconds: u64,
+    /// Send no weight headers and no Retry-After.
+    #[arg(long)]
+    pub no_weight_headers: bool,
 }
 
 /// A parsed `--maintenance` value.
@@ -153,6 +165,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         sim.add_maintenance(m.market, m.symbol.clone(), m.start_ms, m.end_ms);
     }
     sim.set_bad_checksum(args.bad_checksum);
+    sim.set_rolling_window(args.rolling_window);
+    sim.set_page_cap(args.page_cap);
+    sim.set_lag(Duration::from_secs(args.lag_seconds));
+    sim.set_no_weight_headers(args.no_weight_headers);
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
