@@ -123,26 +123,6 @@ async fn archive_vs_clickhouse_client() {
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(out.rows_written, rows, "{out}");
         ours.push(rows as f64 / secs);
-        if std::env::var("QS_BENCH_DEBUG").is_ok() {
-            let cfg = db.config(&sim_yaml(&sim, ""));
-            let req = BackfillRequest {
-                market: "spot".into(),
-                symbol: "BTCUSDT".into(),
-                period: "1m".into(),
-                start_ms: start,
-                end_ms: end,
-                source: Some("archive".into()),
-            };
-            let t2 = Instant::now();
-            let again = backfill_gap(cfg, req, ProgressBar::hidden(), CancellationToken::new())
-                .await
-                .unwrap();
-            eprintln!(
-                "run {run}: {secs:.3}s; a no-op rerun takes {:.3}s ({again})",
-                t2.elapsed().as_secs_f64()
-            );
-        }
-
         // Anchor: clickhouse-client inserting the same rows from CSV into the same types.
         let adb = TestDb::new_private(&format!("bench_anchor_{run}"));
         adb.create();

@@ -25,8 +25,13 @@ async fn start_sim(cfg: SimConfig) -> SimHandle {
 
 /// Config lines pointing every market and the archives at `sim`, plus `extra`.
 fn sim_yaml(sim: &SimHandle, extra: &str) -> String {
+    sim_yaml_with(sim, "", extra)
+}
+
+/// Like `sim_yaml`, with `um_extra` lines added to the `um` section.
+fn sim_yaml_with(sim: &SimHandle, um_extra: &str, extra: &str) -> String {
     format!(
-        "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  writer:\n    flush_interval: 100ms\n{extra}",
+        "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n{um_extra}    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  writer:\n    flush_interval: 100ms\n{extra}",
         sim.rest_url(Market::Spot),
         sim.rest_url(Market::Um),
         sim.rest_url(Market::Cm),
@@ -69,6 +74,17 @@ async fn try_backfill(
     cancel: CancellationToken,
 ) -> anyhow::Result<BackfillOutcome> {
     let cfg = db.config(&sim_yaml(sim, extra));
+    backfill_with(cfg, pair, start, end, source, cancel).await
+}
+
+async fn backfill_with(
+    cfg: quantservice::config::Config,
+    pair: &PairKey,
+    start: i64,
+    end: i64,
+    source: &str,
+    cancel: CancellationToken,
+) -> anyhow::Result<BackfillOutcome> {
     let req = BackfillRequest {
         market: pair.market.to_string(),
         symbol: pair.symbol.to_string(),
@@ -241,26 +257,22 @@ async fn a_418_ban_is_respected() {
     let db = TestDb::new("ban");
     let start = 1_609_459_200_000; // 2021-01-01
     let end = start + 3 * DAY; // 9 requests of up to 499 1m candles, 2 weight each
-    let cfg_extra = "  backfill:\n    concurrency: 32\n";
-    let yaml = sim_yaml(&sim, cfg_extra).replace(
-        &format!("      rest_url: \"{}\"\n", sim.rest_url(Market::Um)),
-        &format!(
-            "      rest_url: \"{}\"\n      weight_limit: 100000\n",
-            sim.rest_url(Market::Um)
-        ),
+    let yaml = sim_yaml_with(
+        &sim,
+        "      weight_limit: 100000\n",
+        "  backfill:\n    concurrency: 32\n",
     );
-    let cfg = db.config(&yaml);
-    let req = BackfillRequest {
-        market: "um".into(),
-        symbol: "BTCUSDT".into(),
-        period: "1m".into(),
-        start_ms: start,
-        end_ms: end,
-        source: Some("rest".into()),
-    };
-    let out = backfill_gap(cfg, req, ProgressBar::hidden(), CancellationToken::new())
-        .await
-        .unwrap();
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    let out = backfill_with(
+        db.config(&yaml),
+        &pair,
+        start,
+        end,
+        "rest",
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(out.rows_written, 3 * 1440, "{out}");
     assert!(out.http_418 >= 1, "the test must provoke a ban: {out}");
     // After the first 418, nothing reached the simulator until the ban was over (requests

@@ -167,38 +167,29 @@ impl Limiter {
             self.bans.remove(&(market, ip));
         }
         let window_end = self.window(market, ip, now).start + budget.window_ms();
-        if let Some(used) = self.rolling_used(market, ip, now) {
-            if used.saturating_add(weight) <= budget.limit {
+        let admitted = match self.rolling_used(market, ip, now) {
+            Some(used) if used.saturating_add(weight) <= budget.limit => {
                 if let Some(c) = self.rolling.as_mut().and_then(|r| r.get_mut(&(market, ip))) {
                     c.push_back((now, weight));
                 }
-                return Admission::Allowed {
-                    used: used + weight,
-                };
+                Some(used + weight)
             }
-            // Refusals still escalate per fixed window below.
-            let w = self.window(market, ip, now);
-            w.refused += 1;
-            if w.refused > REFUSALS_BEFORE_BAN {
-                let until = now.saturating_add(ban_ms);
-                self.bans.insert((market, ip), until);
-                return Admission::Banned {
-                    used,
-                    retry_after_s: secs_until(now, until),
-                };
+            Some(_) => None,
+            None => {
+                let w = self.window(market, ip, now);
+                (w.used.saturating_add(weight) <= budget.limit).then(|| {
+                    w.used += weight;
+                    w.used
+                })
             }
-            return Admission::Limited {
-                used,
-                retry_after_s: secs_until(now, window_end),
-            };
+        };
+        if let Some(used) = admitted {
+            return Admission::Allowed { used };
         }
+        // Refusals escalate per fixed window, whichever way weight is counted.
+        let used = self.used(market, ip, now);
         let w = self.window(market, ip, now);
-        if w.used.saturating_add(weight) <= budget.limit {
-            w.used += weight;
-            return Admission::Allowed { used: w.used };
-        }
         w.refused += 1;
-        let used = w.used;
         if w.refused > REFUSALS_BEFORE_BAN {
             let until = now.saturating_add(ban_ms);
             self.bans.insert((market, ip), until);
@@ -237,6 +228,34 @@ fn secs_until(now: i64, until: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rolling_window_counts_the_last_window_span() {
+        let mut budgets = HashMap::new();
+        budgets.insert(Market::Um, Budget::new(4, Duration::from_secs(2)));
+        let mut l = Limiter::new(budgets, Duration::from_secs(30));
+        l.set_rolling(true);
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t = 10_000; // a fixed-window boundary: fixed counting would reset at t + 2000
+        assert_eq!(
+            l.admit(Market::Um, ip, 2, t + 1500),
+            Admission::Allowed { used: 2 }
+        );
+        assert_eq!(
+            l.admit(Market::Um, ip, 2, t + 1900),
+            Admission::Allowed { used: 4 }
+        );
+        // Past the fixed boundary, but both charges are still within the last 2 s.
+        assert!(matches!(
+            l.admit(Market::Um, ip, 2, t + 2100),
+            Admission::Limited { .. }
+        ));
+        // The first charge has aged out.
+        assert_eq!(
+            l.admit(Market::Um, ip, 2, t + 3600),
+            Admission::Allowed { used: 4 }
+        );
+    }
 
     #[test]
     fn escalates_429_then_418_and_resets_per_window() {
