@@ -325,7 +325,7 @@ impl RestClient {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map(|s| Duration::from_secs_f64(s.min(4.0 * 86_400.0)));
-            let body = match resp.text().await {
+            let body = match read_capped(resp, MAX_BODY_BYTES).await {
                 Ok(b) => b,
                 Err(e) => {
                     self.network_failure(&mut failures, url, &e).await?;
@@ -344,6 +344,15 @@ impl RestClient {
             match status {
                 429 | 418 => {
                     if status == 429 {
+                        // "current limit is N request weight per ..." teaches the budget
+                        // when exchangeInfo did not announce it.
+                        if let Some(limit) = current_limit(&msg) {
+                            let mut budget = gov.budget();
+                            if budget.limit > limit {
+                                budget.limit = limit;
+                                gov.set_budget(budget);
+                            }
+                        }
                         gov.on_429(retry_after);
                     } else {
                         // Without Retry-After, the body may say "IP banned until <ms>".
@@ -478,6 +487,31 @@ fn binance_error(body: &str) -> (i64, String) {
         ),
         Err(_) => (0, body.chars().take(200).collect()),
     }
+}
+
+/// Largest reply body read (a klines page of 1500 rows is about 300 KB); the rest is cut.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// Reads a body up to `cap` bytes (an error page or a misbehaving server cannot make us
+/// buffer without bound); lossy UTF-8.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<String, reqwest::Error> {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= cap {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The budget from Binance's -1003 message "... current limit is 2400 request weight per 1
+/// MINUTE. ...".
+fn current_limit(msg: &str) -> Option<u32> {
+    let rest = &msg[msg.find("current limit is ")? + "current limit is ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|n| *n > 0)
 }
 
 /// The end of a ban from Binance's -1003 message "... IP banned until 1712345678901. ...".
@@ -638,6 +672,12 @@ mod tests {
             Some(1_712_345_678_901)
         );
         assert_eq!(banned_until("Too many requests"), None);
+        assert_eq!(
+            current_limit(
+                "Too much request weight used; current limit is 1200 request weight per 1 MINUTE."
+            ),
+            Some(1200)
+        );
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("x-mbx-used-weight", "17".parse().unwrap());
         assert_eq!(used_weight(&h), Some(17));
