@@ -658,3 +658,48 @@ async fn a_stricter_stand_in_is_still_filled_exactly_without_429_or_false_gaps()
     assert_eq!(again.rows_written, missing, "{again}");
     assert_eq!(raw_count(&db, &pair), out.summary.expected);
 }
+
+/// A run that starts right after another one spent the budget (a killed run, another program)
+/// against an exchange that reports no used weight: no 429 either, because the first window is
+/// given up when the replies carry no weight headers.
+#[tokio::test]
+async fn a_blind_start_after_a_spent_window_causes_no_429() {
+    let sim =
+        start_sim(SimConfig::default().with_budget(Market::Um, 120, Duration::from_secs(4))).await;
+    sim.set_no_weight_headers(true);
+    // At the start of a fresh window, spend 100 of the 120 weight from this address.
+    let now = sim::now_ms();
+    let next = (now / 4000 + 1) * 4000;
+    tokio::time::sleep(Duration::from_millis(u64::try_from(next - now).unwrap())).await;
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let url = format!(
+            "{}?symbol=ETHUSDT&interval=1h&limit=1000&startTime=1600000000000",
+            sim.rest_url(Market::Um)
+        );
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        sim.used_weight(Market::Um, "127.0.0.1".parse().unwrap()),
+        100
+    );
+    let db = TestDb::new("blind");
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    let start = 1_640_995_200_000;
+    let out = backfill(
+        &db,
+        &sim,
+        "  backfill:\n    concurrency: 8\n",
+        &pair,
+        start,
+        start + 10 * DAY, // 29 requests of weight 2: more than the 20 weight left
+        "rest",
+    )
+    .await;
+    assert_eq!(out.rows_written, 10 * 1440, "{out}");
+    assert_eq!(
+        (sim.count_status(429), sim.count_status(418)),
+        (0, 0),
+        "{out}"
+    );
+}

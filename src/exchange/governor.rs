@@ -333,6 +333,23 @@ impl Governor {
         }
     }
 
+    /// Treats the budget as fully used now: for an exchange that reports no used weight, the
+    /// weight spent in this window before we started (a killed earlier run, another program)
+    /// is unknown, so the first window is given up rather than risking a 429.
+    pub fn assume_used_up(&self) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.prune(now);
+        let cap = usable(st.budget.limit, self.ratio);
+        if st.in_log < cap {
+            let fill = cap - st.in_log;
+            let wall = self.clock.now_ms();
+            st.push(now, wall, fill);
+        }
+        warn!(market = %self.market, egress = %self.egress,
+            "The exchange reports no used weight; waiting one window before going at full speed.");
+    }
+
     /// HTTP 429: stop for `Retry-After` (or until the window ends) and use no more weight in
     /// this window.
     pub fn on_429(&self, retry_after: Option<Duration>) {

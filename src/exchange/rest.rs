@@ -78,6 +78,8 @@ pub struct RestClient {
     /// server time − local time, per market, once measured.
     offsets: Mutex<HashMap<Market, i64>>,
     infos: Mutex<HashMap<Market, (Instant, Arc<ExchangeInfo>)>>,
+    /// Per market: whether replies carry `X-MBX-USED-WEIGHT-*` (`None`: no reply yet).
+    weight_headers: Mutex<HashMap<Market, bool>>,
 }
 
 impl RestClient {
@@ -104,6 +106,7 @@ impl RestClient {
             stats: Arc::new(RestStats::default()),
             offsets: Mutex::new(HashMap::new()),
             infos: Mutex::new(HashMap::new()),
+            weight_headers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -316,8 +319,20 @@ impl RestClient {
             };
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
-            if let Some(used) = used_weight(&headers) {
+            let used = used_weight(&headers);
+            if let Some(used) = used {
                 gov.observe_used(&permit, used);
+            }
+            // The first reply tells whether this exchange reports used weight; if it does not,
+            // what was used before we started is unknown: give up the first window.
+            let first_reply = self
+                .weight_headers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(market, used.is_some())
+                .is_none();
+            if first_reply && used.is_none() {
+                gov.assume_used_up();
             }
             let retry_after = headers
                 .get("retry-after")
