@@ -35,3 +35,19 @@ pub mod market;
 pub mod sim;
 pub mod store;
 pub mod tasks;
+
+/// An error and all its sources on one line (hyper and reqwest hide the useful part in
+/// `source()`); a source already contained in the text so far is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}

@@ -249,7 +249,7 @@ impl Period {
     /// The open time of the candle containing `t` (ms). Weeks start on Monday 00:00 UTC,
     /// months on the 1st; other periods are multiples of their length since the epoch.
     pub fn align(self, t: i64) -> i64 {
-        const DAY: i64 = 86_400_000;
+        const DAY: i64 = DAY_MS;
         match self {
             Period::Mo1 => month_start(t),
             // 1970-01-05 was the first Monday after the epoch.
@@ -534,6 +534,19 @@ impl Kline {
             source,
         })
     }
+}
+
+/// One day in milliseconds.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// COIN-M refuses klines windows (endTime − startTime) longer than this.
+pub const CM_MAX_RANGE_MS: i64 = 200 * DAY_MS;
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Midnight UTC of the first day of the month containing `t` (ms).

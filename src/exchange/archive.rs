@@ -12,11 +12,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::market::{day_label, month_label, next_month_start, Kline, PairKey, Source};
+use crate::market::{day_label, month_label, next_month_start, Kline, PairKey, Source, DAY_MS};
 
 /// Refuse archive files larger than this (a sane upper bound for one monthly `1s` file).
 const MAX_ARCHIVE_BYTES: usize = 1 << 30;
-const DAY_MS: i64 = 86_400_000;
 
 /// One archive file: a calendar month or a day (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -68,9 +68,7 @@ impl Clock {
 
     pub fn now_ms(&self) -> i64 {
         match self {
-            Clock::Wall => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            Clock::Wall => crate::market::now_ms(),
             Clock::Virtual { start_ms, start } => {
                 start_ms + i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX)
             }

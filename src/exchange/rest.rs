@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::time::Instant;
@@ -16,15 +16,13 @@ use tracing::{debug, warn};
 use super::governor::{Budget, Governor, Governors};
 use super::ExchangeError;
 use crate::config::Config;
-use crate::market::{Decimal, Kline, Market, PairKey, Period, Source};
+use crate::market::{now_ms, Decimal, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
 
 /// The egress name of direct connections (proxies get their own in a later issue).
 pub const DIRECT: &str = "direct";
 
 /// How long an `exchangeInfo` answer is trusted.
 const EXCHANGE_INFO_TTL: Duration = Duration::from_secs(3600);
-/// COIN-M refuses klines windows longer than this.
-pub const CM_MAX_WINDOW_MS: i64 = 200 * 86_400_000;
 
 /// Request counters (for summaries and the metrics line).
 #[derive(Debug, Default)]
@@ -172,9 +170,9 @@ impl RestClient {
     /// Server time (ms) of `market`; also records the clock offset used to judge open candles.
     pub async fn server_time(&self, market: Market) -> Result<i64, ExchangeError> {
         let url = self.url(market, "time");
-        let before = local_ms();
+        let before = now_ms();
         let v = self.get_json(market, &url, &[], 1).await?;
-        let after = local_ms();
+        let after = now_ms();
         let server =
             v.get("serverTime")
                 .and_then(Value::as_i64)
@@ -199,7 +197,7 @@ impl RestClient {
             .get(&market)
             .copied()
             .unwrap_or(0);
-        local_ms() + offset
+        now_ms() + offset
     }
 
     /// The open time of the pair's first candle (on COIN-M: the first at or after `from` and
@@ -226,8 +224,8 @@ impl RestClient {
                 let span = pair
                     .period
                     .fixed_ms()
-                    .map_or(CM_MAX_WINDOW_MS, |len| len * i64::from(limit))
-                    .min(CM_MAX_WINDOW_MS);
+                    .map_or(CM_MAX_RANGE_MS, |len| len * i64::from(limit))
+                    .min(CM_MAX_RANGE_MS);
                 let mut start = pair.period.align(lower.max(0));
                 let stop = to.min(now);
                 while start < stop {
@@ -438,7 +436,7 @@ impl RestClient {
     ) -> Result<(), ExchangeError> {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         *failures += 1;
-        let msg = error_chain(e);
+        let msg = crate::error_chain(e);
         if *failures >= self.max_retries {
             return Err(ExchangeError::Network {
                 url: url.to_string(),
@@ -461,23 +459,6 @@ impl RestClient {
             "Binance request failed; retrying.");
         tokio::time::sleep(delay).await;
     }
-}
-
-fn local_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// `X-MBX-USED-WEIGHT-<n><unit>` or the legacy bare `X-MBX-USED-WEIGHT` (the one-minute

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
@@ -43,11 +43,7 @@ pub const DEFAULT_LISTING_MS: i64 = 1_577_836_800_000;
 pub const DEFAULT_CM_LISTING_MS: i64 = 1_597_017_600_000;
 
 /// The simulator's clock: the real wall clock, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use crate::market::now_ms;
 
 /// What the simulator serves. `Default` is realistic: budgets spot 6000/60 s, um and cm
 /// 2400/60 s, 120 s bans, spot BTCUSDT/ETHUSDT/BNBBTC and um BTCUSDT/ETHUSDT listed

@@ -2,6 +2,7 @@
 //! parameter validation with Binance's error codes, klines windows per market, exchangeInfo,
 //! time and ping, and the faults and weight checks in front of them. Owns no state.
 
+use crate::market::CM_MAX_RANGE_MS;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -16,9 +17,7 @@ use super::book::PairView;
 use super::limiter::Admission;
 use super::{lock, Shared};
 
-const DAY_MS: i64 = 86_400_000;
 /// COIN-M's longest `endTime - startTime`.
-const CM_MAX_RANGE_MS: i64 = 200 * DAY_MS;
 const DEFAULT_LIMIT: u32 = 500;
 
 /// A Binance API error: HTTP 400 with `{"code":…,"msg":…}`. Never retryable.

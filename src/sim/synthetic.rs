@@ -4,7 +4,7 @@
 use crate::market::{Decimal, Kline, Market, PairKey, Source};
 
 const SCALE: i128 = 100_000_000;
-const DAY_MS: i64 = 86_400_000;
+use crate::market::DAY_MS;
 
 /// The closed candle opening at `open_time` (which should be on the period grid).
 ///

@@ -207,7 +207,7 @@ impl Store {
     /// Maps a client error to a `StoreError`, scrubbing the password from every message.
     pub fn classify(&self, e: &clickhouse::error::Error) -> StoreError {
         use clickhouse::error::Error as E;
-        let message = self.scrub(&error_chain(e));
+        let message = self.scrub(&crate::error_chain(e));
         match e {
             E::Network(_) => StoreError::Unreachable {
                 url: self.url.clone(),
@@ -444,21 +444,6 @@ impl KlineRow<String> {
             source: self.source.parse::<Source>()?,
         })
     }
-}
-
-/// The error and all its sources, joined (hyper hides the useful part in `source()`).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 /// The `Code: N` of a ClickHouse error reply.

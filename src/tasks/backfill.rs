@@ -18,13 +18,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BackfillConfig, BackfillSource};
 use crate::exchange::archive::{ArchiveClient, ArchiveError, ArchiveFile};
-use crate::exchange::rest::{grid, RestClient, CM_MAX_WINDOW_MS};
+use crate::exchange::rest::{grid, RestClient};
 use crate::exchange::ExchangeError;
-use crate::market::{month_start, next_month_start, Kline, Market, PairKey, Period};
+use crate::market::{
+    month_start, next_month_start, Kline, Market, PairKey, Period, CM_MAX_RANGE_MS, DAY_MS,
+};
 use crate::store::writer::WriterHandle;
 use crate::store::{Store, StoreError};
 
-const DAY_MS: i64 = 86_400_000;
 /// Monthly archives appear by the first Monday of the next month.
 const MONTH_ARCHIVE_LAG_MS: i64 = 8 * DAY_MS;
 /// Daily archives appear the next day.
@@ -464,7 +465,7 @@ fn rest_windows(pair: &PairKey, missing: &[i64]) -> Vec<(i64, i64, usize)> {
         for t in grid(pair.period, rs, re) {
             let start = *first.get_or_insert(t);
             let too_long =
-                pair.market == Market::Cm && pair.period.close_time(t) - start >= CM_MAX_WINDOW_MS;
+                pair.market == Market::Cm && pair.period.close_time(t) - start >= CM_MAX_RANGE_MS;
             if n == limit || too_long {
                 out.push((start, last, n));
                 first = Some(t);
@@ -507,7 +508,7 @@ mod tests {
         let missing: Vec<i64> = (0..500).map(|i| i * DAY_MS).collect();
         let windows = rest_windows(&pair, &missing);
         for (first, last, n) in &windows {
-            assert!(pair.period.close_time(*last) - first < CM_MAX_WINDOW_MS);
+            assert!(pair.period.close_time(*last) - first < CM_MAX_RANGE_MS);
             assert!(*n <= 200);
         }
         assert_eq!(windows.iter().map(|w| w.2).sum::<usize>(), 500);
