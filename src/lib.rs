@@ -36,6 +36,16 @@ pub mod sim;
 pub mod store;
 pub mod tasks;
 
+/// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
+/// 1712345678901`), as servers put them in their messages.
+pub(crate) fn number_after(text: &str, prefix: &str) -> Option<u64> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 /// An error and all its sources on one line (hyper and reqwest hide the useful part in
 /// `source()`); a source already contained in the text so far is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::governor::{Budget, Governor, Governors};
 use super::ExchangeError;
 use crate::config::Config;
-use crate::market::{now_ms, Decimal, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
+use crate::market::{now_ms, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
 
 /// The egress name of direct connections (proxies get their own in a later issue).
 pub const DIRECT: &str = "direct";
@@ -505,16 +505,14 @@ async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<String, 
 /// The budget from Binance's -1003 message "... current limit is 2400 request weight per 1
 /// MINUTE. ...".
 fn current_limit(msg: &str) -> Option<u32> {
-    let rest = &msg[msg.find("current limit is ")? + "current limit is ".len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok().filter(|n| *n > 0)
+    crate::number_after(msg, "current limit is ")
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0)
 }
 
 /// The end of a ban from Binance's -1003 message "... IP banned until 1712345678901. ...".
 fn banned_until(msg: &str) -> Option<i64> {
-    let rest = &msg[msg.find("banned until ")? + "banned until ".len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+    crate::number_after(msg, "banned until ").and_then(|n| i64::try_from(n).ok())
 }
 
 fn parse_exchange_info(market: Market, v: &Value) -> Result<ExchangeInfo, String> {
@@ -578,40 +576,28 @@ pub fn parse_klines(pair: &PairKey, v: &Value, server_now: i64) -> Result<Vec<Kl
             .as_array()
             .filter(|f| f.len() >= 11)
             .ok_or_else(|| format!("row {i} is not a 12-element array"))?;
-        let int = |j: usize| -> Result<i64, String> {
-            match &f[j] {
-                Value::Number(n) => n.as_i64(),
-                Value::String(s) => s.parse().ok(),
-                _ => None,
-            }
-            .ok_or_else(|| format!("row {i} field {j}: expected an integer, got {}", f[j]))
-        };
-        let dec = |j: usize| -> Result<Decimal, String> {
-            f[j].as_str()
-                .ok_or_else(|| {
-                    format!("row {i} field {j}: expected a decimal string, got {}", f[j])
-                })?
-                .parse::<Decimal>()
-                .map_err(|e| format!("row {i} field {j}: {e}"))
-        };
-        let open_time = int(0)?;
-        let close_time = int(6)?;
-        out.push(Kline {
-            pair: pair.clone(),
-            open_time,
-            open: dec(1)?,
-            high: dec(2)?,
-            low: dec(3)?,
-            close: dec(4)?,
-            volume: dec(5)?,
-            close_time,
-            quote_volume: dec(7)?,
-            trades: u64::try_from(int(8)?).map_err(|e| format!("row {i} trades: {e}"))?,
-            taker_buy_volume: dec(9)?,
-            taker_buy_quote_volume: dec(10)?,
-            is_final: close_time < server_now,
-            source: Source::Rest,
-        });
+        // Times and trade counts are JSON numbers; prices and volumes must be strings (a JSON
+        // number would have gone through f64). Then the shared 12-column parser.
+        let mut text: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(11);
+        for (j, v) in f.iter().take(11).enumerate() {
+            text.push(match (v, j) {
+                (Value::String(s), _) => s.as_str().into(),
+                (Value::Number(n), 0 | 6 | 8) => n.to_string().into(),
+                _ => {
+                    let want = if matches!(j, 0 | 6 | 8) {
+                        "an integer"
+                    } else {
+                        "a decimal string"
+                    };
+                    return Err(format!("row {i} field {j}: expected {want}, got {v}"));
+                }
+            });
+        }
+        let fields: Vec<&str> = text.iter().map(|c| c.as_ref()).collect();
+        let mut k = Kline::from_fields(pair.clone(), &fields, false, Source::Rest)
+            .map_err(|e| format!("row {i}: {e}"))?;
+        k.is_final = k.close_time < server_now;
+        out.push(k);
     }
     debug!(%pair, rows = out.len(), "Parsed klines.");
     Ok(out)

@@ -448,9 +448,7 @@ impl KlineRow<String> {
 
 /// The `Code: N` of a ClickHouse error reply.
 fn server_code(text: &str) -> Option<u32> {
-    let rest = &text[text.find("Code: ")? + 6..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+    crate::number_after(text, "Code: ").and_then(|n| u32::try_from(n).ok())
 }
 
 /// The human part of a ClickHouse error reply, without the stack trace and version noise.
