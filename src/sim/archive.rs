@@ -15,7 +15,6 @@ use sha2::{Digest, Sha256};
 use crate::market::{day_label, month_label, Market, PairKey, Period, Symbol};
 
 use super::book::PairView;
-use super::rest::format_decimal;
 use super::{lock, Shared};
 
 /// 2025-01-01T00:00Z: spot archives of periods from here on use microseconds.
@@ -225,25 +224,8 @@ fn build(sim: &Shared, key: &FileKey, now: i64) -> Result<Arc<Built>, ArchiveErr
         csv.push('\n');
     }
     for k in &rows {
-        let (open, close) = if micros {
-            (k.open_time * 1000, (k.close_time + 1) * 1000 - 1)
-        } else {
-            (k.open_time, k.close_time)
-        };
-        let d = |x| format_decimal(market, x);
-        let _ = writeln!(
-            csv,
-            "{open},{},{},{},{},{},{close},{},{},{},{},0",
-            d(k.open),
-            d(k.high),
-            d(k.low),
-            d(k.close),
-            d(k.volume),
-            d(k.quote_volume),
-            k.trades,
-            d(k.taker_buy_volume),
-            d(k.taker_buy_quote_volume),
-        );
+        super::rest::write_row(&mut csv, market, k, micros, "");
+        csv.push('\n');
     }
     let csv_name = format!("{}.csv", key.zip_name.trim_end_matches(".zip"));
     let zip = zip_one(&csv_name, csv.as_bytes()).map_err(|error| {

@@ -293,32 +293,42 @@ fn klines_json(market: Market, rows: &[Kline], micros: bool) -> String {
         if i > 0 {
             out.push(',');
         }
-        let (open_time, close_time) = if micros {
-            (k.open_time * 1000, (k.close_time + 1) * 1000 - 1)
-        } else {
-            (k.open_time, k.close_time)
-        };
-        let d = |x: Decimal| format_decimal(market, x);
-        let _ = write!(
-            out,
-            r#"[{open_time},"{}","{}","{}","{}","{}",{close_time},"{}",{},"{}","{}","0"]"#,
-            d(k.open),
-            d(k.high),
-            d(k.low),
-            d(k.close),
-            d(k.volume),
-            d(k.quote_volume),
-            k.trades,
-            d(k.taker_buy_volume),
-            d(k.taker_buy_quote_volume),
-        );
+        out.push('[');
+        write_row(&mut out, market, k, micros, "\"");
+        out.push(']');
     }
     out.push(']');
     out
 }
 
+/// One kline's 12 fields as Binance prints them, comma-separated: times and trades as
+/// numbers, prices and volumes (and the ignored last field) wrapped in `quote` (`"` in JSON,
+/// nothing in archive CSV). `micros`: times in microseconds (spot archives from 2025).
+pub(crate) fn write_row(out: &mut String, market: Market, k: &Kline, micros: bool, quote: &str) {
+    let (open_time, close_time) = if micros {
+        (k.open_time * 1000, (k.close_time + 1) * 1000 - 1)
+    } else {
+        (k.open_time, k.close_time)
+    };
+    let d = |x: Decimal| format_decimal(market, x);
+    let q = quote;
+    let _ = write!(
+        out,
+        "{open_time},{q}{}{q},{q}{}{q},{q}{}{q},{q}{}{q},{q}{}{q},{close_time},{q}{}{q},{},{q}{}{q},{q}{}{q},{q}0{q}",
+        d(k.open),
+        d(k.high),
+        d(k.low),
+        d(k.close),
+        d(k.volume),
+        d(k.quote_volume),
+        k.trades,
+        d(k.taker_buy_volume),
+        d(k.taker_buy_quote_volume),
+    );
+}
+
 /// Spot prints 8 fixed decimals (`46216.93000000`); futures print the shortest form.
-pub(crate) fn format_decimal(market: Market, d: Decimal) -> String {
+fn format_decimal(market: Market, d: Decimal) -> String {
     match market {
         Market::Spot => {
             let m = d.mantissa();
