@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::TestDb;
 use indicatif::ProgressBar;
 use quantservice::app::{backfill_gap, BackfillRequest};
-use quantservice::market::{month_label, next_month_start, Market};
+use quantservice::market::{month_label, next_month_start};
 use quantservice::sim::{self, SimConfig, SimHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -35,13 +35,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn sim_yaml(sim: &SimHandle, extra: &str) -> String {
-    format!(
-        "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n{extra}",
-        sim.rest_url(Market::Spot),
-        sim.rest_url(Market::Um),
-        sim.rest_url(Market::Cm),
-        sim.archive_url()
-    )
+    format!("{}{extra}", common::sim_binance_yaml(sim, ""))
 }
 
 fn main() {

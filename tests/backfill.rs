@@ -31,11 +31,8 @@ fn sim_yaml(sim: &SimHandle, extra: &str) -> String {
 /// Like `sim_yaml`, with `um_extra` lines added to the `um` section.
 fn sim_yaml_with(sim: &SimHandle, um_extra: &str, extra: &str) -> String {
     format!(
-        "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n{um_extra}    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  writer:\n    flush_interval: 100ms\n{extra}",
-        sim.rest_url(Market::Spot),
-        sim.rest_url(Market::Um),
-        sim.rest_url(Market::Cm),
-        sim.archive_url()
+        "{}  writer:\n    flush_interval: 100ms\n{extra}",
+        common::sim_binance_yaml(sim, um_extra)
     )
 }
 
@@ -48,33 +45,10 @@ async fn backfill(
     end: i64,
     source: &str,
 ) -> BackfillOutcome {
-    try_backfill(
-        db,
-        sim,
-        extra,
-        pair,
-        start,
-        end,
-        source,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn try_backfill(
-    db: &TestDb,
-    sim: &SimHandle,
-    extra: &str,
-    pair: &PairKey,
-    start: i64,
-    end: i64,
-    source: &str,
-    cancel: CancellationToken,
-) -> anyhow::Result<BackfillOutcome> {
     let cfg = db.config(&sim_yaml(sim, extra));
-    backfill_with(cfg, pair, start, end, source, cancel).await
+    backfill_with(cfg, pair, start, end, source, CancellationToken::new())
+        .await
+        .unwrap()
 }
 
 async fn backfill_with(
@@ -214,7 +188,7 @@ async fn coin_m_over_more_than_200_days_is_complete() {
 
 #[tokio::test]
 async fn a_small_budget_is_never_exceeded() {
-    // 120 weight per 2 s window; each 1500-row request costs 10: 30 requests needed.
+    // 120 weight per 2 s window; each 499-row request costs 2: ~90 requests needed.
     let sim =
         start_sim(SimConfig::default().with_budget(Market::Um, 120, Duration::from_secs(2))).await;
     let db = TestDb::new("budget");
@@ -303,7 +277,8 @@ async fn an_aborted_backfill_resumes_without_duplicates_or_holes() {
         }
         trigger.cancel();
     });
-    let first = try_backfill(&db, &sim, "", &pair, start, end, "rest", cancel).await;
+    let cfg = db.config(&sim_yaml(&sim, ""));
+    let first = backfill_with(cfg, &pair, start, end, "rest", cancel).await;
     assert!(first.is_err(), "the first run must have been cut short");
     let partial = raw_count(&db, &pair);
     assert!(partial > 0 && partial < 20 * 1440, "{partial}");
@@ -414,18 +389,10 @@ async fn an_unknown_symbol_fails_clearly_and_costs_at_most_one_probe() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("unknown");
     let pair = PairKey::parse("um", "NOPEUSDT", "1m").unwrap();
-    let err = try_backfill(
-        &db,
-        &sim,
-        "",
-        &pair,
-        0,
-        DAY,
-        "rest",
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let cfg = db.config(&sim_yaml(&sim, ""));
+    let err = backfill_with(cfg, &pair, 0, DAY, "rest", CancellationToken::new())
+        .await
+        .unwrap_err();
     assert!(
         format!("{err:#}").contains("unknown symbol NOPEUSDT on um"),
         "{err:#}"

@@ -5,7 +5,6 @@
 //! the backfill's job.
 
 use std::io::{BufRead, BufReader, Cursor};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -85,19 +84,9 @@ pub enum ArchiveError {
     Corrupt { file: String, msg: String },
 }
 
-/// Archive counters.
-#[derive(Debug, Default)]
-pub struct ArchiveStats {
-    pub files: AtomicU64,
-    pub bytes: AtomicU64,
-    pub checksum_mismatches: AtomicU64,
-    pub missing: AtomicU64,
-}
-
 pub struct ArchiveClient {
     http: reqwest::Client,
     base: String,
-    stats: ArchiveStats,
 }
 
 impl ArchiveClient {
@@ -115,12 +104,7 @@ impl ArchiveClient {
         Ok(ArchiveClient {
             http,
             base: base.to_string(),
-            stats: ArchiveStats::default(),
         })
-    }
-
-    pub fn stats(&self) -> &ArchiveStats {
-        &self.stats
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, ArchiveError> {
@@ -171,14 +155,7 @@ impl ArchiveClient {
     ) -> Result<u64, ArchiveError> {
         let url = file.url(&self.base, pair);
         let name = file.name(pair);
-        let zip = match self.get(&url).await {
-            Ok(b) => b,
-            Err(e @ ArchiveError::NotFound(_)) => {
-                self.stats.missing.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
+        let zip = self.get(&url).await?;
         let sums = self.get(&format!("{url}.CHECKSUM")).await?;
         let expected = String::from_utf8_lossy(&sums)
             .split_whitespace()
@@ -187,9 +164,6 @@ impl ArchiveClient {
             .to_ascii_lowercase();
         let actual = hex(&Sha256::digest(&zip));
         if expected != actual {
-            self.stats
-                .checksum_mismatches
-                .fetch_add(1, Ordering::Relaxed);
             warn!(%pair, file = %name, %expected, %actual,
                 "Archive checksum mismatch; this range will come from REST.");
             return Err(ArchiveError::ChecksumMismatch {
@@ -198,10 +172,6 @@ impl ArchiveClient {
                 actual,
             });
         }
-        self.stats.files.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes
-            .fetch_add(zip.len() as u64, Ordering::Relaxed);
         let pair = pair.clone();
         let file_name = name.clone();
         tokio::task::spawn_blocking(move || decode(&pair, &file_name, zip, &tx))

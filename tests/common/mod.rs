@@ -501,6 +501,19 @@ pub fn binance_data(rel: &str) -> PathBuf {
     panic!("real kline data {rel} not found: set QS_SHARED_DIR to the shared/ directory");
 }
 
+/// The `app.binance` section pointing every market and the archives at the simulator `sim`;
+/// `um_extra` lines go into the `um` section.
+pub fn sim_binance_yaml(sim: &quantservice::sim::SimHandle, um_extra: &str) -> String {
+    use quantservice::market::Market;
+    format!(
+        "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n{um_extra}    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n",
+        sim.rest_url(Market::Spot),
+        sim.rest_url(Market::Um),
+        sim.rest_url(Market::Cm),
+        sim.archive_url()
+    )
+}
+
 /// The file exactly as users have it today.
 pub const SEED: &str = r#"app:
   environment: prod
