@@ -588,8 +588,9 @@ async fn a_stricter_stand_in_is_still_filled_exactly_without_429_or_false_gaps()
     sim.set_lag(Duration::from_secs(180));
     let db = TestDb::new("strict");
     let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
-    let now = sim::now_ms();
-    let start = Period::M1.align(now) - 2 * DAY;
+    // An aligned end: both runs cover the same slots even if a minute turns between them.
+    let now = Period::M1.align(sim::now_ms());
+    let start = now - 2 * DAY;
     let out = backfill(
         &db,
         &sim,
