@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::info;
 
 use crate::config::Config;
 use crate::store::writer::Writer;
-use crate::store::{migrate, Store, StoreError};
+use crate::store::{migrate, Store};
 
 /// `--check-config`: validate (done by the caller's load), connect to ClickHouse, read its
 /// version, print the effective config with secrets as `***`. Returns the problems found.
@@ -43,70 +43,91 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<migrate::MigrationReport> {
     Ok(report)
 }
 
-/// The daemon: migrate (waiting for ClickHouse if it is not up yet), start the writer, run
-/// until SIGTERM/SIGINT, then flush and exit. Later issues add the reconciler here.
-pub async fn run_daemon(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
-        database = %cfg.clickhouse.database, "QuantService starting.");
-    let store = Store::new(&cfg.clickhouse)?;
-    let report = migrate_when_ready(&store, &shutdown).await?;
-    let Some(report) = report else {
-        info!("Shutdown requested before ClickHouse became ready.");
-        return Ok(());
-    };
-    let server = report
-        .server_version
-        .map_or_else(|| "unknown".to_string(), |v| v.to_string());
-    info!(%server, applied = report.applied.len(), skipped = report.skipped.len(),
-        "Schema up to date.");
+/// The daemon: migrate (waiting for ClickHouse if it is not up yet), then run the operator —
+/// reconcile `trading_pairs`/`proxy_config`/`app.yaml` (watched at `path`) into running
+/// streams, backfills and gap scans — until SIGTERM/SIGINT; then stop the tasks, flush the
+/// writer and return.
+pub async fn run_daemon(
+    cfg: Config,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let watch_cancel = shutdown.child_token();
+    let cfg_rx = crate::config_watch::spawn(path, cfg, watch_cancel.clone());
+    let result = crate::operator::runtime::run(cfg_rx, shutdown).await;
+    watch_cancel.cancel();
+    result?;
+    info!("QuantService stopped.");
+    Ok(())
+}
 
-    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
-    let writer_cancel = shutdown.child_token();
+/// `ws-start`: a temporary live stream of one pair that prints each closed candle and writes
+/// it to ClickHouse until `cancel` (Ctrl-C).
+pub async fn ws_start(
+    cfg: Config,
+    market: &str,
+    symbol: &str,
+    period: &str,
+    out: &mut (impl Write + Send),
+    cancel: CancellationToken,
+) -> anyhow::Result<u64> {
+    use crate::exchange::ws::{LiveEvent, MarketStreams};
+    let pair = crate::market::PairKey::parse(market, symbol, period)?;
+    let store = Store::new(&cfg.clickhouse)?;
+    migrate::run(&store)
+        .await
+        .context("cannot prepare ClickHouse")?;
+    let (writer, handle) = Writer::new(store, cfg.writer.clone());
+    let writer_cancel = CancellationToken::new();
     let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
-    info!("Ready; idling until the operator has work (stop with SIGTERM or Ctrl-C).");
-    shutdown.cancelled().await;
-    info!("Shutting down.");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let mut streams = MarketStreams::new(
+        pair.market,
+        &cfg.binance.market(pair.market).ws_url,
+        cfg.streams.clone(),
+        tx,
+        cancel.child_token(),
+    );
+    streams.apply(&std::iter::once(pair.clone()).collect());
+    info!(%pair, "Streaming; stop with Ctrl-C.");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut count = 0u64;
+    loop {
+        let ev = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            ev = rx.recv() => ev,
+        };
+        let Some(ev) = ev else { break };
+        if let LiveEvent::Final { kline: k, .. } = ev {
+            if !seen.insert(k.open_time) {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{} open_time={} open={} high={} low={} close={} volume={} trades={}",
+                k.pair, k.open_time, k.open, k.high, k.low, k.close, k.volume, k.trades
+            );
+            let _ = out.flush();
+            count += 1;
+            if handle.send(k).await.is_err() {
+                break;
+            }
+        }
+    }
+    streams.shutdown(Duration::from_secs(2)).await;
     drop(handle);
     writer_cancel.cancel();
     let summary = writer_task
         .await
         .context("writer task panicked")?
         .context("writer did not flush")?;
-    info!(rows = summary.rows_written, "QuantService stopped.");
-    Ok(())
-}
-
-/// Applies migrations, retrying while ClickHouse is unreachable (it may still be starting);
-/// a non-retryable error (bad credentials, SQL error) ends the daemon with that error.
-async fn migrate_when_ready(
-    store: &Store,
-    shutdown: &CancellationToken,
-) -> Result<Option<migrate::MigrationReport>, StoreError> {
-    let mut attempt: u32 = 0;
-    loop {
-        match migrate::run(store).await {
-            Ok(r) => return Ok(Some(r)),
-            Err(e) if e.is_retryable() => {
-                let delay = crate::backoff::delay(
-                    attempt,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                    &mut rand::rng(),
-                );
-                attempt = attempt.saturating_add(1);
-                warn!(error = %e, retry_in = ?delay, "ClickHouse not ready; retrying.");
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "Cannot prepare the ClickHouse schema.");
-                return Err(e);
-            }
-        }
-    }
+    info!(
+        candles = count,
+        rows = summary.rows_written,
+        "Stream stopped."
+    );
+    Ok(count)
 }
 
 /// Resolves on SIGTERM or SIGINT.

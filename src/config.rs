@@ -103,6 +103,123 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub writer: WriterConfig,
     pub backfill: BackfillConfig,
+    pub operator: OperatorConfig,
+    pub streams: StreamsConfig,
+    pub gap_scan: GapScanConfig,
+}
+
+/// `app.operator`: the reconcile loop and the task supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OperatorConfig {
+    /// How often `trading_pairs` and `proxy_config` are read.
+    #[serde(serialize_with = "ser_duration")]
+    pub poll_interval: Duration,
+    /// How long a stopping task may take after cancellation before it is aborted.
+    #[serde(serialize_with = "ser_duration")]
+    pub stop_timeout: Duration,
+    /// First restart delay of a failed task (jittered, doubling per failure).
+    #[serde(serialize_with = "ser_duration")]
+    pub restart_backoff: Duration,
+    /// Upper bound of the restart delay.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_restart_backoff: Duration,
+    /// A task that ran this long without failing has its backoff reset.
+    #[serde(serialize_with = "ser_duration")]
+    pub healthy_after: Duration,
+    /// How often the `Metrics:` log line is written.
+    #[serde(serialize_with = "ser_duration")]
+    pub metrics_interval: Duration,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            poll_interval: Duration::from_secs(5),
+            stop_timeout: Duration::from_secs(5),
+            restart_backoff: Duration::from_secs(1),
+            max_restart_backoff: Duration::from_secs(300),
+            healthy_after: Duration::from_secs(60),
+            metrics_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `app.streams`: live WebSocket kline streams.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamsConfig {
+    /// A socket that delivers no data frame for this long is dead (pings and pongs do not
+    /// count) and is replaced.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Connections are replaced make-before-break after this long (Binance cuts at 24 h).
+    #[serde(serialize_with = "ser_duration")]
+    pub max_lifetime: Duration,
+    /// A closed candle not received this long after its close time is fetched by REST.
+    #[serde(serialize_with = "ser_duration")]
+    pub late_grace: Duration,
+    /// First reconnect delay (jittered, doubling per failed attempt).
+    #[serde(serialize_with = "ser_duration")]
+    pub reconnect_backoff: Duration,
+    /// Upper bound of the reconnect delay.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_reconnect_backoff: Duration,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            idle_timeout: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(23 * 3600),
+            late_grace: Duration::from_secs(5),
+            reconnect_backoff: Duration::from_secs(1),
+            max_reconnect_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `app.gap_scan`: scheduled scans of ClickHouse for missing candles.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GapScanConfig {
+    /// A candle missing this long after its close is a gap to heal (younger ones are the live
+    /// stream's business).
+    #[serde(serialize_with = "ser_duration")]
+    pub grace: Duration,
+    /// Cron expressions (with seconds) per period; periods not listed use [`default_scan_cron`].
+    pub schedules: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for GapScanConfig {
+    fn default() -> Self {
+        GapScanConfig {
+            grace: Duration::from_secs(60),
+            schedules: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl GapScanConfig {
+    /// The cron expression that schedules scans of `period`.
+    pub fn cron_for(&self, period: crate::market::Period) -> String {
+        self.schedules
+            .get(period.as_str())
+            .cloned()
+            .unwrap_or_else(|| default_scan_cron(period).to_string())
+    }
+}
+
+/// Default gap-scan schedules (cron with seconds): 1m every 30 s and 1h every 5 min, as users
+/// run today; shorter periods more often, longer ones less often.
+pub fn default_scan_cron(period: crate::market::Period) -> &'static str {
+    use crate::market::Period as P;
+    match period {
+        P::S1 => "*/10 * * * * *",
+        P::M1 => "*/30 * * * * *",
+        P::M3 | P::M5 => "0 * * * * *",
+        P::M15 | P::M30 => "0 */2 * * * *",
+        P::H1 | P::H2 | P::H4 => "0 */5 * * * *",
+        P::H6 | P::H8 | P::H12 | P::D1 => "0 */15 * * * *",
+        P::D3 | P::W1 | P::Mo1 => "0 0 * * * *",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -472,6 +589,91 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
     };
     wr.finish(errs);
 
+    let od = OperatorConfig::default();
+    let mut op = app.child("operator", errs);
+    let operator = OperatorConfig {
+        poll_interval: op.duration_in("poll_interval", od.poll_interval, MIN_TIMEOUT, errs),
+        stop_timeout: op.duration_in("stop_timeout", od.stop_timeout, MIN_TIMEOUT, errs),
+        restart_backoff: op.duration_in("restart_backoff", od.restart_backoff, MIN_TIMEOUT, errs),
+        max_restart_backoff: op.duration_in(
+            "max_restart_backoff",
+            od.max_restart_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+        healthy_after: op.duration_in("healthy_after", od.healthy_after, MIN_TIMEOUT, errs),
+        metrics_interval: op.duration_in(
+            "metrics_interval",
+            od.metrics_interval,
+            MIN_TIMEOUT,
+            errs,
+        ),
+    };
+    op.finish(errs);
+
+    let sd = StreamsConfig::default();
+    let mut st = app.child("streams", errs);
+    let streams = StreamsConfig {
+        idle_timeout: st.duration_in("idle_timeout", sd.idle_timeout, MIN_TIMEOUT, errs),
+        max_lifetime: st.duration_in(
+            "max_lifetime",
+            sd.max_lifetime,
+            Duration::from_secs(1),
+            errs,
+        ),
+        late_grace: st.duration("late_grace", sd.late_grace, errs),
+        reconnect_backoff: st.duration_in(
+            "reconnect_backoff",
+            sd.reconnect_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+        max_reconnect_backoff: st.duration_in(
+            "max_reconnect_backoff",
+            sd.max_reconnect_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+    };
+    st.finish(errs);
+
+    let gd = GapScanConfig::default();
+    let mut gs = app.child("gap_scan", errs);
+    let grace = gs.duration("grace", gd.grace, errs);
+    let mut schedules = std::collections::BTreeMap::new();
+    if let Some(v) = gs.get("schedules") {
+        match v.as_mapping() {
+            Some(m) => {
+                for (k, v) in m {
+                    let key = k.as_str().map_or_else(|| show(k), str::to_string);
+                    let path = format!("app.gap_scan.schedules.{key}");
+                    if !crate::market::Period::ALL.iter().any(|p| p.as_str() == key) {
+                        errs.push(format!("{path}: unknown period (expected one of 1s, 1m, 3m, 5m, 15m, 30m, 1h, 2h, 4h, 6h, 8h, 12h, 1d, 3d, 1w, 1M)"));
+                        continue;
+                    }
+                    match v.as_str() {
+                        Some(expr) => match validate_cron(expr) {
+                            Ok(()) => {
+                                schedules.insert(key, expr.to_string());
+                            }
+                            Err(why) => errs.push(format!("{path}: {why}, got {expr:?}")),
+                        },
+                        None => errs.push(format!(
+                            "{path}: expected a cron expression with seconds like \"*/30 * * * * *\", got {}",
+                            show(v)
+                        )),
+                    }
+                }
+            }
+            None => errs.push(format!(
+                "app.gap_scan.schedules: expected a mapping of period to cron expression, got {}",
+                show(v)
+            )),
+        }
+    }
+    gs.finish(errs);
+    let gap_scan = GapScanConfig { grace, schedules };
+
     app.finish(errs);
 
     Some(Config {
@@ -498,7 +700,22 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
         },
         writer,
         backfill,
+        operator,
+        streams,
+        gap_scan,
     })
+}
+
+/// Checks a six-field cron expression (seconds first), as the gap-scan scheduler reads it.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(
+            "expected six fields, seconds first (sec min hour day month weekday)".to_string(),
+        );
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| format!("not a valid cron expression ({e})"))
 }
 
 /// Durations above this are refused (they would overflow deadlines and mean nothing useful).

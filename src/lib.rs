@@ -29,9 +29,12 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod config_watch;
 pub mod exchange;
 pub mod logging;
 pub mod market;
+pub mod metrics;
+pub mod operator;
 pub mod sim;
 pub mod store;
 pub mod tasks;

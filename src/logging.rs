@@ -4,7 +4,7 @@
 //! secrets are never logged. Does not decide what is logged.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
@@ -33,8 +33,18 @@ pub fn init(
     console: Console,
     secrets: Vec<String>,
 ) -> anyhow::Result<LogGuard> {
-    let secrets = Arc::new(secrets.into_iter().filter(|s| !s.is_empty()).collect());
-    let filter = || EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let secrets: Secrets = Arc::new(RwLock::new(
+        secrets.into_iter().filter(|s| !s.is_empty()).collect(),
+    ));
+    let _ = SECRETS.set(secrets.clone());
+    let (level_filter, handle) = tracing_subscriber::reload::Layer::new(
+        EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
+    );
+    let _ = LEVEL.set(Box::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
+    let filter = || tracing_subscriber::filter::LevelFilter::TRACE;
     let console_layer = match console {
         Console::Stdout => tracing_subscriber::fmt::layer()
             .with_ansi(io::stdout().is_terminal())
@@ -72,6 +82,7 @@ pub fn init(
         None => None,
     };
     tracing_subscriber::registry()
+        .with(level_filter)
         .with(console_layer)
         .with(file_layer)
         .try_init()
@@ -79,16 +90,43 @@ pub fn init(
     Ok(LogGuard { _file: guard })
 }
 
+type Secrets = Arc<RwLock<Vec<String>>>;
+type LevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static SECRETS: OnceLock<Secrets> = OnceLock::new();
+static LEVEL: OnceLock<LevelSetter> = OnceLock::new();
+
+/// Applies a new `app.logging.level` to the running logger (live config reload).
+pub fn set_level(level: &str) -> Result<(), String> {
+    match LEVEL.get() {
+        Some(set) => set(level),
+        None => Err("the logger is not installed".to_string()),
+    }
+}
+
+/// Replaces the secrets the scrubber hides (a reloaded config may carry new passwords).
+pub fn set_secrets(secrets: Vec<String>) {
+    if let Some(s) = SECRETS.get() {
+        let mut w = s.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for new in secrets.into_iter().filter(|s| !s.is_empty()) {
+            // Old secrets stay hidden too: they may still appear in late lines.
+            if !w.contains(&new) {
+                w.push(new);
+            }
+        }
+    }
+}
+
 /// A `MakeWriter` that replaces secrets in each formatted line before it reaches `inner`.
 /// tracing-subscriber formats a whole event into one buffer and writes it in one call.
 #[derive(Clone)]
 pub struct Scrubbing<M> {
     inner: M,
-    secrets: Arc<Vec<String>>,
+    secrets: Secrets,
 }
 
 impl<M> Scrubbing<M> {
-    pub fn new(inner: M, secrets: Arc<Vec<String>>) -> Self {
+    pub fn new(inner: M, secrets: Secrets) -> Self {
         Scrubbing { inner, secrets }
     }
 }
@@ -105,16 +143,20 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Scrubbing<M> {
 
 pub struct ScrubbingWriter<W> {
     inner: W,
-    secrets: Arc<Vec<String>>,
+    secrets: Secrets,
 }
 
 impl<W: Write> Write for ScrubbingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.secrets.is_empty() {
+        let secrets = self
+            .secrets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if secrets.is_empty() {
             return self.inner.write(buf);
         }
         let mut text = String::from_utf8_lossy(buf).into_owned();
-        for s in self.secrets.iter() {
+        for s in secrets.iter() {
             if text.contains(s.as_str()) {
                 text = text.replace(s.as_str(), "***");
             }
@@ -137,7 +179,7 @@ mod tests {
         {
             let mut w = ScrubbingWriter {
                 inner: &mut out,
-                secrets: Arc::new(vec!["hunter2".to_string()]),
+                secrets: Arc::new(RwLock::new(vec!["hunter2".to_string()])),
             };
             w.write_all(b"connect with password hunter2 failed\n")
                 .unwrap();

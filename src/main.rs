@@ -44,8 +44,23 @@ enum Command {
     CheckConfig,
     /// Backfill every closed candle of one pair in [start_ms, end_ms) into ClickHouse.
     BackfillGap(BackfillArgs),
+    /// Stream one pair live: print each closed candle and write it to ClickHouse until Ctrl-C.
+    WsStart(WsStartArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(quantservice::sim::cli::SimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WsStartArgs {
+    /// Binance symbol, e.g. BTCUSDT or BTCUSD_PERP.
+    #[arg(long)]
+    symbol: String,
+    /// spot, um (USD-M futures) or cm (COIN-M futures).
+    #[arg(long, default_value = "spot")]
+    market: String,
+    /// Kline interval, e.g. 1s (spot), 1m, 1h.
+    #[arg(long, default_value = "1m")]
+    period: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,7 +147,11 @@ async fn run(cli: Cli) -> ExitCode {
 
     let check = cli.check_config || matches!(cli.command, Some(Command::CheckConfig));
     // Commands whose stdout is their output (the config dump, the summary) log to stderr.
-    let console = if check || matches!(cli.command, Some(Command::BackfillGap(_))) {
+    let console = if check
+        || matches!(
+            cli.command,
+            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_))
+        ) {
         Console::Stderr
     } else {
         Console::Stdout
@@ -178,7 +197,19 @@ async fn run(cli: Cli) -> ExitCode {
                 app::shutdown_signal().await;
                 trigger.cancel();
             });
-            app::run_daemon(cfg, shutdown).await
+            app::run_daemon(cfg, path.clone(), shutdown).await
+        }
+        Some(Command::WsStart(args)) => {
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                app::shutdown_signal().await;
+                trigger.cancel();
+            });
+            let mut out = std::io::stdout();
+            app::ws_start(cfg, &args.market, &args.symbol, &args.period, &mut out, shutdown)
+                .await
+                .map(|_| ())
         }
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) => Ok(()),
         Some(Command::BackfillGap(args)) => {

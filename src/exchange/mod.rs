@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod governor;
 pub mod rest;
+pub mod ws;
 
 use crate::exchange::governor::GovernorError;
 use crate::market::Market;

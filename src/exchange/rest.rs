@@ -73,8 +73,11 @@ pub struct RestClient {
     egress: String,
     max_retries: u32,
     stats: Arc<RestStats>,
-    /// server time − local time, per market, once measured.
+    /// server time − local time, per market, once measured, and when.
     offsets: Mutex<HashMap<Market, i64>>,
+    measured: Mutex<HashMap<Market, Instant>>,
+    /// First candle per spot/um pair (a fact that never changes once known).
+    firsts: Mutex<HashMap<PairKey, i64>>,
     infos: Mutex<HashMap<Market, (Instant, Arc<ExchangeInfo>)>>,
     /// Per market: whether replies carry `X-MBX-USED-WEIGHT-*` (`None`: no reply yet).
     weight_headers: Mutex<HashMap<Market, bool>>,
@@ -103,6 +106,8 @@ impl RestClient {
             max_retries: cfg.backfill.max_retries,
             stats: Arc::new(RestStats::default()),
             offsets: Mutex::new(HashMap::new()),
+            measured: Mutex::new(HashMap::new()),
+            firsts: Mutex::new(HashMap::new()),
             infos: Mutex::new(HashMap::new()),
             weight_headers: Mutex::new(HashMap::new()),
         })
@@ -185,7 +190,31 @@ impl RestClient {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(market, offset);
+        self.measured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(market, Instant::now());
         Ok(server)
+    }
+
+    /// Server time, asking the exchange only when the clock offset is older than `max_age`
+    /// (live healing runs often; the offset drifts slowly).
+    pub async fn server_time_within(
+        &self,
+        market: Market,
+        max_age: Duration,
+    ) -> Result<i64, ExchangeError> {
+        let fresh = self
+            .measured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&market)
+            .is_some_and(|t| t.elapsed() < max_age);
+        if fresh {
+            Ok(self.server_now(market))
+        } else {
+            self.server_time(market).await
+        }
     }
 
     /// Estimated server time now (local time plus the measured offset, 0 if never measured).
@@ -212,8 +241,24 @@ impl RestClient {
     ) -> Result<Option<i64>, ExchangeError> {
         match pair.market {
             Market::Spot | Market::Um => {
+                let known = self
+                    .firsts
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(pair)
+                    .copied();
+                if known.is_some() {
+                    return Ok(known);
+                }
                 let page = self.klines(pair, Some(0), None, 1).await?;
-                Ok(page.rows.first().map(|k| k.open_time))
+                let first = page.rows.first().map(|k| k.open_time);
+                if let Some(f) = first {
+                    self.firsts
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(pair.clone(), f);
+                }
+                Ok(first)
             }
             Market::Cm => {
                 let info = self.symbol_info(pair).await?;
@@ -307,6 +352,7 @@ impl RestClient {
         loop {
             let permit = gov.acquire(weight).await?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::add(&crate::metrics::REQUESTS, 1);
             let sent = self.http.get(url).query(query).send().await;
             let resp = match sent {
                 Ok(r) => r,
@@ -347,12 +393,14 @@ impl RestClient {
             };
             if status == 200 {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::add(&crate::metrics::OK, 1);
                 return serde_json::from_str(&body).map_err(|e| ExchangeError::Protocol {
                     url: url.to_string(),
                     msg: format!("invalid JSON: {e}"),
                 });
             }
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::add(&crate::metrics::FAIL, 1);
             let (code, msg) = binance_error(&body);
             match status {
                 429 | 418 => {
@@ -435,6 +483,7 @@ impl RestClient {
         e: &reqwest::Error,
     ) -> Result<(), ExchangeError> {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::add(&crate::metrics::FAIL, 1);
         *failures += 1;
         let msg = crate::error_chain(e);
         if *failures >= self.max_retries {

@@ -3,6 +3,7 @@
 //! inserts in `writer`. Exchange I/O is not here.
 
 pub mod migrate;
+pub mod state;
 pub mod writer;
 
 use std::fmt;

@@ -219,6 +219,7 @@ impl Writer {
                     self.stats
                         .rows_written
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    crate::metrics::add(&crate::metrics::ROWS, buf.len() as u64);
                     self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
                     if attempt > 0 {
                         info!(

@@ -30,6 +30,8 @@ use crate::store::{Store, StoreError};
 const MONTH_ARCHIVE_LAG_MS: i64 = 8 * DAY_MS;
 /// Daily archives appear the next day.
 const DAY_ARCHIVE_LAG_MS: i64 = DAY_MS;
+/// The server-clock offset is re-measured when older than this.
+const SERVER_TIME_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// A missing candle is recorded as an exchange gap only once it closed this long ago.
 const GAP_GRACE_MS: i64 = 10 * 60_000;
 
@@ -121,7 +123,10 @@ impl Backfill {
             }
             Err(e) => return Err(e.into()),
         }
-        let now = self.rest.server_time(pair.market).await?;
+        let now = self
+            .rest
+            .server_time_within(pair.market, SERVER_TIME_MAX_AGE)
+            .await?;
         let mut summary = BackfillSummary::default();
         let Some(first) = self.rest.first_open_time(pair, start, end).await? else {
             info!(%pair, "Binance has no candles for this pair.");

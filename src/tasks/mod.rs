@@ -1,4 +1,7 @@
-//! Tasks: units of work the daemon (and the CLI) run — for now the historical backfill.
-//! Streams, gap scans and indicator jobs join them with the operator.
+//! Tasks: units of work the daemon (and the CLI) run — historical backfill, a pair's history
+//! and gap scans, and the live stream sink. Only the operator's supervisor (or a CLI command)
+//! starts them.
 
 pub mod backfill;
+pub mod live;
+pub mod pair;

@@ -1,0 +1,181 @@
+//! `desired()`: turns the raw `trading_pairs` rows into the set of pairs the daemon should run,
+//! plus the rows it must refuse (with why). Pure: no I/O, tested with tables of cases.
+
+use std::collections::BTreeMap;
+
+use crate::market::PairKey;
+use crate::store::state::PairRow;
+
+/// What the user declared for one pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairSpec {
+    /// Backfill from this open time (ms); 0 means from the listing.
+    pub backfill_from: i64,
+    /// Whether the pair is streamed live (`stream = 1`, the default).
+    pub stream: bool,
+}
+
+/// A row that cannot be run, kept so it can be reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRow {
+    pub market: String,
+    pub symbol: String,
+    pub period: String,
+    pub error: String,
+}
+
+/// The desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub pairs: BTreeMap<PairKey, PairSpec>,
+    /// Disabled rows (reported as `disabled`).
+    pub disabled: Vec<PairKey>,
+    pub invalid: Vec<InvalidRow>,
+}
+
+/// The desired state from the latest row per key (the caller reads them with `FINAL`).
+pub fn desired(rows: &[PairRow]) -> Desired {
+    let mut d = Desired::default();
+    for r in rows {
+        let key = match PairKey::parse(r.market.trim(), r.symbol.trim(), r.period.trim()) {
+            Ok(k) => k,
+            Err(e) => {
+                d.invalid.push(InvalidRow {
+                    market: r.market.clone(),
+                    symbol: r.symbol.clone(),
+                    period: r.period.clone(),
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if r.backfill_from < 0 {
+            d.invalid.push(InvalidRow {
+                market: r.market.clone(),
+                symbol: r.symbol.clone(),
+                period: r.period.clone(),
+                error: format!(
+                    "backfill_from must be 0 (from the listing) or a Unix time in ms, got {}",
+                    r.backfill_from
+                ),
+            });
+            continue;
+        }
+        if r.enabled == 0 {
+            d.disabled.push(key);
+            continue;
+        }
+        d.pairs.insert(
+            key,
+            PairSpec {
+                backfill_from: r.backfill_from,
+                stream: r.stream != 0,
+            },
+        );
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(m: &str, s: &str, p: &str, enabled: u8, from: i64, stream: u8) -> PairRow {
+        PairRow {
+            market: m.into(),
+            symbol: s.into(),
+            period: p.into(),
+            enabled,
+            backfill_from: from,
+            stream,
+        }
+    }
+
+    #[test]
+    fn rows_become_pairs_disabled_or_invalid() {
+        let key = |m, s, p| PairKey::parse(m, s, p).unwrap();
+        type Case = (
+            &'static str,
+            Vec<PairRow>,
+            Vec<(PairKey, PairSpec)>,
+            usize,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            ("empty", vec![], vec![], 0, vec![]),
+            (
+                "one enabled pair with defaults",
+                vec![row("um", "BTCUSDT", "1m", 1, 0, 1)],
+                vec![(
+                    key("um", "BTCUSDT", "1m"),
+                    PairSpec {
+                        backfill_from: 0,
+                        stream: true,
+                    },
+                )],
+                0,
+                vec![],
+            ),
+            (
+                "disabled is not desired",
+                vec![row("spot", "ETHUSDT", "1h", 0, 0, 1)],
+                vec![],
+                1,
+                vec![],
+            ),
+            (
+                "history only",
+                vec![row("cm", "BTCUSD_PERP", "1d", 1, 1_600_000_000_000, 0)],
+                vec![(
+                    key("cm", "BTCUSD_PERP", "1d"),
+                    PairSpec {
+                        backfill_from: 1_600_000_000_000,
+                        stream: false,
+                    },
+                )],
+                0,
+                vec![],
+            ),
+            (
+                "bad rows are refused, the others kept",
+                vec![
+                    row("xx", "BTCUSDT", "1m", 1, 0, 1),
+                    row("um", "btc-usdt", "1m", 1, 0, 1),
+                    row("um", "BTCUSDT", "1s", 1, 0, 1),
+                    row("um", "BTCUSDT", "7m", 1, 0, 1),
+                    row("um", "BTCUSDT", "5m", 1, -5, 1),
+                    row("spot", "BNBBTC", "1s", 1, 0, 1),
+                ],
+                vec![(
+                    key("spot", "BNBBTC", "1s"),
+                    PairSpec {
+                        backfill_from: 0,
+                        stream: true,
+                    },
+                )],
+                0,
+                vec![
+                    "unknown market",
+                    "invalid symbol",
+                    "not offered",
+                    "7m",
+                    "backfill_from",
+                ],
+            ),
+        ];
+        for (name, rows, want, disabled, errors) in cases {
+            let d = desired(&rows);
+            let got: Vec<(PairKey, PairSpec)> = d.pairs.into_iter().collect();
+            assert_eq!(got, want, "{name}");
+            assert_eq!(d.disabled.len(), disabled, "{name}");
+            assert_eq!(d.invalid.len(), errors.len(), "{name}: {:?}", d.invalid);
+            for (inv, want) in d.invalid.iter().zip(errors) {
+                assert!(
+                    inv.error.contains(want),
+                    "{name}: {:?} lacks {want}",
+                    inv.error
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The operator: reads desired state (`trading_pairs`, `proxy_config`, `app.yaml`), computes
+//! the plan and has the supervisor and the stream managers converge to it, level-triggered,
+//! every poll or config change. See `run` for the daemon's runtime around it.
+
+pub mod desired;
+pub mod plan;
+pub mod runtime;
+pub mod status;
+pub mod supervisor;

@@ -1,0 +1,127 @@
+//! Observed state per pair, kept in memory and written to `pair_status` on change (batched
+//! by the flusher, never per message). Tasks update it; the operator decides nothing from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::market::PairKey;
+use crate::store::state::StatusRow;
+
+/// Lifecycle phases shown in `pair_status.phase`.
+pub mod phase {
+    pub const BACKFILLING: &str = "backfilling";
+    pub const STREAMING: &str = "streaming";
+    pub const HEALING: &str = "healing";
+    pub const ERROR: &str = "error";
+    pub const DISABLED: &str = "disabled";
+    /// History only (`stream = 0`), kept complete by gap scans.
+    pub const IDLE: &str = "idle";
+}
+
+type Key = (String, String, String);
+
+#[derive(Default)]
+struct Inner {
+    rows: BTreeMap<Key, StatusRow>,
+    dirty: BTreeSet<Key>,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone, Default)]
+pub struct StatusHub {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn key_of(pair: &PairKey) -> Key {
+    (
+        pair.market.as_str().to_string(),
+        pair.symbol.to_string(),
+        pair.period.as_str().to_string(),
+    )
+}
+
+impl StatusHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes a pair's row; it is written only if something changed.
+    pub fn update(&self, pair: &PairKey, f: impl FnOnce(&mut StatusRow)) {
+        self.update_raw(key_of(pair), f);
+    }
+
+    /// Same, for rows that are not valid pairs (reported bad `trading_pairs` rows).
+    pub fn update_raw(&self, key: (String, String, String), f: impl FnOnce(&mut StatusRow)) {
+        let mut inner = self.lock();
+        let row = inner.rows.entry(key.clone()).or_insert_with(|| StatusRow {
+            market: key.0.clone(),
+            symbol: key.1.clone(),
+            period: key.2.clone(),
+            ..StatusRow::default()
+        });
+        let before = row.clone();
+        f(row);
+        if *row != before {
+            inner.dirty.insert(key);
+        }
+    }
+
+    pub fn get(&self, pair: &PairKey) -> Option<StatusRow> {
+        self.lock().rows.get(&key_of(pair)).cloned()
+    }
+
+    /// Rows changed since the last call, stamped with `now_s`.
+    pub fn take_dirty(&self, now_s: u32) -> Vec<StatusRow> {
+        let mut inner = self.lock();
+        let keys: Vec<Key> = std::mem::take(&mut inner.dirty).into_iter().collect();
+        keys.iter()
+            .filter_map(|k| inner.rows.get(k))
+            .map(|r| StatusRow {
+                updated_at: now_s,
+                ..r.clone()
+            })
+            .collect()
+    }
+
+    /// Puts rows whose write failed back in the queue.
+    pub fn requeue(&self, rows: &[StatusRow]) {
+        let mut inner = self.lock();
+        for r in rows {
+            inner
+                .dirty
+                .insert((r.market.clone(), r.symbol.clone(), r.period.clone()));
+        }
+    }
+
+    /// Forgets a pair (it stays in `pair_status` with its last row).
+    pub fn forget(&self, pair: &PairKey) {
+        let mut inner = self.lock();
+        let k = key_of(pair);
+        inner.rows.remove(&k);
+        inner.dirty.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_are_written() {
+        let hub = StatusHub::default();
+        let p = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+        hub.update(&p, |r| r.phase = phase::STREAMING.into());
+        let rows = hub.take_dirty(7);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].phase.as_str(), rows[0].updated_at),
+            ("streaming", 7)
+        );
+        hub.update(&p, |r| r.phase = phase::STREAMING.into());
+        assert!(hub.take_dirty(8).is_empty(), "no change, no row");
+        hub.update(&p, |r| r.reconnects += 1);
+        assert_eq!(hub.take_dirty(9)[0].reconnects, 1);
+        hub.requeue(&[hub.get(&p).unwrap()]);
+        assert_eq!(hub.take_dirty(10).len(), 1);
+    }
+}

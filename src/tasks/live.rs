@@ -1,0 +1,201 @@
+//! The live side of every streamed pair: takes closed candles from the WebSocket streams,
+//! drops repeats (a renewed socket overlaps the old one), queues them for the writer and keeps
+//! `pair_status` (last closed candle, lag, reconnects) current. It also heals the stream: after
+//! a reconnect, and whenever a closed candle has not arrived `late_grace` after its close, the
+//! missing window since the last closed candle is fetched by REST. Opening sockets is not here
+//! (`exchange::ws`), nor is history (the pair task).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::exchange::rest::RestClient;
+use crate::exchange::ws::LiveEvent;
+use crate::market::{now_ms, PairKey};
+use crate::operator::status::StatusHub;
+use crate::store::writer::WriterHandle;
+use crate::tasks::backfill::Backfill;
+
+/// Closed candles remembered per pair to drop repeats.
+const RECENT: usize = 32;
+/// REST catch-ups running at once (they share the weight governor with everything else).
+const CATCH_UP_CONCURRENCY: usize = 4;
+
+#[derive(Debug, Default)]
+struct PairLive {
+    /// Open time of the newest closed candle we have (received, or fetched by a catch-up).
+    last_final: i64,
+    recent: VecDeque<i64>,
+    catching_up: bool,
+}
+
+pub struct Live {
+    pub events: mpsc::Receiver<LiveEvent>,
+    /// The pairs that are streamed (set by the reconcile pass).
+    pub streamed: watch::Receiver<BTreeSet<PairKey>>,
+    pub writer: WriterHandle,
+    pub backfill: Arc<Backfill>,
+    pub rest: Arc<RestClient>,
+    pub status: StatusHub,
+    pub late_grace: Duration,
+}
+
+impl Live {
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut pairs: HashMap<PairKey, PairLive> = HashMap::new();
+        let mut jobs: JoinSet<(PairKey, i64, Result<(), String>)> = JoinSet::new();
+        let mut queue: VecDeque<(PairKey, i64, i64)> = VecDeque::new();
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    jobs.shutdown().await;
+                    return;
+                }
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { return };
+                    match ev {
+                        LiveEvent::Final { kline, event_ms } => {
+                            let received = now_ms();
+                            let Some(p) = pairs.get_mut(&kline.pair) else {
+                                // No longer streamed (an UNSUBSCRIBE in flight).
+                                continue;
+                            };
+                            if p.recent.contains(&kline.open_time) {
+                                continue;
+                            }
+                            p.recent.push_back(kline.open_time);
+                            if p.recent.len() > RECENT {
+                                p.recent.pop_front();
+                            }
+                            p.last_final = p.last_final.max(kline.open_time);
+                            crate::metrics::add(&crate::metrics::WS_FINALS, 1);
+                            let (pair, open, close) = (kline.pair.clone(), kline.open_time, kline.close_time);
+                            if self.writer.send(kline).await.is_err() {
+                                warn!("The writer stopped; the live task ends.");
+                                return;
+                            }
+                            let lag = received - close;
+                            debug!(%pair, open, lag, event_ms, "Closed candle received.");
+                            self.status.update(&pair, |r| {
+                                r.last_closed_open_time = r.last_closed_open_time.max(open);
+                                r.lag_ms = lag;
+                            });
+                        }
+                        LiveEvent::Connected { pairs: conn_pairs, reconnect, .. } => {
+                            if reconnect {
+                                crate::metrics::add(&crate::metrics::WS_RECONNECTS, 1);
+                                for pair in &conn_pairs {
+                                    self.status.update(pair, |r| r.reconnects += 1);
+                                    if let Some(p) = pairs.get(pair) {
+                                        let from = pair.period.next_open(p.last_final);
+                                        if !p.catching_up {
+                                            queue.push_back((pair.clone(), from, i64::MAX));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                done = jobs.join_next(), if !jobs.is_empty() => {
+                    if let Some(Ok((pair, upto, result))) = done {
+                        if let Some(p) = pairs.get_mut(&pair) {
+                            p.catching_up = false;
+                            match result {
+                                Ok(()) => p.last_final = p.last_final.max(upto),
+                                Err(e) => {
+                                    warn!(%pair, error = %e, "Stream catch-up failed; retrying on the next check.");
+                                    self.status.update(&pair, |r| r.last_error = e.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = check.tick() => {
+                    self.sync_pairs(&mut pairs);
+                    self.find_late(&pairs, &mut queue);
+                }
+            }
+            // Start queued catch-ups.
+            while jobs.len() < CATCH_UP_CONCURRENCY {
+                let Some((pair, from, _)) = queue.pop_front() else {
+                    break;
+                };
+                let Some(p) = pairs.get_mut(&pair) else {
+                    continue;
+                };
+                if p.catching_up {
+                    continue;
+                }
+                p.catching_up = true;
+                let now = self.rest.server_now(pair.market);
+                let to = pair.period.align(now);
+                if from >= to {
+                    p.catching_up = false;
+                    continue;
+                }
+                let upto = pair.period.align(to - 1);
+                let backfill = self.backfill.clone();
+                let cancel = cancel.child_token();
+                info!(%pair, from, to, "Fetching candles the stream missed by REST.");
+                jobs.spawn(async move {
+                    let r = backfill
+                        .run(&pair, from, to, &ProgressBar::hidden(), &cancel)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    (pair, upto, r)
+                });
+            }
+        }
+    }
+
+    /// Follows the streamed set: new pairs start from the last closed candle as of now (older
+    /// ones are the backfill's), removed ones are forgotten.
+    fn sync_pairs(&self, pairs: &mut HashMap<PairKey, PairLive>) {
+        let wanted = self.streamed.borrow().clone();
+        pairs.retain(|k, _| wanted.contains(k));
+        for k in wanted {
+            pairs.entry(k).or_insert_with_key(|k| {
+                let now = self.rest.server_now(k.market);
+                PairLive {
+                    last_final: k.period.align(k.period.align(now) - 1),
+                    ..PairLive::default()
+                }
+            });
+        }
+    }
+
+    /// Pairs whose newest closed candle is overdue by more than the grace period.
+    fn find_late(
+        &self,
+        pairs: &HashMap<PairKey, PairLive>,
+        queue: &mut VecDeque<(PairKey, i64, i64)>,
+    ) {
+        let grace = i64::try_from(self.late_grace.as_millis()).unwrap_or(i64::MAX);
+        for (pair, p) in pairs {
+            if p.catching_up || queue.iter().any(|(q, _, _)| q == pair) {
+                continue;
+            }
+            let now = self.rest.server_now(pair.market);
+            let current = pair.period.align(now);
+            // The newest candle that has closed.
+            let newest = pair.period.align(current - 1);
+            if p.last_final >= newest {
+                continue;
+            }
+            if now > pair.period.close_time(newest) + grace {
+                queue.push_back((pair.clone(), pair.period.next_open(p.last_final), i64::MAX));
+            }
+        }
+    }
+}
