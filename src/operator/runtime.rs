@@ -372,9 +372,10 @@ impl Generation {
     /// Applies the settings that need no new clients.
     async fn apply_in_place(&mut self, new: &Config) -> anyhow::Result<()> {
         if new.logging.level != self.cfg.logging.level {
-            crate::logging::set_level(&new.logging.level)
-                .map_err(|e| anyhow::anyhow!("cannot change the log level: {e}"))?;
-            info!(level = %new.logging.level, "Log level changed.");
+            match crate::logging::set_level(&new.logging.level) {
+                Ok(()) => info!(level = %new.logging.level, "Log level changed."),
+                Err(e) => warn!(error = %e, "Cannot change the log level."),
+            }
         }
         if new.logging.dir != self.cfg.logging.dir
             || new.logging.keep_days != self.cfg.logging.keep_days
@@ -484,7 +485,7 @@ impl Generation {
         let timeout = self.cfg.operator.stop_timeout;
         self.supervisor.stop_all().await;
         for (_, s) in std::mem::take(&mut self.streams) {
-            s.shutdown(timeout).await;
+            s.shutdown(timeout.min(Duration::from_secs(2))).await;
         }
         self.cancel.cancel();
         if tokio::time::timeout(timeout, &mut self.live_task)

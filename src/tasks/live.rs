@@ -65,8 +65,12 @@ impl Live {
                     match ev {
                         LiveEvent::Final { kline, event_ms } => {
                             let received = now_ms();
+                            if !pairs.contains_key(&kline.pair) {
+                                // Just added (the set changed since the last check), or no
+                                // longer streamed (an UNSUBSCRIBE in flight).
+                                self.sync_pairs(&mut pairs);
+                            }
                             let Some(p) = pairs.get_mut(&kline.pair) else {
-                                // No longer streamed (an UNSUBSCRIBE in flight).
                                 continue;
                             };
                             if p.recent.contains(&kline.open_time) {
@@ -120,6 +124,13 @@ impl Live {
                         }
                     }
                 }
+                changed = self.streamed.changed() => {
+                    if changed.is_err() {
+                        // The operator is gone; stop with it.
+                        cancel.cancelled().await;
+                    }
+                    self.sync_pairs(&mut pairs);
+                }
                 _ = check.tick() => {
                     self.sync_pairs(&mut pairs);
                     self.find_late(&pairs, &mut queue);
@@ -161,8 +172,8 @@ impl Live {
 
     /// Follows the streamed set: new pairs start from the last closed candle as of now (older
     /// ones are the backfill's), removed ones are forgotten.
-    fn sync_pairs(&self, pairs: &mut HashMap<PairKey, PairLive>) {
-        let wanted = self.streamed.borrow().clone();
+    fn sync_pairs(&mut self, pairs: &mut HashMap<PairKey, PairLive>) {
+        let wanted = self.streamed.borrow_and_update().clone();
         pairs.retain(|k, _| wanted.contains(k));
         for k in wanted {
             pairs.entry(k).or_insert_with_key(|k| {
