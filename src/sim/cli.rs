@@ -56,6 +56,13 @@ pub struct SimArgs {
     /// Send no weight headers and no Retry-After.
     #[arg(long)]
     pub no_weight_headers: bool,
+    /// Push every WebSocket kline stream every N ms instead of Binance's speeds (spot 2000 ms,
+    /// spot `1s` 1000 ms, futures 250 ms).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_update_ms: Option<u64>,
+    /// Close WebSocket connections this many seconds after they opened instead of 24 h.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_lifetime_secs: Option<u64>,
 }
 
 /// A parsed `--maintenance` value.
@@ -169,6 +176,18 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     sim.set_page_cap(args.page_cap);
     sim.set_lag(Duration::from_secs(args.lag_seconds));
     sim.set_no_weight_headers(args.no_weight_headers);
+    if let Some(ms) = args.ws_update_ms {
+        sim.set_ws_update_interval(Some(Duration::from_millis(ms)));
+    }
+    if let Some(secs) = args.ws_max_lifetime_secs {
+        sim.set_ws_max_lifetime(Duration::from_secs(secs));
+    }
+    tracing::info!(
+        spot = %sim.ws_url(Market::Spot),
+        um = %sim.ws_url(Market::Um),
+        cm = %sim.ws_url(Market::Cm),
+        "WebSocket stream bases."
+    );
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
@@ -227,6 +246,10 @@ mod tests {
             "--csv",
             "spot:BTCUSDT:1h:/tmp/a:b.csv",
             "--bad-checksum",
+            "--ws-update-ms",
+            "100",
+            "--ws-max-lifetime-secs",
+            "30",
         ])
         .unwrap();
         let a = cli.sim;
@@ -238,6 +261,11 @@ mod tests {
         assert_eq!(a.maintenance[1].symbol, Some("BTCUSDT".parse().unwrap()));
         assert_eq!(a.csv[0].path, PathBuf::from("/tmp/a:b.csv"));
         assert!(a.bad_checksum);
+        assert_eq!(
+            (a.ws_update_ms, a.ws_max_lifetime_secs),
+            (Some(100), Some(30))
+        );
+        assert!(Cli::try_parse_from(["x", "--ws-update-ms", "0"]).is_err());
         assert_eq!(parse_window("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_window("90"), Ok(Duration::from_secs(90)));
         assert!(parse_window("0s").is_err() && parse_window("5x").is_err());

@@ -1,11 +1,19 @@
-//! A faithful Binance simulator (REST klines/exchangeInfo/time/ping for spot, um and cm, plus
-//! data.binance.vision-style archives) for tests, benchmarks and local runs. Owns the server,
-//! its clock, its fault switches and its request log; WebSocket streams are not simulated yet.
+//! A faithful Binance simulator (REST klines/exchangeInfo/time/ping for spot, um and cm,
+//! data.binance.vision-style archives and WebSocket kline streams) for tests, benchmarks and
+//! local runs. Owns the server, its clock, its fault switches and its request log.
 //!
 //! Behaviour follows `binance-api.md`: per-market pagination (COIN-M anchors at `endTime` and
 //! caps ranges at 200 days), request weights and 429 → 418 escalation per client IP, 451/403/5xx
 //! faults, maintenance gaps, archive quirks (spot µs timestamps from 2025, futures headers from
 //! 2022) and checksums. Candles are [`synthetic`] unless a real CSV series is configured.
+//!
+//! WebSocket streams live on the same server, one prefix per market (see
+//! [`SimHandle::ws_url`]): `/spot/ws[/<stream>]`, `/spot/stream?streams=…`; USD-M on
+//! `/um/market/ws…` and `/um/market/stream…` (the unrouted `/um/ws…` and `/um/stream…` accept
+//! connections and subscriptions but push no klines, as Binance since 2026-04-23); `/cm/ws…`
+//! and `/cm/stream…`. Kline events carry the same candles and digits as REST, pushed at Binance's
+//! update speeds, with its control messages, pings, limits and lifetime, plus fault switches
+//! (drop all, stall, skip finals).
 
 pub mod cli;
 pub mod synthetic;
@@ -14,6 +22,7 @@ mod archive;
 mod book;
 mod limiter;
 mod rest;
+mod ws;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -22,9 +31,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, Method, Uri};
-use axum::response::Response;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequestParts as _, Request, State};
+use axum::http::Method;
+use axum::response::{IntoResponse as _, Response};
 use axum::Router;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::market::{Market, PairKey, Symbol};
 
 pub use book::Maintenance;
+pub use ws::{WsConnInfo, WsControlRecord};
 
 use archive::ZipCache;
 use book::Series;
@@ -136,7 +147,7 @@ pub struct RequestRecord {
     /// Raw query string (empty if none).
     pub query: String,
     pub status: u16,
-    /// Weight charged (0 for refused, faulted and archive requests).
+    /// Weight charged (0 for refused, faulted, archive and WebSocket requests).
     pub weight: u32,
 }
 
@@ -144,6 +155,8 @@ pub struct RequestRecord {
 pub enum RequestKind {
     Rest,
     Archive,
+    /// A request on a WebSocket path (101 when upgraded).
+    Ws,
     Other,
 }
 
@@ -180,6 +193,7 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     pub limiter: Mutex<Limiter>,
     pub zips: Mutex<ZipCache>,
+    pub ws: ws::WsHub,
     log: Mutex<RequestLog>,
 }
 
@@ -233,6 +247,7 @@ impl Drop for Life {
 pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<SimHandle> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         listings: cfg.listings,
         series: cfg.series,
@@ -249,10 +264,10 @@ pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<SimHan
         }),
         limiter: Mutex::new(Limiter::new(cfg.budgets, cfg.ban)),
         zips: Mutex::new(ZipCache::default()),
+        ws: ws::WsHub::new(cancel.clone()),
         log: Mutex::new(RequestLog::default()),
     });
     let app = Router::new().fallback(dispatch).with_state(shared.clone());
-    let cancel = CancellationToken::new();
     let stop = cancel.clone();
     let task = tokio::spawn(async move {
         let served = axum::serve(
@@ -294,6 +309,83 @@ impl SimHandle {
     /// The archive host: files live below `{archive_url}/data/...`.
     pub fn archive_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The raw-stream WebSocket base of `market` as a client config holds it:
+    /// `ws://ADDR/spot/ws/`, `ws://ADDR/um/market/ws/` or `ws://ADDR/cm/ws/`. Append a stream
+    /// name for a raw connection; replace the trailing `ws/` with `stream` for combined ones.
+    pub fn ws_url(&self, market: Market) -> String {
+        let path = match market {
+            Market::Spot => "spot/ws/",
+            Market::Um => "um/market/ws/",
+            Market::Cm => "cm/ws/",
+        };
+        format!("ws://{}/{path}", self.addr)
+    }
+
+    /// Pushes every kline stream every `every` instead of Binance's speeds (spot 2000 ms, spot
+    /// `1s` 1000 ms, futures 250 ms); `None` restores them. Applies to open connections too.
+    pub fn set_ws_update_interval(&self, every: Option<Duration>) {
+        self.shared.ws.update(|s| s.update_interval = every);
+    }
+
+    /// Server ping interval for every market (Binance: spot 20 s, futures 180 s). The WebSocket
+    /// durations set here are kept within 1 ms and 30 days.
+    pub fn set_ws_ping_interval(&self, every: Duration) {
+        self.shared.ws.update(|s| s.ping_interval = Some(every));
+    }
+
+    /// How long a ping may stay unanswered before the server closes the connection (Binance:
+    /// spot 60 s, futures 600 s). Only a pong echoing a ping's payload answers it.
+    pub fn set_ws_pong_deadline(&self, deadline: Duration) {
+        self.shared.ws.update(|s| s.pong_deadline = Some(deadline));
+    }
+
+    /// Connections are closed (close frame 1001) this long after they opened (Binance: 24 h).
+    pub fn set_ws_max_lifetime(&self, lifetime: Duration) {
+        self.shared.ws.update(|s| s.max_lifetime = Some(lifetime));
+    }
+
+    /// Drops every open WebSocket connection abruptly (TCP close, no close frame).
+    pub fn ws_drop_all(&self) {
+        self.shared.ws.drop_all();
+    }
+
+    /// While on, no kline event is sent on any connection (pings and control replies go on);
+    /// candles that close meanwhile are never pushed.
+    pub fn set_ws_stall(&self, on: bool) {
+        self.shared.ws.update(|s| s.stall = on);
+    }
+
+    /// While on, final (`x: true`) kline events are not sent; in-progress ones still are.
+    /// Candles that close meanwhile never get their final event.
+    pub fn set_ws_skip_finals(&self, on: bool) {
+        self.shared.ws.update(|s| s.skip_finals = on);
+    }
+
+    /// WebSocket connections accepted on `market` since start.
+    pub fn ws_connections_opened(&self, market: Market) -> usize {
+        self.shared.ws.opened(market)
+    }
+
+    /// The open WebSocket connections, by id.
+    pub fn ws_open_connections(&self) -> Vec<WsConnInfo> {
+        self.shared.ws.open_connections()
+    }
+
+    /// Every control message received (the newest 100,000), oldest first.
+    pub fn ws_control_log(&self) -> Vec<WsControlRecord> {
+        self.shared.ws.control_log()
+    }
+
+    /// Connections closed for sending more than 5 (spot) / 10 (futures) messages per second.
+    pub fn ws_closed_for_rate(&self) -> usize {
+        self.shared.ws.closed_for_rate()
+    }
+
+    /// Final (`x: true`) kline events sent since start.
+    pub fn ws_finals_sent(&self) -> u64 {
+        self.shared.ws.finals_sent()
     }
 
     /// Answers 451 (restricted location) to REST requests from these client IPs.
@@ -426,14 +518,19 @@ impl std::fmt::Debug for SimHandle {
 async fn dispatch(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
     let now = now_ms();
     let ip = peer.ip().to_canonical();
-    let path = uri.path().to_string();
-    let query = uri.query().unwrap_or("").to_string();
+    let (mut parts, _body) = request.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let ws_route = if method == Method::GET {
+        ws::route(&path)
+    } else {
+        None
+    };
     let (response, market, kind, weight) = if method != Method::GET && method != Method::HEAD {
         (
             plain(405, "Method Not Allowed"),
@@ -441,6 +538,13 @@ async fn dispatch(
             RequestKind::Other,
             0,
         )
+    } else if let Some(route) = ws_route {
+        let market = route.market;
+        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &())
+            .await
+            .map_err(|rejection| rejection.into_response());
+        let resp = ws::accept(&shared, route, &query, upgrade, now);
+        (resp, Some(market), RequestKind::Ws, 0)
     } else if let Some(rest) = path.strip_prefix("/data/") {
         let shared = shared.clone();
         let rest = rest.to_string();
@@ -459,7 +563,8 @@ async fn dispatch(
             }
         }
     } else if let Some((market, endpoint)) = rest::route(&path) {
-        let (mut resp, weight) = rest::serve(&shared, market, endpoint, &query, &headers, ip, now);
+        let (mut resp, weight) =
+            rest::serve(&shared, market, endpoint, &query, &parts.headers, ip, now);
         if lock(&shared.faults).no_weight_headers {
             let names: Vec<_> = resp
                 .headers()

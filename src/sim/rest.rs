@@ -329,15 +329,22 @@ pub(crate) fn write_row(out: &mut String, market: Market, k: &Kline, micros: boo
 
 /// Spot prints 8 fixed decimals (`46216.93000000`); futures print the shortest form.
 fn format_decimal(market: Market, d: Decimal) -> String {
-    match market {
+    let mut out = String::new();
+    write_decimal(&mut out, market, d);
+    out
+}
+
+/// Appends `d` as Binance prints it on `market` (REST rows, archive CSV and WebSocket events).
+pub(crate) fn write_decimal(out: &mut String, market: Market, d: Decimal) {
+    let _ = match market {
         Market::Spot => {
             let m = d.mantissa();
             let abs = m.unsigned_abs();
             let sign = if m < 0 { "-" } else { "" };
-            format!("{sign}{}.{:08}", abs / 100_000_000, abs % 100_000_000)
+            write!(out, "{sign}{}.{:08}", abs / 100_000_000, abs % 100_000_000)
         }
-        Market::Um | Market::Cm => d.to_string(),
-    }
+        Market::Um | Market::Cm => write!(out, "{d}"),
+    };
 }
 
 fn exchange_info<'p>(
