@@ -77,7 +77,9 @@ async fn run() {
     for s in &symbols {
         cfg = cfg.with_symbol(Market::Um, s, sim::DEFAULT_LISTING_MS);
     }
-    let sim = sim::start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = sim::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     sim.set_ws_update_interval(Some(Duration::from_millis(250)));
     let db = TestDb::new("bench_streams");
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +105,10 @@ async fn run() {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     while db.try_sql("SELECT count() FROM trading_pairs").is_err() {
-        assert!(Instant::now() < deadline, "daemon did not create its schema");
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not create its schema"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let from = (sim::now_ms() / MIN) * MIN - 2 * MIN;

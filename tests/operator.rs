@@ -141,7 +141,26 @@ fn assert_complete(db: &TestDb, p: &PairKey, from: i64, to: i64) {
          WHERE {} AND open_time >= {from} AND open_time < {to} AND is_final = 1 ORDER BY open_time FORMAT TSV",
         where_pair(p)
     ));
-    let got: Vec<String> = rows.lines().map(str::to_string).collect();
+    // ClickHouse prints all 8 decimals; normalise through our exact Decimal.
+    let dec = |s: &str| {
+        s.parse::<quantservice::market::Decimal>()
+            .unwrap()
+            .to_string()
+    };
+    let got: Vec<String> = rows
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            format!(
+                "{}\t{}\t{}\t{}\t{}",
+                f[0],
+                dec(f[1]),
+                dec(f[2]),
+                dec(f[3]),
+                f[4]
+            )
+        })
+        .collect();
     let len = p.period.fixed_ms().unwrap();
     let want: Vec<String> = (0..)
         .map(|i| from + i * len)
@@ -224,7 +243,9 @@ async fn pairs_inserted_with_sql_backfill_and_stream_and_disabling_one_leaves_th
         sim.ws_control_log().iter().any(|r| {
             r.conn == conn_id
                 && r.method == "UNSUBSCRIBE"
-                && r.params.iter().any(|p| p == "ethusdt@kline_1s")
+                && r.params
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|p| p == "ethusdt@kline_1s"))
         })
     })
     .await;
@@ -315,12 +336,7 @@ async fn sockets_are_renewed_make_before_break_without_gap_or_duplicate() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("op_rotate");
     // Catch-ups by REST would hide a gap: make them impossible to need by a long grace.
-    let d = daemon_on(
-        &db,
-        &sim,
-        "",
-    )
-    .await;
+    let d = daemon_on(&db, &sim, "").await;
     d.edit(&db.yaml(&format!(
         "{}{}",
         binance_yaml(&sim, &sim.ws_url(Market::Um)),
@@ -410,15 +426,24 @@ async fn three_hundred_pairs_spread_over_connections_on_the_upgraded_usdm_path()
         .filter(|c| c.market == Market::Um)
         .collect();
     assert_eq!(conns.len(), 2, "200 + 100 streams");
-    assert!(conns.iter().all(|c| c.routed && c.subscriptions.len() <= 200));
+    assert!(conns
+        .iter()
+        .all(|c| c.routed && c.subscriptions.len() <= 200));
     let all: BTreeSet<String> = conns.iter().flat_map(|c| c.subscriptions.clone()).collect();
     assert_eq!(all.len(), 300);
     // Control messages stayed within 10/s per connection.
     let log = sim.ws_control_log();
     for c in &conns {
-        let times: Vec<i64> = log.iter().filter(|r| r.conn == c.id).map(|r| r.at_ms).collect();
+        let times: Vec<i64> = log
+            .iter()
+            .filter(|r| r.conn == c.id)
+            .map(|r| r.at_ms)
+            .collect();
         for w in times.windows(10) {
-            assert!(w[9] - w[0] >= 1000, "more than 10 control messages in a second");
+            assert!(
+                w[9] - w[0] >= 1000,
+                "more than 10 control messages in a second"
+            );
         }
     }
     assert_eq!(sim.ws_closed_for_rate(), 0);
@@ -438,7 +463,12 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("op_yaml");
     let slow = FAST.replace("poll_interval: 200ms", "poll_interval: 1h");
-    let base = |ops: &str| db.yaml(&format!("{}{ops}", binance_yaml(&sim, &sim.ws_url(Market::Um))));
+    let base = |ops: &str| {
+        db.yaml(&format!(
+            "{}{ops}",
+            binance_yaml(&sim, &sim.ws_url(Market::Um))
+        ))
+    };
     let d = Daemon::start(&base(&slow)).await;
     wait_for(30, "the schema", || async {
         db.try_sql("SELECT count() FROM trading_pairs").is_ok()
@@ -448,10 +478,7 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
     insert_pair(&db, &p, 1, Period::S1.align(sim::now_ms()) - 10_000);
 
     // An invalid edit (a fast poll plus a bad value) is ignored as a whole.
-    d.edit(&base(&format!(
-        "{}  backfill:\n    concurrency: 0\n",
-        FAST
-    )));
+    d.edit(&base(&format!("{}  backfill:\n    concurrency: 0\n", FAST)));
     tokio::time::sleep(Duration::from_secs(2)).await; // an observation window, not a sync
     assert_eq!(ws_rows(&db, &p), 0, "invalid edit must not apply");
     assert!(streams_of(&sim, Market::Spot).is_empty());
@@ -508,7 +535,9 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
 
     // ws-start: two closed candles printed, then Ctrl-C.
     let mut child = Command::new(env!("CARGO_BIN_EXE_quantservice"))
-        .args(["ws-start", "--symbol", "BTCUSDT", "--market", "spot", "--period", "1s", "--config"])
+        .args([
+            "ws-start", "--symbol", "BTCUSDT", "--market", "spot", "--period", "1s", "--config",
+        ])
         .arg(path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -520,9 +549,19 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
     })
     .await
     .unwrap();
-    assert!(printed.iter().all(|l| l.starts_with("spot:BTCUSDT:1s open_time=")), "{printed:?}");
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(
+        printed
+            .iter()
+            .all(|l| l.starts_with("spot:BTCUSDT:1s open_time=")),
+        "{printed:?}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success());
     let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
     assert!(ws_rows(&db, &p) >= 2, "ws-start wrote its candles");
@@ -538,30 +577,49 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
-        BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
     });
     wait_for(30, "the schema", || async {
         db.try_sql("SELECT count() FROM trading_pairs").is_ok()
     })
     .await;
     insert_pair(&db, &eth, 1, Period::S1.align(sim::now_ms()) - 5_000);
-    wait_for(20, "the daemon's stream", || async { ws_rows(&db, &eth) >= 2 }).await;
+    wait_for(20, "the daemon's stream", || async {
+        ws_rows(&db, &eth) >= 2
+    })
+    .await;
     let sent_before_stop = sim.ws_finals_sent();
     let t = Instant::now();
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(t.elapsed() < Duration::from_secs(10));
     let out = reader.join().unwrap();
     let metrics: Vec<&String> = out.iter().filter(|l| l.contains("Metrics: req=")).collect();
-    assert!(!metrics.is_empty(), "no metrics line in:\n{}", out.join("\n"));
+    assert!(
+        !metrics.is_empty(),
+        "no metrics line in:\n{}",
+        out.join("\n")
+    );
     let m = metrics.last().unwrap();
     let fields: Vec<&str> = m[m.find("Metrics: ").unwrap() + 9..].split(' ').collect();
     for (f, k) in fields.iter().zip(["req", "ok", "fail", "rows"]) {
         assert!(f.starts_with(&format!("{k}=")), "{m}");
         f[k.len() + 1..].parse::<u64>().unwrap();
     }
-    assert!(out.iter().any(|l| l.contains("Writer flushed")), "{}", out.join("\n"));
+    assert!(
+        out.iter().any(|l| l.contains("Writer flushed")),
+        "{}",
+        out.join("\n")
+    );
     // Every closed candle the daemon received before the stop is stored.
     assert!(ws_rows(&db, &eth) >= 2);
     assert!(sent_before_stop > 0);
