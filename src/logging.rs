@@ -38,10 +38,10 @@ pub fn init(
     ));
     let _ = SECRETS.set(secrets.clone());
     let (level_filter, handle) = tracing_subscriber::reload::Layer::new(
-        EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
+        EnvFilter::try_new(directives(&cfg.level)).unwrap_or_else(|_| EnvFilter::new("info")),
     );
     let _ = LEVEL.set(Box::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let f = EnvFilter::try_new(directives(level)).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
     }));
     let filter = || tracing_subscriber::filter::LevelFilter::TRACE;
@@ -88,6 +88,16 @@ pub fn init(
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
     Ok(LogGuard { _file: guard })
+}
+
+/// The user's level plus quieter defaults for chatty dependencies (the cron scheduler logs
+/// every job it creates at info), unless the user named them.
+fn directives(level: &str) -> String {
+    if level.contains("tokio_cron_scheduler") {
+        level.to_string()
+    } else {
+        format!("{level},tokio_cron_scheduler=warn")
+    }
 }
 
 type Secrets = Arc<RwLock<Vec<String>>>;

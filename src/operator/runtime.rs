@@ -329,6 +329,8 @@ impl Generation {
         let mut metrics = tokio::time::interval(self.cfg.operator.metrics_interval);
         metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         metrics.tick().await;
+        info!(poll = ?self.cfg.operator.poll_interval,
+            "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
         loop {
             tokio::select! {
                 biased;
