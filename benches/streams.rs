@@ -129,11 +129,11 @@ async fn run() {
             .map(|c| c.subscriptions.len())
             .sum();
         let done = db
-            .sql(&format!(
+            .try_sql(&format!(
                 "SELECT uniqExact(symbol) FROM klines WHERE market = 'um' AND open_time = {from}"
             ))
-            .trim()
-            .parse::<usize>()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
             .unwrap_or(0);
         if subs == STREAMS && done == STREAMS {
             break;
@@ -169,9 +169,11 @@ async fn run() {
         let mut seen: HashMap<String, i64> = HashMap::new();
         let stop = boundary + 10_000;
         while seen.len() < STREAMS && sim::now_ms() < stop {
-            let out = db.sql(&format!(
-                "SELECT symbol FROM klines WHERE market = 'um' AND period = '1m' AND open_time = {open} AND source = 'ws' FORMAT TSV"
-            ));
+            let out = db
+                .try_sql(&format!(
+                    "SELECT symbol FROM klines WHERE market = 'um' AND period = '1m' AND open_time = {open} AND source = 'ws' FORMAT TSV"
+                ))
+                .unwrap_or_default();
             let now = sim::now_ms();
             for s in out.lines() {
                 seen.entry(s.to_string()).or_insert(now);

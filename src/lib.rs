@@ -18,13 +18,17 @@
 //!
 //! Modules:
 //! - [`config`]: `app.yaml` loading, defaults, validation (all errors at once), redaction.
+//! - [`config_watch`]: live reload of `app.yaml` (watch, debounce, keep the last good config).
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
-//! - [`store`]: ClickHouse client, migrations, the batched kline writer.
-//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing.
-//! - [`exchange`]: Binance REST client, rate governor, bulk archive reader.
-//! - [`tasks`]: the historical backfill engine.
+//! - [`store`]: ClickHouse client, migrations, the batched kline writer, desired/observed state.
+//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
+//! - [`exchange`]: Binance REST client, rate governor, bulk archive reader, WebSocket streams.
+//! - [`operator`]: `desired()`/`plan()`, the supervisor, `pair_status`, the reconcile runtime.
+//! - [`tasks`]: backfill engine, a pair's history and gap scans, the live stream sink.
+//! - [`metrics`]: the counters of the `Metrics:` log line.
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
-//! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`).
+//! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
+//!   `ws-start`).
 
 pub mod app;
 pub mod backoff;

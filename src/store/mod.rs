@@ -8,6 +8,7 @@ pub mod writer;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::Client;
@@ -108,7 +109,14 @@ pub struct Store {
     user: String,
     password: String,
     timeout: Duration,
+    /// Bounds the queries in flight (a thousand pair tasks must not open a thousand HTTP
+    /// requests at once: ClickHouse refuses more than `max_concurrent_queries`). The writer's
+    /// inserts do not wait for it.
+    queries: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queries in flight per `Store` (the writer's inserts come on top).
+pub const MAX_CONCURRENT_QUERIES: usize = 16;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -149,6 +157,7 @@ impl Store {
             user: cfg.username.clone(),
             password: cfg.password.expose().to_string(),
             timeout: cfg.timeout,
+            queries: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES)),
         })
     }
 
@@ -182,11 +191,14 @@ impl Store {
         Ok(rows.into_iter().next())
     }
 
-    /// Runs `fut` under `app.clickhouse.timeout` and classifies its error.
+    /// Runs `fut` under `app.clickhouse.timeout` (and the bound on queries in flight) and
+    /// classifies its error.
     pub async fn call<T>(
         &self,
         fut: impl Future<Output = Result<T, clickhouse::error::Error>>,
     ) -> Result<T, StoreError> {
+        // The semaphore is never closed; if it were, running unbounded is the safe fallback.
+        let _permit = self.queries.acquire().await.ok();
         self.call_with_timeout(self.timeout, fut).await
     }
 
