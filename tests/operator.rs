@@ -307,6 +307,27 @@ async fn dropped_and_stalled_sockets_leave_no_missing_candle() {
     })
     .await;
     sim.set_ws_stall(false);
+    // Finals withheld (in-progress updates still flow, so the watchdog stays calm): the late
+    // check fetches each closed candle by REST.
+    sim.set_ws_skip_finals(true);
+    let rest_before = count(
+        &db,
+        &format!(
+            "SELECT count() FROM klines WHERE {} AND source = 'rest'",
+            where_pair(&p)
+        ),
+    );
+    wait_for(10, "late candles fetched by REST", || async {
+        count(
+            &db,
+            &format!(
+                "SELECT count() FROM klines WHERE {} AND source = 'rest'",
+                where_pair(&p)
+            ),
+        ) >= rest_before + 2
+    })
+    .await;
+    sim.set_ws_skip_finals(false);
     let live = ws_rows(&db, &p);
     wait_for(10, "the stream to flow again", || async {
         ws_rows(&db, &p) >= live + 2
@@ -496,6 +517,9 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
 async fn unreadable_desired_state_stops_nothing() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("op_unknown");
+    // Pings every 200 ms with a 600 ms pong deadline: the daemon must answer them all.
+    sim.set_ws_ping_interval(Duration::from_millis(200));
+    sim.set_ws_pong_deadline(Duration::from_millis(600));
     let d = daemon_on(&db, &sim, "").await;
     let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
     insert_pair(&db, &p, 1, Period::S1.align(sim::now_ms()) - 5_000);
@@ -508,8 +532,44 @@ async fn unreadable_desired_state_stops_nothing() {
     })
     .await;
     assert_eq!(streams_of(&sim, Market::Spot).len(), 1);
-    assert_eq!(sim.ws_connections_opened(Market::Spot), 1);
+    assert_eq!(
+        sim.ws_connections_opened(Market::Spot),
+        1,
+        "pings answered, nothing reconnected"
+    );
     db.sql("RENAME TABLE trading_pairs_away TO trading_pairs");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_only_pairs_are_kept_complete_by_gap_scans() {
+    let sim = start_sim(SimConfig::default()).await;
+    let db = TestDb::new("op_scan");
+    let d = daemon_on(&db, &sim, "").await;
+    let p = PairKey::parse("spot", "ETHUSDT", "1s").unwrap();
+    let from = Period::S1.align(sim::now_ms()) - 10_000;
+    db.sql(&format!(
+        "INSERT INTO trading_pairs (market, symbol, period, backfill_from, stream) VALUES ('spot', 'ETHUSDT', '1s', {from}, 0)"
+    ));
+    wait_for(10, "the backfill", || async {
+        status_of(&db, &p).is_some_and(|s| s.0 == "idle")
+    })
+    .await;
+    // No stream: candles closing from now on arrive only through the 1 s gap scans.
+    let upto = Period::S1.align(sim::now_ms()) + 4_000;
+    wait_for(20, "gap scans to fill the candles after the backfill", || async {
+        count(
+            &db,
+            &format!(
+                "SELECT count() FROM klines FINAL WHERE {} AND open_time >= {from} AND open_time < {upto}",
+                where_pair(&p)
+            ),
+        ) == u64::try_from((upto - from) / 1000).unwrap()
+    })
+    .await;
+    assert_complete(&db, &p, from, upto);
+    assert_eq!(ws_rows(&db, &p), 0);
+    assert!(streams_of(&sim, Market::Spot).is_empty());
     d.stop().await;
 }
 

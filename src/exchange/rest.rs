@@ -78,6 +78,10 @@ pub struct RestClient {
     measured: Mutex<HashMap<Market, Instant>>,
     /// First candle per spot/um pair (a fact that never changes once known).
     firsts: Mutex<HashMap<PairKey, i64>>,
+    /// Single flight: a thousand tasks starting at once wait for one `exchangeInfo` (or one
+    /// `time`) request instead of sending a thousand.
+    info_flight: tokio::sync::Mutex<()>,
+    time_flight: tokio::sync::Mutex<()>,
     infos: Mutex<HashMap<Market, (Instant, Arc<ExchangeInfo>)>>,
     /// Per market: whether replies carry `X-MBX-USED-WEIGHT-*` (`None`: no reply yet).
     weight_headers: Mutex<HashMap<Market, bool>>,
@@ -108,6 +112,8 @@ impl RestClient {
             offsets: Mutex::new(HashMap::new()),
             measured: Mutex::new(HashMap::new()),
             firsts: Mutex::new(HashMap::new()),
+            info_flight: tokio::sync::Mutex::new(()),
+            time_flight: tokio::sync::Mutex::new(()),
             infos: Mutex::new(HashMap::new()),
             weight_headers: Mutex::new(HashMap::new()),
         })
@@ -128,15 +134,13 @@ impl RestClient {
 
     /// `exchangeInfo` of `market` (cached for an hour); also adopts its weight budget.
     pub async fn exchange_info(&self, market: Market) -> Result<Arc<ExchangeInfo>, ExchangeError> {
-        if let Some((at, info)) = self
-            .infos
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&market)
-        {
-            if at.elapsed() < EXCHANGE_INFO_TTL {
-                return Ok(info.clone());
-            }
+        if let Some(info) = self.cached_info(market) {
+            return Ok(info);
+        }
+        let _flight = self.info_flight.lock().await;
+        // Someone else may have fetched it while we waited.
+        if let Some(info) = self.cached_info(market) {
+            return Ok(info);
         }
         let url = self.url(market, "exchangeInfo");
         let v = self
@@ -172,6 +176,15 @@ impl RestClient {
             })
     }
 
+    fn cached_info(&self, market: Market) -> Option<Arc<ExchangeInfo>> {
+        self.infos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&market)
+            .filter(|(at, _)| at.elapsed() < EXCHANGE_INFO_TTL)
+            .map(|(_, info)| info.clone())
+    }
+
     /// Server time (ms) of `market`; also records the clock offset used to judge open candles.
     pub async fn server_time(&self, market: Market) -> Result<i64, ExchangeError> {
         let url = self.url(market, "time");
@@ -204,13 +217,18 @@ impl RestClient {
         market: Market,
         max_age: Duration,
     ) -> Result<i64, ExchangeError> {
-        let fresh = self
-            .measured
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&market)
-            .is_some_and(|t| t.elapsed() < max_age);
-        if fresh {
+        let fresh = || {
+            self.measured
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&market)
+                .is_some_and(|t| t.elapsed() < max_age)
+        };
+        if fresh() {
+            return Ok(self.server_now(market));
+        }
+        let _flight = self.time_flight.lock().await;
+        if fresh() {
             Ok(self.server_now(market))
         } else {
             self.server_time(market).await

@@ -252,6 +252,9 @@ impl Generation {
         let grace = Arc::new(std::sync::atomic::AtomicU64::new(
             u64::try_from(cfg.gap_scan.grace.as_millis()).unwrap_or(u64::MAX),
         ));
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            crate::tasks::pair::PARALLEL_BACKFILLS,
+        ));
         let factory: Factory = {
             let (backfill, rest, store, status, scheduler, grace) = (
                 backfill.clone(),
@@ -262,6 +265,7 @@ impl Generation {
                 grace.clone(),
             );
             Arc::new(move |pair: PairKey, spec: PairSpec, cancel| {
+                let backfill_slots = slots.clone();
                 let (backfill, rest, store, status, scheduler, grace) = (
                     backfill.clone(),
                     rest.clone(),
@@ -284,6 +288,7 @@ impl Generation {
                         status,
                         ticks,
                         grace,
+                        backfill_slots,
                     }
                     .run(cancel)
                     .await

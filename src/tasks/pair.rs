@@ -31,7 +31,13 @@ pub struct PairTask {
     pub ticks: broadcast::Receiver<()>,
     /// `app.gap_scan.grace` in ms (changes live).
     pub grace: Arc<AtomicU64>,
+    /// Bounds the initial backfills running at once (each holds a chunk's bookkeeping and a
+    /// few pages; a thousand pairs declared at once must not hold a thousand).
+    pub backfill_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Initial pair backfills running at once (they share the weight budget anyway).
+pub const PARALLEL_BACKFILLS: usize = 8;
 
 impl PairTask {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
@@ -43,6 +49,11 @@ impl PairTask {
         });
         let start = self.spec.backfill_from.max(0);
         let end = now_ms() + pair.period.fixed_ms().unwrap_or(crate::market::DAY_MS);
+        let slot = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            s = self.backfill_slots.clone().acquire_owned() => s.ok(),
+        };
         let summary = match self
             .backfill
             .run(&pair, start, end, &ProgressBar::hidden(), &cancel)
@@ -52,6 +63,7 @@ impl PairTask {
             Err(BackfillError::Cancelled) => return Ok(()),
             Err(e) => return Err(format!("backfill failed: {e}")),
         };
+        drop(slot);
         let mut watermark = match summary.range {
             Some((lo, hi)) => {
                 self.status.update(&pair, |r| {
