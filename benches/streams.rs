@@ -95,13 +95,15 @@ async fn run() {
         sim.archive_url()
     ));
     std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quantservice"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_quantservice"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     while db.try_sql("SELECT count() FROM trading_pairs").is_err() {

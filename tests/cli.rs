@@ -164,13 +164,15 @@ fn daemon_migrates_idles_and_exits_cleanly_on_sigterm() {
         dir.path(),
         &seed_for(&db.host, db.port, PW_USER, PW_PASSWORD, &db.name),
     );
-    let mut child = bin()
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        bin()
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Both streams are read on threads and handed over line by line, so no read can hang
     // the test: every wait below has a deadline.
     let (tx, rx) = std::sync::mpsc::channel::<String>();

@@ -594,15 +594,17 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
     .unwrap();
 
     // ws-start: two closed candles printed, then Ctrl-C.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quantservice"))
-        .args([
-            "ws-start", "--symbol", "BTCUSDT", "--market", "spot", "--period", "1s", "--config",
-        ])
-        .arg(path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_quantservice"))
+            .args([
+                "ws-start", "--symbol", "BTCUSDT", "--market", "spot", "--period", "1s", "--config",
+            ])
+            .arg(path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let printed: Vec<String> = tokio::task::spawn_blocking(move || {
         (0..2).map(|_| lines.next().unwrap().unwrap()).collect()
@@ -628,13 +630,15 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
 
     // The daemon: streams, prints the metrics line, exits 0 on SIGTERM with rows flushed.
     let eth = PairKey::parse("spot", "ETHUSDT", "1s").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quantservice"))
-        .arg("--config")
-        .arg(path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_quantservice"))
+            .arg("--config")
+            .arg(path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         BufReader::new(stdout)
