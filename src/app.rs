@@ -100,8 +100,12 @@ pub async fn ws_start(
         };
         let Some(ev) = ev else { break };
         if let LiveEvent::Final { kline: k, .. } = ev {
+            // A renewed socket overlaps the old one: print and store each candle once.
             if !seen.insert(k.open_time) {
                 continue;
+            }
+            while seen.len() > 64 {
+                seen.pop_first();
             }
             let _ = writeln!(
                 out,

@@ -19,6 +19,8 @@ use crate::config::Config;
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 /// The backup poll.
 pub const POLL: Duration = Duration::from_secs(2);
+/// A burst of events delays a reload at most this long.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// Starts watching `path`; the receiver holds the current good config.
 pub fn spawn(
@@ -52,30 +54,35 @@ pub fn spawn(
 async fn run(
     path: PathBuf,
     tx: watch::Sender<Arc<Config>>,
-    mut events: mpsc::UnboundedReceiver<()>,
+    events: mpsc::UnboundedReceiver<()>,
     _watcher: Option<notify::RecommendedWatcher>,
     cancel: CancellationToken,
 ) {
     let mut last_text = std::fs::read_to_string(&path).ok();
+    let mut events = Some(events);
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            ev = events.recv() => {
+            ev = recv(&mut events), if events.is_some() => {
                 if ev.is_none() {
-                    // The watcher is gone; the poll carries on.
-                    events = mpsc::unbounded_channel().1;
+                    // The watcher is gone; the poll carries on alone.
+                    events = None;
                     continue;
                 }
-                // Debounce: wait until the events stop for a moment.
+                // Debounce: wait until the events stop for a moment, but never longer than
+                // MAX_DEBOUNCE (another file in the directory may change all the time).
+                let until = tokio::time::Instant::now() + MAX_DEBOUNCE;
                 loop {
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => return,
-                        more = tokio::time::timeout(DEBOUNCE, events.recv()) => {
-                            if !matches!(more, Ok(Some(()))) { break; }
+                        more = tokio::time::timeout(DEBOUNCE, recv(&mut events)) => {
+                            if !matches!(more, Ok(Some(()))) || tokio::time::Instant::now() >= until {
+                                break;
+                            }
                         }
                     }
                 }
@@ -83,6 +90,13 @@ async fn run(
             _ = poll.tick() => {}
         }
         reload(&path, &tx, &mut last_text);
+    }
+}
+
+async fn recv(events: &mut Option<mpsc::UnboundedReceiver<()>>) -> Option<()> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => None,
     }
 }
 
@@ -99,11 +113,12 @@ fn reload(path: &Path, tx: &watch::Sender<Arc<Config>>, last_text: &mut Option<S
             return;
         }
     };
-    if last_text.as_deref() == Some(text.as_str()) {
-        return;
-    }
-    *last_text = Some(text.clone());
-    match Config::from_yaml_with_env(&text, path, |k| std::env::var(k).ok()) {
+    // The file is compared as parsed, not as text: the running config may come from an
+    // earlier read than ours. The text only keeps an invalid file from being logged each poll.
+    let seen = last_text.as_deref() == Some(text.as_str());
+    let parsed = Config::from_yaml_with_env(&text, path, |k| std::env::var(k).ok());
+    *last_text = Some(text);
+    match parsed {
         Ok(cfg) => {
             if **tx.borrow() == cfg {
                 return;
@@ -111,6 +126,7 @@ fn reload(path: &Path, tx: &watch::Sender<Arc<Config>>, last_text: &mut Option<S
             info!(path = %path.display(), "Config changed; applying it.");
             tx.send_replace(Arc::new(cfg));
         }
+        Err(_) if seen => {}
         Err(e) => {
             for p in e.problems() {
                 error!(path = %path.display(), problem = %p, "Invalid config edit ignored; the last good config stays.");

@@ -243,3 +243,67 @@ fn durations_are_bounded() {
         "{p:?}"
     );
 }
+
+/// The live reload: edits written as a new file renamed over the old one, a symlink swapped to
+/// another directory's file, and an invalid edit that changes nothing.
+#[tokio::test]
+async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits() {
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = |env: &str| format!("app:\n  environment: {env}\n");
+    let v1 = dir.path().join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("app.yaml"), yaml("one")).unwrap();
+    let path = dir.path().join("app.yaml");
+    std::os::unix::fs::symlink(v1.join("app.yaml"), &path).unwrap();
+    let initial = quantservice::config::Config::load(&path).unwrap();
+    let cancel = CancellationToken::new();
+    let mut rx = quantservice::config_watch::spawn(path.clone(), initial, cancel.clone());
+    let wait_env = |rx: &mut tokio::sync::watch::Receiver<Arc<quantservice::config::Config>>,
+                    want: &'static str| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while rx.borrow_and_update().environment != want {
+                    rx.changed().await.unwrap();
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("environment never became {want}"));
+        }
+    };
+
+    // Symlink swap: a new link renamed over the old one, pointing into another directory.
+    let v2 = dir.path().join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("app.yaml"), yaml("two")).unwrap();
+    let tmp_link = dir.path().join("app.yaml.new");
+    std::os::unix::fs::symlink(v2.join("app.yaml"), &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &path).unwrap();
+    wait_env(&mut rx, "two").await;
+
+    // Editor-style replace: write a new file, rename it over the link.
+    let tmp = dir.path().join("app.yaml.tmp");
+    std::fs::write(&tmp, yaml("three")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_env(&mut rx, "three").await;
+
+    // Invalid: ignored; the next valid edit still applies.
+    std::fs::write(
+        &tmp,
+        "app:\n  environment: four\n  clickhouse:\n    port: 0\n",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    std::fs::write(&tmp, yaml("five")).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await; // let the invalid one be read first
+    assert_eq!(
+        rx.borrow().environment,
+        "three",
+        "an invalid edit must change nothing"
+    );
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_env(&mut rx, "five").await;
+    cancel.cancel();
+}

@@ -510,6 +510,33 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
         ws_rows(&db, &p) >= 1
     })
     .await;
+
+    // A well-formed edit that cannot work (ClickHouse refuses the user) is refused too: the
+    // running generation keeps streaming on its socket, and the daemon stays up.
+    let opened = sim.ws_connections_opened(Market::Spot);
+    let bad: String = base(FAST)
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("username:") {
+                "    username: \"no_such_user_qs\"\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert_ne!(bad, base(FAST));
+    d.edit(&bad);
+    let before = ws_rows(&db, &p);
+    wait_for(15, "candles after the refused edit", || async {
+        ws_rows(&db, &p) >= before + 5
+    })
+    .await;
+    assert!(!d.task.is_finished(), "the daemon must survive a bad edit");
+    assert_eq!(
+        sim.ws_connections_opened(Market::Spot),
+        opened,
+        "nothing rebuilt"
+    );
     d.stop().await;
 }
 

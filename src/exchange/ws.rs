@@ -33,8 +33,9 @@ const URL_STREAMS: usize = 50;
 const BATCH: usize = 100;
 /// How long opening a socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A socket that lived this long resets the reconnect backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// A socket that lived this long and delivered data resets the reconnect backoff (longer than
+/// the default idle timeout, so a socket that never delivers keeps backing off).
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Most streams Binance allows on one connection.
 pub fn streams_per_connection(market: Market) -> usize {
@@ -45,11 +46,11 @@ pub fn streams_per_connection(market: Market) -> usize {
 }
 
 /// The gap we leave between two control messages we send (Binance allows 5/s on spot and 10/s
-/// on futures, pongs included): 4/s and 8/s.
+/// on futures, pongs included): at most 4 and 7 in any second, leaving room for a pong.
 pub fn control_gap(market: Market) -> Duration {
     match market {
-        Market::Spot => Duration::from_millis(250),
-        Market::Um | Market::Cm => Duration::from_millis(125),
+        Market::Spot => Duration::from_millis(300),
+        Market::Um | Market::Cm => Duration::from_millis(150),
     }
 }
 
@@ -385,14 +386,15 @@ impl MarketStreams {
         });
     }
 
-    /// Closes every connection (cancel, then `timeout`, then abort).
+    /// Closes every connection (cancel, then one shared `timeout`, then abort).
     pub async fn shutdown(self, timeout: Duration) {
         for c in &self.conns {
             c.cancel.cancel();
         }
+        let deadline = Instant::now() + timeout;
         for c in self.conns {
             let mut task = c.task;
-            if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 task.abort();
             }
         }
@@ -422,10 +424,18 @@ struct Sock {
     /// Wall-clock ms of the last data frame (pings and pongs do not count).
     last_data: Arc<AtomicI64>,
     opened: Instant,
+    opened_ms: i64,
     /// Control messages not yet sent, and ids sent but not yet acknowledged.
     queue: VecDeque<(u64, String)>,
     pending: HashSet<u64>,
     last_sent: Option<Instant>,
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        // An aborted connection task must not leave its reader (and socket) behind.
+        self.reader.abort();
+    }
 }
 
 impl Sock {
@@ -483,6 +493,8 @@ impl ConnTask {
                 })
                 .await;
             let mut next: Option<Sock> = None;
+            let mut rotate_attempt = 0u32;
+            let mut rotate_not_before = Instant::now();
             let mut tick = tokio::time::interval(control_gap(self.market));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let why: String = loop {
@@ -569,22 +581,39 @@ impl ConnTask {
                             self.stats.stalls.fetch_add(1, Ordering::Relaxed);
                             break format!("no data for {idle} ms (only pings or nothing)");
                         }
-                        if next.is_none() && cur.opened.elapsed() >= self.cfg.max_lifetime {
+                        if next.is_none()
+                            && cur.opened.elapsed() >= self.cfg.max_lifetime
+                            && Instant::now() >= rotate_not_before
+                        {
                             gen += 1;
                             match self.open_sock(gen, &ev_tx).await {
-                                Ok(n) => next = Some(n),
-                                Err(e) => warn!(market = %self.market, conn = self.id, error = %e, "Cannot open the replacement socket; retrying."),
+                                Ok(n) => {
+                                    next = Some(n);
+                                    rotate_attempt = 0;
+                                }
+                                Err(e) => {
+                                    let delay = crate::backoff::delay(
+                                        rotate_attempt,
+                                        self.cfg.reconnect_backoff,
+                                        self.cfg.max_reconnect_backoff,
+                                        &mut rand::rng(),
+                                    );
+                                    rotate_attempt = rotate_attempt.saturating_add(1);
+                                    rotate_not_before = Instant::now() + delay;
+                                    warn!(market = %self.market, conn = self.id, error = %e, retry_in = ?delay, "Cannot open the replacement socket; retrying.");
+                                }
                             }
                         }
                     }
                 }
             };
             let lived = cur.opened.elapsed();
+            let delivered = cur.last_data.load(Ordering::Relaxed) > cur.opened_ms;
             cur.close().await;
             if let Some(n) = next.take() {
                 n.close().await;
             }
-            if lived >= STABLE_AFTER {
+            if lived >= STABLE_AFTER && delivered {
                 attempt = 0;
             }
             let delay = crate::backoff::delay(
@@ -658,7 +687,8 @@ impl ConnTask {
             .map_err(|_| format!("connecting to {} timed out", self.url))?
             .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
         let (write, read) = ws.split();
-        let last_data = Arc::new(AtomicI64::new(now_ms()));
+        let opened_ms = now_ms();
+        let last_data = Arc::new(AtomicI64::new(opened_ms));
         let reader = tokio::spawn(read_loop(
             read,
             gen,
@@ -675,6 +705,7 @@ impl ConnTask {
             reader,
             last_data,
             opened: Instant::now(),
+            opened_ms,
             queue: VecDeque::new(),
             pending: HashSet::new(),
             last_sent: None,

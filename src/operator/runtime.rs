@@ -46,25 +46,76 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let status = StatusHub::default();
     let mut cfg = cfg_rx.borrow_and_update().clone();
+    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &shutdown).await? else {
+        info!("Shutdown requested before ClickHouse became ready.");
+        return Ok(());
+    };
     loop {
-        let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &shutdown).await? else {
-            info!("Shutdown requested before ClickHouse became ready.");
-            return Ok(());
-        };
-        let exit = gen.reconcile_loop(&mut cfg_rx, &shutdown).await;
-        let summary = gen.stop().await;
-        match summary {
-            Ok(s) => info!(rows = s.rows_written, "Writer flushed."),
-            Err(e) => error!(error = %e, "The writer could not flush everything."),
-        }
-        match exit {
-            Exit::Shutdown => return Ok(()),
-            Exit::Rebuild(new) => {
-                info!("Rebuilding clients and tasks for the new config.");
-                cfg = new;
+        let new = match gen.reconcile_loop(&mut cfg_rx, &shutdown).await {
+            Exit::Shutdown => {
+                log_flushed(gen.stop().await);
+                return Ok(());
             }
+            Exit::Rebuild(new) => new,
+        };
+        // The new settings must work before the running generation is given up: a wrong
+        // password or an unreachable host in an edit changes nothing (the last good config
+        // keeps running, and the error says why).
+        if let Err(e) = preflight(&new, &shutdown).await {
+            error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
+            continue;
         }
+        info!("Rebuilding clients and tasks for the new config.");
+        log_flushed(gen.stop().await);
+        gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
+            Ok(Some(g)) => {
+                cfg = new;
+                g
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "Cannot start with the edited config; going back to the last good one.");
+                match Generation::start(cfg.clone(), status.clone(), &shutdown).await? {
+                    Some(g) => g,
+                    None => return Ok(()),
+                }
+            }
+        };
     }
+}
+
+fn log_flushed(summary: anyhow::Result<WriterSummary>) {
+    match summary {
+        Ok(s) => info!(rows = s.rows_written, "Writer flushed."),
+        Err(e) => error!(error = %format!("{e:#}"), "The writer could not flush everything."),
+    }
+}
+
+/// How long an edited config gets to prove its ClickHouse settings before it is refused.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Checks that `cfg` reaches ClickHouse and prepares the schema, and that its clients build.
+async fn preflight(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let store = Store::new(&cfg.clickhouse)?;
+    let cancel = shutdown.child_token();
+    let migrated =
+        tokio::time::timeout(PREFLIGHT_TIMEOUT, migrate_when_ready(&store, &cancel)).await;
+    cancel.cancel();
+    match migrated {
+        Ok(Ok(Some(_))) => {}
+        Ok(Ok(None)) => anyhow::bail!("shutting down"),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => anyhow::bail!(
+            "ClickHouse at {} not reachable within {PREFLIGHT_TIMEOUT:?}",
+            store.url()
+        ),
+    }
+    RestClient::new(
+        cfg,
+        Arc::new(Governors::new(cfg.backfill.weight_budget_ratio)),
+    )?;
+    ArchiveClient::new(&cfg.binance.archive_url, cfg.backfill.request_timeout)?;
+    Ok(())
 }
 
 /// Whether moving from `old` to `new` needs new clients (and so a new generation).
@@ -336,14 +387,16 @@ impl Generation {
         metrics.tick().await;
         info!(poll = ?self.cfg.operator.poll_interval,
             "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
+        let mut watching = true;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Exit::Shutdown,
-                changed = cfg_rx.changed() => {
+                changed = cfg_rx.changed(), if watching => {
                     if changed.is_err() {
                         // The watcher is gone: keep the running config.
-                        std::future::pending::<()>().await;
+                        watching = false;
+                        continue;
                     }
                     let new = cfg_rx.borrow_and_update().clone();
                     crate::logging::set_secrets(new.secrets());
@@ -418,7 +471,7 @@ impl Generation {
                 let enabled = p.iter().filter(|r| r.enabled != 0).count();
                 tracing::debug!(proxies = p.len(), enabled, "proxy_config read.");
             }
-            Err(e) => warn!(error = %e, "Cannot read proxy_config; keeping the current egress."),
+            Err(e) => warn!(error = %e, "Cannot read proxy_config."),
         }
         let d = desired(&rows);
         self.report(&d);
@@ -489,13 +542,14 @@ impl Generation {
 
     /// Stops everything of this generation and flushes the writer.
     async fn stop(mut self) -> Result<WriterSummary, anyhow::Error> {
-        let timeout = self.cfg.operator.stop_timeout;
         self.supervisor.stop_all().await;
+        // Sockets and the live task get a second each: nothing they hold is lost by an abort
+        // (a closed candle not yet handed on is healed by REST at the next start).
         for (_, s) in std::mem::take(&mut self.streams) {
-            s.shutdown(timeout.min(Duration::from_secs(2))).await;
+            s.shutdown(Duration::from_secs(1)).await;
         }
         self.cancel.cancel();
-        if tokio::time::timeout(timeout, &mut self.live_task)
+        if tokio::time::timeout(Duration::from_secs(1), &mut self.live_task)
             .await
             .is_err()
         {

@@ -120,9 +120,14 @@ impl Supervisor {
         for (_, s) in &slots {
             s.cancel.cancel();
         }
+        // One deadline for all of them: stopping N tasks takes at most `timeout`, not N times.
+        let deadline = Instant::now() + timeout;
         for (k, s) in slots {
             let mut handle = s.handle;
-            if tokio::time::timeout(timeout, &mut handle).await.is_err() {
+            if tokio::time::timeout_at(deadline, &mut handle)
+                .await
+                .is_err()
+            {
                 warn!(pair = %k, ?timeout, "Pair task did not stop in time; aborting it.");
                 handle.abort();
                 let _ = handle.await;

@@ -33,7 +33,14 @@ struct PairLive {
     last_final: i64,
     recent: VecDeque<i64>,
     catching_up: bool,
+    /// Failed catch-ups back off (jittered, doubling) so an outage does not hammer the budget.
+    failures: u32,
+    next_try: Option<tokio::time::Instant>,
 }
+
+/// First and longest delay between failed catch-ups of one pair.
+const CATCH_UP_BACKOFF: Duration = Duration::from_secs(1);
+const CATCH_UP_MAX_BACKOFF: Duration = Duration::from_secs(120);
 
 pub struct Live {
     pub events: mpsc::Receiver<LiveEvent>,
@@ -49,7 +56,8 @@ pub struct Live {
 impl Live {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut pairs: HashMap<PairKey, PairLive> = HashMap::new();
-        let mut jobs: JoinSet<(PairKey, i64, Result<(), String>)> = JoinSet::new();
+        let mut jobs: JoinSet<(i64, Result<(), String>)> = JoinSet::new();
+        let mut job_pairs: HashMap<tokio::task::Id, PairKey> = HashMap::new();
         let mut queue: VecDeque<(PairKey, i64, i64)> = VecDeque::new();
         let mut check = tokio::time::interval(Duration::from_millis(500));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -110,16 +118,37 @@ impl Live {
                         }
                     }
                 }
-                done = jobs.join_next(), if !jobs.is_empty() => {
-                    if let Some(Ok((pair, upto, result))) = done {
-                        if let Some(p) = pairs.get_mut(&pair) {
-                            p.catching_up = false;
-                            match result {
-                                Ok(()) => p.last_final = p.last_final.max(upto),
-                                Err(e) => {
-                                    warn!(%pair, error = %e, "Stream catch-up failed; retrying on the next check.");
-                                    self.status.update(&pair, |r| r.last_error = e.clone());
-                                }
+                done = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                    let (id, outcome) = match done {
+                        Some(Ok((id, (upto, result)))) => (id, Some((upto, result))),
+                        // A panicked job is a failed one; its pair must not stay "catching up".
+                        Some(Err(e)) => (e.id(), None),
+                        None => continue,
+                    };
+                    let Some(pair) = job_pairs.remove(&id) else { continue };
+                    if let Some(p) = pairs.get_mut(&pair) {
+                        p.catching_up = false;
+                        match outcome {
+                            Some((upto, Ok(()))) => {
+                                p.last_final = p.last_final.max(upto);
+                                p.failures = 0;
+                                p.next_try = None;
+                            }
+                            failed => {
+                                let e = match failed {
+                                    Some((_, Err(e))) => e,
+                                    _ => "the catch-up task panicked".to_string(),
+                                };
+                                let delay = crate::backoff::delay(
+                                    p.failures,
+                                    CATCH_UP_BACKOFF,
+                                    CATCH_UP_MAX_BACKOFF,
+                                    &mut rand::rng(),
+                                );
+                                p.failures = p.failures.saturating_add(1);
+                                p.next_try = Some(tokio::time::Instant::now() + delay);
+                                warn!(%pair, error = %e, retry_in = ?delay, "Stream catch-up failed; retrying later.");
+                                self.status.update(&pair, |r| r.last_error = e.clone());
                             }
                         }
                     }
@@ -144,7 +173,7 @@ impl Live {
                 let Some(p) = pairs.get_mut(&pair) else {
                     continue;
                 };
-                if p.catching_up {
+                if p.catching_up || p.next_try.is_some_and(|t| tokio::time::Instant::now() < t) {
                     continue;
                 }
                 p.catching_up = true;
@@ -158,14 +187,16 @@ impl Live {
                 let backfill = self.backfill.clone();
                 let cancel = cancel.child_token();
                 info!(%pair, from, to, "Fetching candles the stream missed by REST.");
-                jobs.spawn(async move {
+                let key = pair.clone();
+                let handle = jobs.spawn(async move {
                     let r = backfill
                         .run(&pair, from, to, &ProgressBar::hidden(), &cancel)
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string());
-                    (pair, upto, r)
+                    (upto, r)
                 });
+                job_pairs.insert(handle.id(), key);
             }
         }
     }
@@ -194,7 +225,10 @@ impl Live {
     ) {
         let grace = i64::try_from(self.late_grace.as_millis()).unwrap_or(i64::MAX);
         for (pair, p) in pairs {
-            if p.catching_up || queue.iter().any(|(q, _, _)| q == pair) {
+            if p.catching_up
+                || p.next_try.is_some_and(|t| tokio::time::Instant::now() < t)
+                || queue.iter().any(|(q, _, _)| q == pair)
+            {
                 continue;
             }
             let now = self.rest.server_now(pair.market);

@@ -36,6 +36,9 @@ pub struct PairTask {
     pub backfill_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// How far behind the initial backfill's end the first gap scan starts.
+const WATERMARK_OVERLAP_MS: i64 = 3_600_000;
+
 /// Initial pair backfills running at once (they share the weight budget anyway).
 pub const PARALLEL_BACKFILLS: usize = 8;
 
@@ -48,7 +51,8 @@ impl PairTask {
             r.last_error.clear();
         });
         let start = self.spec.backfill_from.max(0);
-        let end = now_ms() + pair.period.fixed_ms().unwrap_or(crate::market::DAY_MS);
+        let end =
+            (now_ms() + pair.period.fixed_ms().unwrap_or(crate::market::DAY_MS)).max(start + 1);
         let slot = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
@@ -70,9 +74,15 @@ impl PairTask {
                     r.backfilled_from = lo;
                     r.backfilled_to = hi;
                 });
-                hi
+                // The backfill leaves its newest candles unresolved when Binance does not
+                // serve them yet (its lag): the scans re-check the last hour of it.
+                lo.max(pair.period.align(hi - WATERMARK_OVERLAP_MS))
             }
-            None => pair.period.align(self.rest.server_now(pair.market)),
+            // Nothing to backfill yet (a future `backfill_from`, or no candle yet): scans
+            // start at the later of the two.
+            None => pair
+                .period
+                .align(start.max(self.rest.server_now(pair.market))),
         };
         info!(%pair, rows_rest = summary.rows_rest, rows_archive = summary.rows_archive,
             present = summary.present, "Backfill done; gap scans take over.");
@@ -93,7 +103,12 @@ impl PairTask {
                     }
                 }
             }
-            watermark = match self.scan(watermark, steady, &cancel).await {
+            let scanned = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.scan(watermark, steady, &cancel) => r,
+            };
+            watermark = match scanned {
                 Ok(w) => w,
                 Err(BackfillError::Cancelled) => return Ok(()),
                 Err(e) => return Err(format!("gap healing failed: {e}")),
