@@ -38,7 +38,7 @@ fn binance_yaml(sim: &SimHandle, um_ws: &str) -> String {
 }
 
 /// Fast settings for tests: poll 200 ms, 1 s gap scans of 1s candles, short watchdogs.
-const FAST: &str = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n  streams:\n    idle_timeout: 1500ms\n    late_grace: 1s\n    reconnect_backoff: 200ms\n    max_reconnect_backoff: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
+const FAST: &str = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n  streams:\n    idle_timeout: 3s\n    late_grace: 1s\n    reconnect_backoff: 200ms\n    max_reconnect_backoff: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
 
 struct Daemon {
     shutdown: CancellationToken,
@@ -361,7 +361,7 @@ async fn sockets_are_renewed_make_before_break_without_gap_or_duplicate() {
     d.edit(&db.yaml(&format!(
         "{}{}",
         binance_yaml(&sim, &sim.ws_url(Market::Um)),
-        FAST.replace("idle_timeout: 1500ms", "idle_timeout: 1500ms\n    max_lifetime: 2s")
+        FAST.replace("idle_timeout: 3s", "idle_timeout: 3s\n    max_lifetime: 2s")
             .replace("late_grace: 1s", "late_grace: 30s")
             .replace("grace: 3s", "grace: 60s")
     )));
@@ -490,9 +490,20 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
             binance_yaml(&sim, &sim.ws_url(Market::Um))
         ))
     };
+    // A bad row declared before the start: once it is reported, the first reconcile (at
+    // start) has happened, and the 1 h poll reads nothing new until an edit applies.
+    let cfg = quantservice::config::Config::from_yaml_with_env(
+        &base(&slow),
+        Path::new("app.yaml"),
+        |_| None,
+    )
+    .unwrap();
+    quantservice::app::migrate(&cfg).await.unwrap();
+    db.sql("INSERT INTO trading_pairs (market, symbol, period) VALUES ('xx', 'BTCUSDT', '1m')");
     let d = Daemon::start(&base(&slow)).await;
-    wait_for(30, "the schema", || async {
-        db.try_sql("SELECT count() FROM trading_pairs").is_ok()
+    wait_for(10, "the first reconcile", || async {
+        db.try_sql("SELECT count() FROM pair_status FINAL WHERE market = 'xx'")
+            .is_ok_and(|s| s.trim() == "1")
     })
     .await;
     let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
@@ -544,9 +555,9 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
 async fn unreadable_desired_state_stops_nothing() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("op_unknown");
-    // Pings every 200 ms with a 600 ms pong deadline: the daemon must answer them all.
+    // Pings every 200 ms with a 2 s pong deadline: the daemon must answer them all.
     sim.set_ws_ping_interval(Duration::from_millis(200));
-    sim.set_ws_pong_deadline(Duration::from_millis(600));
+    sim.set_ws_pong_deadline(Duration::from_secs(2));
     let d = daemon_on(&db, &sim, "").await;
     let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
     insert_pair(&db, &p, 1, Period::S1.align(sim::now_ms()) - 5_000);
