@@ -246,6 +246,13 @@ pub async fn backfill_gap(
         governors = governors.with_override(m, cfg.binance.market(m).weight_limit);
     }
     let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
+    // The same egress pool as the daemon: the enabled proxy_config rows.
+    let rows = store.proxies().await.context("cannot read proxy_config")?;
+    let (secrets, problems) = rest.pool().set_rows(&rows, |k| std::env::var(k).ok());
+    crate::logging::set_secrets(secrets);
+    for p in problems {
+        tracing::warn!(problem = %p, "Skipping a proxy_config row.");
+    }
     let archive = Arc::new(ArchiveClient::new(
         &cfg.binance.archive_url,
         cfg.backfill.request_timeout,
@@ -271,7 +278,7 @@ pub async fn backfill_gap(
     progress.finish_and_clear();
     let summary = result?;
     let written = flushed.context("rows could not be written")?.rows_written;
-    let gov = rest.governor(pair.market).stats();
+    let gov = rest.governor_stats(pair.market);
     let (requests, _, _) = rest.stats().snapshot();
     Ok(BackfillOutcome {
         pair,

@@ -106,6 +106,46 @@ pub struct Config {
     pub operator: OperatorConfig,
     pub streams: StreamsConfig,
     pub gap_scan: GapScanConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// `app.proxy`: the SOCKS5 pool declared in `proxy_config`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProxyConfig {
+    pub mode: ProxyMode,
+    /// In `auto` mode, fall back to the direct connection when no proxy is usable.
+    pub allow_direct: bool,
+    /// Open WebSocket streams through the pool too (REST always uses it).
+    pub websocket: bool,
+    /// How often each proxy is checked (SOCKS5 connect plus Binance `time`).
+    #[serde(serialize_with = "ser_duration")]
+    pub health_interval: Duration,
+    /// How long a request waits for a usable egress before it fails.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// The pool when it has usable members; direct only as a fallback (`allow_direct`).
+    Auto,
+    /// Only the pool; never direct.
+    Always,
+    /// Never the pool.
+    Never,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            mode: ProxyMode::Auto,
+            allow_direct: true,
+            websocket: false,
+            health_interval: Duration::from_secs(30),
+            max_wait: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `app.operator`: the reconcile loop and the task supervisor.
@@ -674,6 +714,33 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
     gs.finish(errs);
     let gap_scan = GapScanConfig { grace, schedules };
 
+    let pd = ProxyConfig::default();
+    let mut px = app.child("proxy", errs);
+    let mode = match px.string("mode", "auto", errs).as_str() {
+        "auto" => ProxyMode::Auto,
+        "always" => ProxyMode::Always,
+        "never" => ProxyMode::Never,
+        other => {
+            errs.push(format!(
+                "app.proxy.mode: must be auto, always or never, got {other:?}"
+            ));
+            pd.mode
+        }
+    };
+    let proxy = ProxyConfig {
+        mode,
+        allow_direct: px.boolean("allow_direct", pd.allow_direct, errs),
+        websocket: px.boolean("websocket", pd.websocket, errs),
+        health_interval: px.duration_in(
+            "health_interval",
+            pd.health_interval,
+            Duration::from_millis(100),
+            errs,
+        ),
+        max_wait: px.duration("max_wait", pd.max_wait, errs),
+    };
+    px.finish(errs);
+
     app.finish(errs);
 
     Some(Config {
@@ -703,6 +770,7 @@ fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
         operator,
         streams,
         gap_scan,
+        proxy,
     })
 }
 
@@ -725,7 +793,7 @@ const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// A host name or IP address with nothing else (no scheme, credentials, port or path), so
 /// that no credential can hide in it and end up in a printed URL.
-fn is_bare_host(host: &str) -> bool {
+pub fn is_bare_host(host: &str) -> bool {
     if host.parse::<std::net::Ipv6Addr>().is_ok() {
         return true;
     }

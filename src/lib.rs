@@ -26,6 +26,7 @@
 //! - [`operator`]: `desired()`/`plan()`, the supervisor, `pair_status`, the reconcile runtime.
 //! - [`tasks`]: backfill engine, a pair's history and gap scans, the live stream sink.
 //! - [`metrics`]: the counters of the `Metrics:` log line.
+//! - [`proxy`]: the SOCKS5 egress pool (selection by remaining weight, quarantine, health).
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
 //!   `ws-start`).
@@ -39,6 +40,7 @@ pub mod logging;
 pub mod market;
 pub mod metrics;
 pub mod operator;
+pub mod proxy;
 pub mod sim;
 pub mod store;
 pub mod tasks;

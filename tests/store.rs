@@ -88,6 +88,7 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
             "klines",
             "pair_status",
             "proxy_config",
+            "proxy_status",
             "schema_migrations",
             "trading_pairs"
         ]

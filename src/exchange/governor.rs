@@ -82,6 +82,8 @@ pub struct Governors {
     ratio: f64,
     clock: Clock,
     overrides: HashMap<Market, u32>,
+    /// Budgets learned from `exchangeInfo`, for egresses that appear later (proxies).
+    learned: Mutex<HashMap<Market, Budget>>,
     map: Mutex<HashMap<(Market, String), Arc<Governor>>>,
 }
 
@@ -96,6 +98,7 @@ impl Governors {
             ratio,
             clock,
             overrides: HashMap::new(),
+            learned: Mutex::new(HashMap::new()),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -109,11 +112,37 @@ impl Governors {
         self
     }
 
+    /// Adopts the budget `exchangeInfo` announced for every egress of `market`, present and
+    /// future (each egress is its own address with its own budget of that size).
+    pub fn adopt(&self, market: Market, budget: Budget) {
+        self.learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(market, budget);
+        let govs: Vec<Arc<Governor>> = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|((m, _), _)| *m == market)
+            .map(|(_, g)| g.clone())
+            .collect();
+        for g in govs {
+            g.set_budget(budget);
+        }
+    }
+
     pub fn get(&self, market: Market, egress: &str) -> Arc<Governor> {
+        let learned = self
+            .learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&market)
+            .copied();
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         map.entry((market, egress.to_string()))
             .or_insert_with(|| {
-                let mut budget = Budget::default_for(market);
+                let mut budget = learned.unwrap_or_else(|| Budget::default_for(market));
                 let overridden = self.overrides.get(&market).copied();
                 if let Some(limit) = overridden {
                     budget.limit = limit;
@@ -241,6 +270,28 @@ impl Governor {
     /// The weight this process may use per window (`limit × ratio`, at least 1).
     pub fn usable(&self) -> u32 {
         usable(self.lock().budget.limit, self.ratio)
+    }
+
+    /// Weight still free in the current window span (for spreading work across egresses).
+    pub fn remaining(&self) -> u32 {
+        let mut st = self.lock();
+        st.prune(Instant::now());
+        usable(st.budget.limit, self.ratio).saturating_sub(st.in_log)
+    }
+
+    /// Until when no request may go out (a 429 pause, a 418 ban, a 403/451 block), if now.
+    pub fn held_until(&self) -> Option<Instant> {
+        let st = self.lock();
+        let now = Instant::now();
+        [
+            st.pause_until,
+            st.ban_until,
+            st.blocked.as_ref().map(|b| b.0),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|t| *t > now)
+        .max()
     }
 
     /// Adopts the budget `exchangeInfo` announced, unless the config overrides it.

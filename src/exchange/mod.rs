@@ -48,6 +48,8 @@ pub enum ExchangeError {
     },
     #[error("unexpected reply from {url}: {msg}")]
     Protocol { url: String, msg: String },
+    #[error("no usable egress for {market}: {reason}")]
+    NoEgress { market: Market, reason: String },
 }
 
 impl ExchangeError {
@@ -55,7 +57,9 @@ impl ExchangeError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ExchangeError::Server { .. } | ExchangeError::Network { .. }
+            ExchangeError::Server { .. }
+                | ExchangeError::Network { .. }
+                | ExchangeError::NoEgress { .. }
         )
     }
 }

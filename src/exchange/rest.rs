@@ -4,7 +4,7 @@
 //! (market, egress); 5xx and network errors are retried with jittered backoff, 429/418 are
 //! waited out, 403/451 block the egress, -1121/-1120 are permanent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -13,13 +13,18 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::governor::{Budget, Governor, Governors};
+use super::governor::{Budget, Governor, GovernorStats, Governors};
 use super::ExchangeError;
 use crate::config::Config;
 use crate::market::{now_ms, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
+use crate::proxy::ProxyPool;
 
 /// The egress name of direct connections (proxies get their own in a later issue).
-pub const DIRECT: &str = "direct";
+pub use crate::proxy::DIRECT;
+
+/// How long a proxy that failed to connect (down, refused auth) stays out of rotation before
+/// it is tried again (its health checks may bring it back sooner).
+const PROXY_QUARANTINE: Duration = Duration::from_secs(60);
 
 /// How long an `exchangeInfo` answer is trusted.
 const EXCHANGE_INFO_TTL: Duration = Duration::from_secs(3600);
@@ -67,10 +72,9 @@ pub struct KlinePage {
 }
 
 pub struct RestClient {
-    http: reqwest::Client,
+    pool: Arc<ProxyPool>,
     bases: HashMap<Market, String>,
     governors: Arc<Governors>,
-    egress: String,
     max_retries: u32,
     stats: Arc<RestStats>,
     /// server time − local time, per market, once measured, and when.
@@ -88,25 +92,23 @@ pub struct RestClient {
 }
 
 impl RestClient {
+    /// A client with its own egress pool (direct only until proxies are set on it).
     pub fn new(cfg: &Config, governors: Arc<Governors>) -> Result<RestClient, ExchangeError> {
-        let http = reqwest::Client::builder()
-            .timeout(cfg.backfill.request_timeout)
-            .connect_timeout(cfg.backfill.request_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("quantservice/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ExchangeError::Protocol {
-                url: String::new(),
-                msg: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let pool = Arc::new(ProxyPool::new(cfg, governors)?);
+        RestClient::with_pool(cfg, pool)
+    }
+
+    /// A client sending through `pool` (shared with the health checks and the operator).
+    pub fn with_pool(cfg: &Config, pool: Arc<ProxyPool>) -> Result<RestClient, ExchangeError> {
+        let governors = pool.governors().clone();
         let bases = Market::ALL
             .into_iter()
             .map(|m| (m, cfg.binance.market(m).rest_base().to_string()))
             .collect();
         Ok(RestClient {
-            http,
+            pool,
             bases,
             governors,
-            egress: DIRECT.to_string(),
             max_retries: cfg.backfill.max_retries,
             stats: Arc::new(RestStats::default()),
             offsets: Mutex::new(HashMap::new()),
@@ -123,8 +125,26 @@ impl RestClient {
         &self.stats
     }
 
+    /// The governor of the direct egress.
     pub fn governor(&self, market: Market) -> Arc<Governor> {
-        self.governors.get(market, &self.egress)
+        self.governors.get(market, DIRECT)
+    }
+
+    pub fn pool(&self) -> &Arc<ProxyPool> {
+        &self.pool
+    }
+
+    /// Governor counters of `market` summed over every egress (direct and proxies).
+    pub fn governor_stats(&self, market: Market) -> GovernorStats {
+        let mut sum = GovernorStats::default();
+        for e in self.pool.all() {
+            let s = self.governors.get(market, &e.name).stats();
+            sum.weight += s.weight;
+            sum.http_429 += s.http_429;
+            sum.http_418 += s.http_418;
+            sum.waits += s.waits;
+        }
+        sum
     }
 
     fn url(&self, market: Market, endpoint: &str) -> String {
@@ -154,7 +174,7 @@ impl RestClient {
                 })?,
             );
         if let Some(budget) = info.weight_budget {
-            self.governor(market).set_budget(budget);
+            self.governors.adopt(market, budget);
         }
         self.infos
             .lock()
@@ -356,7 +376,9 @@ impl RestClient {
         Ok(KlinePage { rows, server_now })
     }
 
-    /// GET through the governor, with retries. Returns the parsed JSON body of a 200.
+    /// GET through the egress pool and its governors, with retries. Returns the parsed JSON
+    /// body of a 200. A proxy that fails (connect, auth, 403/451, 418) is quarantined and the
+    /// request is retried through another egress.
     async fn get_json(
         &self,
         market: Market,
@@ -364,17 +386,39 @@ impl RestClient {
         query: &[(&str, String)],
         weight: u32,
     ) -> Result<Value, ExchangeError> {
-        let gov = self.governor(market);
         let mut failures: u32 = 0;
         let mut limited: u32 = 0;
+        let mut exclude: HashSet<String> = HashSet::new();
         loop {
-            let permit = gov.acquire(weight).await?;
+            let egress = self.pool.pick(market, &exclude).await?;
+            let gov = self.governors.get(market, &egress.name);
+            let permit = match gov.acquire(weight).await {
+                Ok(p) => p,
+                Err(e) if egress.is_proxy() => {
+                    exclude.insert(egress.name.clone());
+                    debug!(egress = %egress.name, error = %e, "Egress blocked; trying another.");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             crate::metrics::add(&crate::metrics::REQUESTS, 1);
-            let sent = self.http.get(url).query(query).send().await;
+            let sent = egress.http.get(url).query(query).send().await;
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
+                    if egress.is_proxy() && (e.is_connect() || e.is_timeout()) {
+                        // The proxy itself failed (down, refused auth, unreachable):
+                        // quarantine it and go elsewhere at once.
+                        let why = format!("proxy failed: {}", crate::error_chain(&e));
+                        egress.record(false, Some(&why));
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::add(&crate::metrics::FAIL, 1);
+                        self.pool.quarantine(&egress, PROXY_QUARANTINE, &why);
+                        exclude.insert(egress.name.clone());
+                        continue;
+                    }
+                    egress.record(false, Some(&crate::error_chain(&e)));
                     self.network_failure(&mut failures, url, &e).await?;
                     continue;
                 }
@@ -405,11 +449,13 @@ impl RestClient {
             let body = match read_capped(resp, MAX_BODY_BYTES).await {
                 Ok(b) => b,
                 Err(e) => {
+                    egress.record(false, Some(&crate::error_chain(&e)));
                     self.network_failure(&mut failures, url, &e).await?;
                     continue;
                 }
             };
             if status == 200 {
+                egress.record(true, None);
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::add(&crate::metrics::OK, 1);
                 return serde_json::from_str(&body).map_err(|e| ExchangeError::Protocol {
@@ -420,6 +466,7 @@ impl RestClient {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             crate::metrics::add(&crate::metrics::FAIL, 1);
             let (code, msg) = binance_error(&body);
+            egress.record(false, Some(&format!("HTTP {status}: {msg}")));
             match status {
                 429 | 418 => {
                     if status == 429 {
@@ -429,7 +476,7 @@ impl RestClient {
                             let mut budget = gov.budget();
                             if budget.limit > limit {
                                 budget.limit = limit;
-                                gov.set_budget(budget);
+                                self.governors.adopt(market, budget);
                             }
                         }
                         gov.on_429(retry_after);
@@ -443,6 +490,15 @@ impl RestClient {
                             })
                         });
                         gov.on_418(until);
+                        if egress.is_proxy() {
+                            // Banned: out of rotation for the ban's length; others carry on.
+                            self.pool.ban(
+                                &egress,
+                                until.unwrap_or(Duration::from_secs(120)),
+                                &format!("HTTP 418 (banned): {msg}"),
+                            );
+                            exclude.insert(egress.name.clone());
+                        }
                     }
                     limited += 1;
                     if limited > self.max_retries.saturating_mul(4) {
@@ -461,8 +517,13 @@ impl RestClient {
                     } else {
                         Duration::from_secs(300)
                     };
+                    let why = format!("HTTP {status} through {}: {msg}", egress.name);
                     gov.on_blocked(status, block, msg);
-                    gov.acquire(0).await?;
+                    if egress.is_proxy() {
+                        self.pool.quarantine(&egress, block, &why);
+                    }
+                    // Another egress may be allowed; if none is, `pick` says why.
+                    exclude.insert(egress.name.clone());
                 }
                 408 | 500..=599 => {
                     failures += 1;

@@ -26,6 +26,7 @@ use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams, StreamStats};
 use crate::market::{Market, PairKey, Period};
+use crate::proxy::ProxyPool;
 use crate::store::migrate;
 use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
 use crate::store::{Store, StoreError};
@@ -228,6 +229,8 @@ struct Generation {
     /// Last reported problem per bad `trading_pairs` row (logged once per change).
     reported: BTreeMap<(String, String, String), String>,
     grace: Arc<std::sync::atomic::AtomicU64>,
+    pool: Arc<ProxyPool>,
+    proxy_problems: Vec<String>,
 }
 
 impl Generation {
@@ -257,7 +260,27 @@ impl Generation {
         for m in Market::ALL {
             governors = governors.with_override(m, cfg.binance.market(m).weight_limit);
         }
-        let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
+        let pool = Arc::new(ProxyPool::new(&cfg, Arc::new(governors))?);
+        // Proxies are known before the first request: a region that refuses direct
+        // connections must not see one.
+        match store.proxies().await {
+            Ok(rows) => {
+                let (secrets, problems) = pool.set_rows(&rows, |k| std::env::var(k).ok());
+                crate::logging::set_secrets(secrets);
+                for p in problems {
+                    warn!(problem = %p, "Skipping a proxy_config row.");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot read proxy_config yet; starting with direct connections only.")
+            }
+        }
+        let rest = Arc::new(RestClient::with_pool(&cfg, pool.clone())?);
+        let health_cancel = cancel.child_token();
+        tokio::spawn(pool.clone().run_health(
+            format!("{}/time", cfg.binance.spot.rest_base()),
+            health_cancel,
+        ));
         let archive = Arc::new(ArchiveClient::new(
             &cfg.binance.archive_url,
             cfg.backfill.request_timeout,
@@ -352,6 +375,7 @@ impl Generation {
         let flusher = tokio::spawn(flush_status(
             store.clone(),
             status.clone(),
+            pool.clone(),
             flusher_cancel.clone(),
         ));
         Ok(Some(Generation {
@@ -372,6 +396,8 @@ impl Generation {
             flusher_cancel,
             reported: BTreeMap::new(),
             grace,
+            pool,
+            proxy_problems: Vec::new(),
         }))
     }
 
@@ -443,6 +469,10 @@ impl Generation {
             warn!("app.logging.dir and keep_days take effect at the next start; the level applies now.");
         }
         self.supervisor.set_policy(policy(new));
+        if new.proxy != self.cfg.proxy {
+            self.pool.set_config(&new.proxy);
+            info!("Proxy settings changed.");
+        }
         if new.gap_scan != self.cfg.gap_scan {
             self.grace.store(
                 u64::try_from(new.gap_scan.grace.as_millis()).unwrap_or(u64::MAX),
@@ -467,11 +497,17 @@ impl Generation {
             }
         };
         match self.store.proxies().await {
-            Ok(p) => {
-                let enabled = p.iter().filter(|r| r.enabled != 0).count();
-                tracing::debug!(proxies = p.len(), enabled, "proxy_config read.");
+            Ok(rows) => {
+                let (secrets, problems) = self.pool.set_rows(&rows, |k| std::env::var(k).ok());
+                crate::logging::set_secrets(secrets);
+                if problems != self.proxy_problems {
+                    for p in &problems {
+                        warn!(problem = %p, "Skipping a proxy_config row.");
+                    }
+                    self.proxy_problems = problems;
+                }
             }
-            Err(e) => warn!(error = %e, "Cannot read proxy_config."),
+            Err(e) => warn!(error = %e, "Cannot read proxy_config; keeping the current pool."),
         }
         let d = desired(&rows);
         self.report(&d);
@@ -573,10 +609,16 @@ impl Generation {
     }
 }
 
-/// Writes changed status rows every second (and once more when stopped).
-async fn flush_status(store: Store, status: StatusHub, cancel: CancellationToken) {
+/// Writes changed status rows (pairs and proxies) every second, and once more when stopped.
+async fn flush_status(
+    store: Store,
+    status: StatusHub,
+    pool: Arc<ProxyPool>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_proxies: Vec<crate::store::state::ProxyStatusRow> = Vec::new();
     loop {
         let stop = tokio::select! {
             biased;
@@ -589,6 +631,28 @@ async fn flush_status(store: Store, status: StatusHub, cancel: CancellationToken
             if let Err(e) = store.write_status(&rows).await {
                 warn!(error = %e, rows = rows.len(), "Cannot write pair_status; retrying.");
                 status.requeue(&rows);
+            }
+        }
+        let proxies = pool.status_rows(now);
+        let changed: Vec<_> = proxies
+            .iter()
+            .filter(|r| {
+                !last_proxies.iter().any(|l| {
+                    l.host == r.host
+                        && l.port == r.port
+                        && l.state == r.state
+                        && l.last_error == r.last_error
+                        && l.requests == r.requests
+                        && l.failures == r.failures
+                        && l.weight_used == r.weight_used
+                })
+            })
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            match store.write_proxy_status(&changed).await {
+                Ok(()) => last_proxies = proxies,
+                Err(e) => warn!(error = %e, "Cannot write proxy_status; retrying."),
             }
         }
         if stop {

@@ -123,6 +123,13 @@ impl Limiter {
         self.ban_ms = duration_ms(ban);
     }
 
+    /// Bans `ip` on every market until `until` (ms), as Binance does after repeated 429s.
+    pub(crate) fn ban_ip(&mut self, ip: IpAddr, until: i64) {
+        for m in Market::ALL {
+            self.bans.insert((m, ip), until);
+        }
+    }
+
     /// Lifts every ban and forgets this window's refusals.
     pub(crate) fn clear_bans(&mut self) {
         self.bans.clear();

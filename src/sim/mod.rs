@@ -388,6 +388,12 @@ impl SimHandle {
         self.shared.ws.finals_sent()
     }
 
+    /// Bans `ip` (418 with Retry-After on every REST request) for `for_`.
+    pub fn ban_ip(&self, ip: IpAddr, for_: Duration) {
+        let until = now_ms().saturating_add(i64::try_from(for_.as_millis()).unwrap_or(i64::MAX));
+        lock(&self.shared.limiter).ban_ip(ip, until);
+    }
+
     /// Answers 451 (restricted location) to REST requests from these client IPs.
     pub fn set_deny_451(&self, ips: Vec<IpAddr>) {
         lock(&self.shared.faults).deny_451 = ips;

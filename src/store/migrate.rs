@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_exchange_gaps.sql",
         sql: include_str!("../../sql/0003_exchange_gaps.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_proxy_status.sql",
+        sql: include_str!("../../sql/0004_proxy_status.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half

@@ -61,6 +61,22 @@ pub struct StatusRow {
     pub updated_at: u32,
 }
 
+/// One `proxy_status` row.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct ProxyStatusRow {
+    pub host: String,
+    pub port: u16,
+    /// `healthy`, `failing`, `quarantined` or `unchecked`.
+    pub state: String,
+    pub last_error: String,
+    pub requests: u64,
+    pub failures: u64,
+    /// Request weight sent through it since start, all markets.
+    pub weight_used: u64,
+    /// Unix seconds.
+    pub updated_at: u32,
+}
+
 const STATUS_COLUMNS: &str = "market, symbol, period, phase, backfilled_from, backfilled_to, \
     last_closed_open_time, lag_ms, open_gaps, reconnects, restarts, last_error, updated_at";
 
@@ -99,6 +115,22 @@ impl Store {
         let client = self.client().clone();
         self.call(async move {
             let mut insert = client.insert::<StatusRow>("pair_status").await?;
+            for r in rows {
+                insert.write(r).await?;
+            }
+            insert.end().await
+        })
+        .await
+    }
+
+    /// Appends proxy status rows (the latest per proxy wins).
+    pub async fn write_proxy_status(&self, rows: &[ProxyStatusRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().clone();
+        self.call(async move {
+            let mut insert = client.insert::<ProxyStatusRow>("proxy_status").await?;
             for r in rows {
                 insert.write(r).await?;
             }

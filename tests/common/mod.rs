@@ -580,3 +580,79 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A real SOCKS5 server (Debian's `microsocks`) on a free loopback port with a user and
+/// password, whose outgoing connections come from `bind` (e.g. 127.0.0.2), so the simulator
+/// can tell proxied requests from direct ones. Stopped when dropped.
+pub struct Socks {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+pub const SOCKS_USER: &str = "qsproxy";
+pub const SOCKS_PASSWORD: &str = "Pr0xy-s3cret-4242";
+
+impl Socks {
+    pub fn start(bind: &str) -> Socks {
+        Socks::start_with(bind, SOCKS_USER, SOCKS_PASSWORD)
+    }
+
+    pub fn start_with(bind: &str, user: &str, password: &str) -> Socks {
+        let bin = ["microsocks", "/usr/bin/microsocks"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("-h")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .expect("microsocks is not installed: run scripts/install-deps (apt-get install microsocks)");
+        for _ in 0..20 {
+            let port = dead_port();
+            let mut child = std::process::Command::new(bin)
+                .args([
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-u",
+                    user,
+                    "-P",
+                    password,
+                    "-b",
+                    bind,
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("cannot start microsocks");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken: try another
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Socks { port, child };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("microsocks did not start");
+    }
+
+    /// Stops the server (its port then refuses connections).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Socks {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
