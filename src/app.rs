@@ -2,6 +2,7 @@
 //! result the binary maps to an exit code; argument parsing lives in `main.rs`.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -77,17 +78,31 @@ pub async fn ws_start(
     migrate::run(&store)
         .await
         .context("cannot prepare ClickHouse")?;
-    let (writer, handle) = Writer::new(store, cfg.writer.clone());
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
     let writer_cancel = CancellationToken::new();
     let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    // With `app.proxy.websocket`, through the proxy_config pool like the daemon.
+    let pool = if cfg.proxy.websocket {
+        let governors = Arc::new(crate::exchange::governor::Governors::new(
+            cfg.backfill.weight_budget_ratio,
+        ));
+        let pool = Arc::new(crate::proxy::ProxyPool::new(&cfg, governors)?);
+        let rows = store.proxies().await.context("cannot read proxy_config")?;
+        let (secrets, _) = pool.set_rows(&rows, |k| std::env::var(k).ok());
+        crate::logging::set_secrets(secrets);
+        Some(pool)
+    } else {
+        None
+    };
     let mut streams = MarketStreams::new(
         pair.market,
         &cfg.binance.market(pair.market).ws_url,
         cfg.streams.clone(),
         tx,
         cancel.child_token(),
-    );
+    )
+    .with_pool(pool);
     streams.apply(&std::iter::once(pair.clone()).collect());
     info!(%pair, "Streaming; stop with Ctrl-C.");
     let mut seen = std::collections::BTreeSet::new();

@@ -279,3 +279,54 @@ async fn the_daemon_skips_dead_and_misconfigured_proxies_and_follows_rows_at_run
         .unwrap();
     let _ = Market::Um;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_go_through_the_proxy_when_asked() {
+    let sim = refusing_sim().await;
+    sim.set_ws_update_interval(Some(Duration::from_millis(100)));
+    let socks = Socks::start("127.0.0.2");
+    let db = TestDb::new("px_ws");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.yaml");
+    let yaml = db.yaml(&format!(
+        "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n  proxy:\n    websocket: true\n    allow_direct: false\n",
+        sim.ws_url(Market::Spot),
+        sim.rest_url(Market::Spot),
+        sim.rest_url(Market::Um),
+        sim.rest_url(Market::Cm),
+        sim.archive_url()
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    let cfg = quantservice::config::Config::load(&path).unwrap();
+    quantservice::app::migrate(&cfg).await.unwrap();
+    add_proxy(&db, socks.port, SOCKS_USER, SOCKS_PASSWORD, 1);
+    db.sql(&format!(
+        "INSERT INTO trading_pairs (market, symbol, period, backfill_from) VALUES ('spot', 'BTCUSDT', '1s', {})",
+        Period::S1.align(sim::now_ms()) - 5_000
+    ));
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(quantservice::app::run_daemon(
+        cfg,
+        path.clone(),
+        shutdown.clone(),
+    ));
+    wait_for(30, "candles from the proxied stream", || {
+        db.try_sql("SELECT count() FROM klines WHERE symbol = 'BTCUSDT' AND source = 'ws'")
+            .is_ok_and(|s| s.trim().parse::<u64>().unwrap_or(0) >= 3)
+    })
+    .await;
+    let ws: Vec<IpAddr> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == RequestKind::Ws && r.status == 101)
+        .map(|r| r.peer)
+        .collect();
+    assert!(!ws.is_empty());
+    assert!(ws.iter().all(|p| *p == ip("127.0.0.2")), "{ws:?}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::StreamsConfig;
 use crate::market::{now_ms, Decimal, Kline, Market, PairKey, Period, Source, Symbol};
+use crate::proxy::{ProxyEndpoint, ProxyPool};
 
 /// Streams named in the connection URL; the rest are subscribed by message (long URLs fail).
 const URL_STREAMS: usize = 50;
@@ -254,9 +255,16 @@ pub struct MarketStreams {
     next_id: u64,
     stats: Arc<StreamStats>,
     cancel: CancellationToken,
+    pool: Option<Arc<ProxyPool>>,
 }
 
 impl MarketStreams {
+    /// Streams open their sockets through `pool` (SOCKS5) instead of directly.
+    pub fn with_pool(mut self, pool: Option<Arc<ProxyPool>>) -> MarketStreams {
+        self.pool = pool;
+        self
+    }
+
     pub fn new(
         market: Market,
         ws_url: &str,
@@ -278,6 +286,7 @@ impl MarketStreams {
             next_id: 1,
             stats: Arc::new(StreamStats::default()),
             cancel,
+            pool: None,
         }
     }
 
@@ -374,6 +383,7 @@ impl MarketStreams {
             out: self.out.clone(),
             stats: self.stats.clone(),
             next_msg_id: 1,
+            pool: self.pool.clone(),
         };
         info!(market = %self.market, conn = id, streams = streams.len(), "Opening a stream connection.");
         let handle = tokio::spawn(task.run(cancel.clone()));
@@ -401,7 +411,53 @@ impl MarketStreams {
     }
 }
 
-type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A byte stream to the exchange: a TCP connection, direct or through a SOCKS5 proxy.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type WsStream = WebSocketStream<MaybeTlsStream<Box<dyn Io>>>;
+
+/// Opens the TCP connection for `url`: directly, or through `proxy` (SOCKS5, the proxy
+/// resolving the host name), then the WebSocket handshake (TLS for `wss`).
+async fn open_ws(url: &str, proxy: Option<&ProxyEndpoint>) -> Result<WsStream, String> {
+    let u = url::Url::parse(url).map_err(|e| format!("bad URL {url}: {e}"))?;
+    let host = u
+        .host_str()
+        .ok_or_else(|| format!("no host in {url}"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = u
+        .port_or_known_default()
+        .ok_or_else(|| format!("no port for {url}"))?;
+    let io: Box<dyn Io> = match proxy {
+        None => Box::new(
+            TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?,
+        ),
+        Some(p) => {
+            let proxy_addr = (p.host.as_str(), p.port);
+            let target = (host.as_str(), port);
+            let s = if p.username.is_empty() {
+                tokio_socks::tcp::Socks5Stream::connect(proxy_addr, target).await
+            } else {
+                tokio_socks::tcp::Socks5Stream::connect_with_password(
+                    proxy_addr,
+                    target,
+                    &p.username,
+                    p.password.expose(),
+                )
+                .await
+            };
+            Box::new(s.map_err(|e| format!("proxy {}:{} failed: {e}", p.host, p.port))?)
+        }
+    };
+    let (ws, _) = tokio_tungstenite::client_async_tls(url, io)
+        .await
+        .map_err(|e| format!("WebSocket handshake with {host}:{port} failed: {e}"))?;
+    Ok(ws)
+}
 
 /// What a socket's reader tells its connection task.
 enum SockEvent {
@@ -463,6 +519,8 @@ struct ConnTask {
     out: mpsc::Sender<LiveEvent>,
     stats: Arc<StreamStats>,
     next_msg_id: u64,
+    /// Set when streams go through the proxy pool (`app.proxy.websocket`).
+    pool: Option<Arc<ProxyPool>>,
 }
 
 impl ConnTask {
@@ -682,10 +740,32 @@ impl ConnTask {
         } else {
             format!("{}?streams={}", self.url, in_url.join("/"))
         };
-        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&url))
-            .await
-            .map_err(|_| format!("connecting to {} timed out", self.url))?
-            .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
+        // Through the pool when `app.proxy.websocket` is on (the pool may still say direct).
+        let egress = match &self.pool {
+            Some(pool) => Some(
+                pool.pick(self.market, &HashSet::new())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let proxy = egress.as_ref().and_then(|e| e.proxy.clone());
+        let opened = tokio::time::timeout(CONNECT_TIMEOUT, open_ws(&url, proxy.as_ref())).await;
+        let ws = match opened {
+            Ok(Ok(ws)) => ws,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => format!("connecting to {} timed out", self.url),
+                };
+                if let (Some(pool), Some(e)) = (&self.pool, &egress) {
+                    if e.is_proxy() {
+                        pool.quarantine(e, Duration::from_secs(60), &why);
+                    }
+                }
+                return Err(why);
+            }
+        };
         let (write, read) = ws.split();
         let opened_ms = now_ms();
         let last_data = Arc::new(AtomicI64::new(opened_ms));

@@ -126,6 +126,7 @@ fn needs_rebuild(old: &Config, new: &Config) -> bool {
         || old.writer != new.writer
         || old.backfill != new.backfill
         || old.streams != new.streams
+        || old.proxy.websocket != new.proxy.websocket
 }
 
 fn policy(cfg: &Config) -> Policy {
@@ -303,7 +304,8 @@ impl Generation {
                 cfg.streams.clone(),
                 ev_tx.clone(),
                 cancel.child_token(),
-            );
+            )
+            .with_pool(cfg.proxy.websocket.then(|| pool.clone()));
             stream_stats.push(s.stats());
             streams.insert(m, s);
         }
