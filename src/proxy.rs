@@ -143,7 +143,12 @@ fn build_client(
         Some(p) => {
             // socks5h: the proxy resolves Binance's host names (no DNS leak, and the proxy's
             // view of DNS is the one that matters for its region).
-            let mut url = url::Url::parse(&format!("socks5h://{}:{}", p.host, p.port))
+            let host = if p.host.contains(':') {
+                format!("[{}]", p.host)
+            } else {
+                p.host.clone()
+            };
+            let mut url = url::Url::parse(&format!("socks5h://{host}:{}", p.port))
                 .map_err(|e| format!("proxy {}:{}: bad address ({e})", p.host, p.port))?;
             if !p.username.is_empty() {
                 url.set_username(&p.username)
@@ -159,6 +164,16 @@ fn build_client(
     }
     b.build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// What a health check found.
+enum Check {
+    /// 418: banned for this long.
+    Banned(Duration),
+    /// Binance answered through the proxy, with an error status.
+    Answered(String),
+    /// The proxy failed (connect, auth, timeout).
+    Failed(String),
 }
 
 /// The pool. Shared by every REST client of a generation.
@@ -314,10 +329,11 @@ impl ProxyPool {
         market: Market,
         exclude: &HashSet<String>,
     ) -> Result<Arc<Egress>, ExchangeError> {
-        let cfg = self.config();
-        let deadline = Instant::now() + cfg.max_wait;
+        let deadline = Instant::now() + self.config().max_wait;
         let mut warned = false;
         loop {
+            // Re-read each turn: a live change of mode or allow_direct applies to waiters.
+            let cfg = self.config();
             let now = Instant::now();
             let notified = self.changed.notified();
             let members: Vec<Arc<Egress>> = if cfg.mode == ProxyMode::Never {
@@ -325,14 +341,16 @@ impl ProxyPool {
             } else {
                 self.members()
                     .into_iter()
-                    .filter(|e| !e.quarantined(now) && !exclude.contains(&e.name))
+                    // A proxy that failed this request is quarantined; once its quarantine
+                    // lapses it may serve the request again.
+                    .filter(|e| !e.quarantined(now))
                     .collect()
             };
             let mut cands = members;
             let direct_ok = match cfg.mode {
                 ProxyMode::Never => true,
                 ProxyMode::Always => false,
-                ProxyMode::Auto => cfg.allow_direct || self.members().is_empty(),
+                ProxyMode::Auto => cfg.allow_direct,
             };
             if cands.is_empty() && direct_ok && !exclude.contains(DIRECT) {
                 cands.push(self.direct.clone());
@@ -418,19 +436,55 @@ impl ProxyPool {
                 tokio::time::timeout(Duration::from_secs(10), e.http.get(time_url).send()).await;
             let err = match res {
                 Ok(Ok(r)) if r.status().is_success() => None,
-                Ok(Ok(r)) => Some(format!("HTTP {} from Binance", r.status().as_u16())),
-                Ok(Err(err)) => Some(crate::error_chain(&err)),
-                Err(_) => Some("health check timed out".to_string()),
+                Ok(Ok(r)) if r.status().as_u16() == 418 => {
+                    let secs = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(120);
+                    Some(Check::Banned(Duration::from_secs(secs.min(4 * 86_400))))
+                }
+                // Binance answered through the proxy: the proxy works (what the exchange
+                // thinks of this address shows in the requests themselves).
+                Ok(Ok(r)) => Some(Check::Answered(format!(
+                    "HTTP {} from Binance",
+                    r.status().as_u16()
+                ))),
+                Ok(Err(err)) => Some(Check::Failed(crate::error_chain(&err))),
+                Err(_) => Some(Check::Failed("health check timed out".to_string())),
             };
             (e.clone(), err)
         });
         for (e, err) in futures_util::future::join_all(checks).await {
+            let err = match err {
+                Some(Check::Banned(for_)) => {
+                    {
+                        let mut st = e.lock();
+                        st.healthy = Some(false);
+                        st.next_check = Some(Instant::now() + for_);
+                    }
+                    self.ban(&e, for_, "HTTP 418 (banned) on a health check");
+                    continue;
+                }
+                Some(Check::Answered(msg)) => {
+                    let mut st = e.lock();
+                    st.healthy = Some(true);
+                    st.health_failures = 0;
+                    st.last_error = format!("health check: {msg}");
+                    st.next_check = Some(Instant::now() + interval);
+                    continue;
+                }
+                Some(Check::Failed(msg)) => Some(msg),
+                None => None,
+            };
             let mut st = e.lock();
             match err {
                 None => {
                     if st.healthy == Some(false) {
                         info!(proxy = %e.name, "Proxy healthy again.");
-                        st.quarantined_until = None;
+                        // A ban (418) keeps its own end.
+                        st.quarantined_until = st.banned_until.filter(|t| *t > Instant::now());
                     }
                     st.healthy = Some(true);
                     st.health_failures = 0;

@@ -330,3 +330,36 @@ async fn streams_go_through_the_proxy_when_asked() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_usable_egress_a_request_waits_then_fails_naming_the_proxy() {
+    let sim = refusing_sim().await;
+    let mut dead = Socks::start("127.0.0.2");
+    dead.stop();
+    let db = TestDb::new("px_none");
+    let cfg = db.config(&format!(
+        "{}  proxy:\n    mode: always\n    max_wait: 1s\n",
+        common::sim_binance_yaml(&sim, "")
+    ));
+    quantservice::app::migrate(&cfg).await.unwrap();
+    add_proxy(&db, dead.port, SOCKS_USER, SOCKS_PASSWORD, 1);
+    let end = Period::M1.align(sim::now_ms()) - HOUR;
+    let req = BackfillRequest {
+        market: "um".into(),
+        symbol: "BTCUSDT".into(),
+        period: "1m".into(),
+        start_ms: end - HOUR,
+        end_ms: end,
+        source: Some("rest".into()),
+    };
+    let t = Instant::now();
+    let err = backfill_gap(cfg, req, ProgressBar::hidden(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(t.elapsed() >= Duration::from_secs(1), "it waited first");
+    assert!(msg.contains("no usable egress"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{}", dead.port)), "{msg}");
+    assert!(!msg.contains(SOCKS_PASSWORD), "{msg}");
+    assert!(rest_from(&sim, "127.0.0.1", 200).is_empty());
+}

@@ -84,8 +84,8 @@ pub struct RestClient {
     firsts: Mutex<HashMap<PairKey, i64>>,
     /// Single flight: a thousand tasks starting at once wait for one `exchangeInfo` (or one
     /// `time`) request instead of sending a thousand.
-    info_flight: tokio::sync::Mutex<()>,
-    time_flight: tokio::sync::Mutex<()>,
+    info_flight: [tokio::sync::Mutex<()>; 3],
+    time_flight: [tokio::sync::Mutex<()>; 3],
     infos: Mutex<HashMap<Market, (Instant, Arc<ExchangeInfo>)>>,
     /// Per market: whether replies carry `X-MBX-USED-WEIGHT-*` (`None`: no reply yet).
     weight_headers: Mutex<HashMap<Market, bool>>,
@@ -114,8 +114,8 @@ impl RestClient {
             offsets: Mutex::new(HashMap::new()),
             measured: Mutex::new(HashMap::new()),
             firsts: Mutex::new(HashMap::new()),
-            info_flight: tokio::sync::Mutex::new(()),
-            time_flight: tokio::sync::Mutex::new(()),
+            info_flight: Default::default(),
+            time_flight: Default::default(),
             infos: Mutex::new(HashMap::new()),
             weight_headers: Mutex::new(HashMap::new()),
         })
@@ -157,7 +157,7 @@ impl RestClient {
         if let Some(info) = self.cached_info(market) {
             return Ok(info);
         }
-        let _flight = self.info_flight.lock().await;
+        let _flight = self.info_flight[market_index(market)].lock().await;
         // Someone else may have fetched it while we waited.
         if let Some(info) = self.cached_info(market) {
             return Ok(info);
@@ -247,7 +247,7 @@ impl RestClient {
         if fresh() {
             return Ok(self.server_now(market));
         }
-        let _flight = self.time_flight.lock().await;
+        let _flight = self.time_flight[market_index(market)].lock().await;
         if fresh() {
             Ok(self.server_now(market))
         } else {
@@ -394,12 +394,13 @@ impl RestClient {
             let gov = self.governors.get(market, &egress.name);
             let permit = match gov.acquire(weight).await {
                 Ok(p) => p,
-                Err(e) if egress.is_proxy() => {
+                Err(e) => {
+                    // Blocked (403/451) for a while: another egress, or a bounded wait in
+                    // `pick` that says why.
                     exclude.insert(egress.name.clone());
                     debug!(egress = %egress.name, error = %e, "Egress blocked; trying another.");
                     continue;
                 }
-                Err(e) => return Err(e.into()),
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             crate::metrics::add(&crate::metrics::REQUESTS, 1);
@@ -407,7 +408,7 @@ impl RestClient {
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    if egress.is_proxy() && (e.is_connect() || e.is_timeout()) {
+                    if egress.is_proxy() && e.is_connect() {
                         // The proxy itself failed (down, refused auth, unreachable):
                         // quarantine it and go elsewhere at once.
                         let why = format!("proxy failed: {}", crate::error_chain(&e));
@@ -586,6 +587,15 @@ impl RestClient {
         warn!(%url, attempt = failures, retry_in = ?delay, error = %msg,
             "Binance request failed; retrying.");
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Position of `market` in `Market::ALL` (per-market arrays).
+fn market_index(market: Market) -> usize {
+    match market {
+        Market::Spot => 0,
+        Market::Um => 1,
+        Market::Cm => 2,
     }
 }
 
