@@ -76,6 +76,26 @@ struct Counters {
     gap_candles: AtomicU64,
 }
 
+/// Grid open times in `[from, to)` that are neither stored as closed candles nor known
+/// exchange gaps (off-grid stored candles count for the slot they fall in).
+pub async fn missing_candles(
+    store: &Store,
+    pair: &PairKey,
+    from: i64,
+    to: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let stored: HashSet<i64> = store
+        .final_open_times(pair, from, to)
+        .await?
+        .into_iter()
+        .map(|t| pair.period.align(t))
+        .collect();
+    let gaps = store.exchange_gaps(pair, from, to).await?;
+    Ok(grid(pair.period, from, to)
+        .filter(|t| !stored.contains(t) && !gaps.iter().any(|&(s, e)| *t >= s && *t < e))
+        .collect())
+}
+
 pub struct Backfill {
     rest: Arc<RestClient>,
     archive: Arc<ArchiveClient>,
@@ -177,21 +197,8 @@ impl Backfill {
         cancel: &CancellationToken,
         counters: &Counters,
     ) -> Result<u64, BackfillError> {
-        let stored: HashSet<i64> = self
-            .store
-            .final_open_times(pair, cs, ce)
-            .await?
-            .into_iter()
-            .map(|t| pair.period.align(t))
-            .collect();
-        let gaps = self.store.exchange_gaps(pair, cs, ce).await?;
-        let in_gap = |t: i64| gaps.iter().any(|&(s, e)| t >= s && t < e);
         let expected: Vec<i64> = grid(pair.period, cs, ce).collect();
-        let mut missing: Vec<i64> = expected
-            .iter()
-            .copied()
-            .filter(|t| !stored.contains(t) && !in_gap(*t))
-            .collect();
+        let mut missing = missing_candles(&self.store, pair, cs, ce).await?;
         let present = (expected.len() - missing.len()) as u64;
         progress.inc(present);
         if missing.is_empty() {

@@ -4,7 +4,6 @@
 //! and look only at candles closed at least `gap_scan.grace` ago, which the stream should have
 //! delivered. Missing candles go to the backfill engine; confirmed gaps are never fetched again.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -13,12 +12,12 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::exchange::rest::{grid, RestClient};
+use crate::exchange::rest::RestClient;
 use crate::market::{now_ms, PairKey};
 use crate::operator::desired::PairSpec;
 use crate::operator::status::{phase, StatusHub};
 use crate::store::Store;
-use crate::tasks::backfill::{Backfill, BackfillError};
+use crate::tasks::backfill::{missing_candles, Backfill, BackfillError};
 
 pub struct PairTask {
     pub pair: PairKey,
@@ -136,7 +135,7 @@ impl PairTask {
         if watermark >= horizon {
             return Ok(watermark);
         }
-        let missing = self.missing(watermark, horizon).await?;
+        let missing = missing_candles(&self.store, pair, watermark, horizon).await?;
         if missing.is_empty() {
             self.status.update(pair, |r| r.open_gaps = 0);
             return Ok(horizon);
@@ -157,7 +156,7 @@ impl PairTask {
                 cancel,
             )
             .await?;
-        let still = self.missing(watermark, horizon).await?;
+        let still = missing_candles(&self.store, pair, watermark, horizon).await?;
         debug!(%pair, still = still.len(), "Gap scan done.");
         self.status.update(pair, |r| {
             r.phase = steady.into();
@@ -165,21 +164,5 @@ impl PairTask {
         });
         // Everything before the first candle still missing is verified.
         Ok(still.first().copied().unwrap_or(horizon))
-    }
-
-    /// Open times in `[from, to)` that are neither stored as final nor known exchange gaps.
-    async fn missing(&self, from: i64, to: i64) -> Result<Vec<i64>, BackfillError> {
-        let pair = &self.pair;
-        let stored: HashSet<i64> = self
-            .store
-            .final_open_times(pair, from, to)
-            .await?
-            .into_iter()
-            .map(|t| pair.period.align(t))
-            .collect();
-        let gaps = self.store.exchange_gaps(pair, from, to).await?;
-        Ok(grid(pair.period, from, to)
-            .filter(|t| !stored.contains(t) && !gaps.iter().any(|&(s, e)| *t >= s && *t < e))
-            .collect())
     }
 }
