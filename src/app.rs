@@ -88,9 +88,13 @@ pub async fn ws_start(
             cfg.backfill.weight_budget_ratio,
         ));
         let pool = Arc::new(crate::proxy::ProxyPool::new(&cfg, governors)?);
-        let rows = store.proxies().await.context("cannot read proxy_config")?;
-        let (secrets, _) = pool.set_rows(&rows, |k| std::env::var(k).ok());
-        crate::logging::set_secrets(secrets);
+        for p in pool
+            .load(&store)
+            .await
+            .context("cannot read proxy_config")?
+        {
+            tracing::warn!(problem = %p, "Skipping a proxy_config row.");
+        }
         Some(pool)
     } else {
         None
@@ -262,10 +266,12 @@ pub async fn backfill_gap(
     }
     let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
     // The same egress pool as the daemon: the enabled proxy_config rows.
-    let rows = store.proxies().await.context("cannot read proxy_config")?;
-    let (secrets, problems) = rest.pool().set_rows(&rows, |k| std::env::var(k).ok());
-    crate::logging::set_secrets(secrets);
-    for p in problems {
+    for p in rest
+        .pool()
+        .load(&store)
+        .await
+        .context("cannot read proxy_config")?
+    {
         tracing::warn!(problem = %p, "Skipping a proxy_config row.");
     }
     let archive = Arc::new(ArchiveClient::new(

@@ -304,6 +304,18 @@ impl ProxyPool {
         (secrets, problems)
     }
 
+    /// Reads `proxy_config` and applies it (passwords go to the log scrubber); returns the
+    /// problems with rows that were skipped.
+    pub async fn load(
+        &self,
+        store: &crate::store::Store,
+    ) -> Result<Vec<String>, crate::store::StoreError> {
+        let rows = store.proxies().await?;
+        let (secrets, problems) = self.set_rows(&rows, |k| std::env::var(k).ok());
+        crate::logging::set_secrets(secrets);
+        Ok(problems)
+    }
+
     /// Takes `e` out of rotation for `for_` (its name and the reason are logged).
     pub fn quarantine(&self, e: &Egress, for_: Duration, reason: &str) {
         {

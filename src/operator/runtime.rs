@@ -264,10 +264,8 @@ impl Generation {
         let pool = Arc::new(ProxyPool::new(&cfg, Arc::new(governors))?);
         // Proxies are known before the first request: a region that refuses direct
         // connections must not see one.
-        match store.proxies().await {
-            Ok(rows) => {
-                let (secrets, problems) = pool.set_rows(&rows, |k| std::env::var(k).ok());
-                crate::logging::set_secrets(secrets);
+        match pool.load(&store).await {
+            Ok(problems) => {
                 for p in problems {
                     warn!(problem = %p, "Skipping a proxy_config row.");
                 }
@@ -498,10 +496,8 @@ impl Generation {
                 return;
             }
         };
-        match self.store.proxies().await {
-            Ok(rows) => {
-                let (secrets, problems) = self.pool.set_rows(&rows, |k| std::env::var(k).ok());
-                crate::logging::set_secrets(secrets);
+        match self.pool.load(&self.store).await {
+            Ok(problems) => {
                 if problems != self.proxy_problems {
                     for p in &problems {
                         warn!(problem = %p, "Skipping a proxy_config row.");
