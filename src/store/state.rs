@@ -109,28 +109,25 @@ impl Store {
 
     /// Appends status rows (the latest per pair wins).
     pub async fn write_status(&self, rows: &[StatusRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let client = self.client().clone();
-        self.call(async move {
-            let mut insert = client.insert::<StatusRow>("pair_status").await?;
-            for r in rows {
-                insert.write(r).await?;
-            }
-            insert.end().await
-        })
-        .await
+        self.append("pair_status", rows).await
     }
 
     /// Appends proxy status rows (the latest per proxy wins).
     pub async fn write_proxy_status(&self, rows: &[ProxyStatusRow]) -> Result<(), StoreError> {
+        self.append("proxy_status", rows).await
+    }
+
+    /// Inserts owned rows into `table` in one statement (nothing for an empty slice).
+    async fn append<T>(&self, table: &str, rows: &[T]) -> Result<(), StoreError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite + Sync,
+    {
         if rows.is_empty() {
             return Ok(());
         }
         let client = self.client().clone();
         self.call(async move {
-            let mut insert = client.insert::<ProxyStatusRow>("proxy_status").await?;
+            let mut insert = client.insert::<T>(table).await?;
             for r in rows {
                 insert.write(r).await?;
             }
