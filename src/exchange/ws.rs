@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,17 +103,6 @@ pub enum LiveEvent {
         pairs: Vec<PairKey>,
         reconnect: bool,
     },
-}
-
-/// Counters of one market's connections (for status and metrics).
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    pub connects: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub rotations: AtomicU64,
-    pub messages: AtomicU64,
-    pub finals: AtomicU64,
-    pub stalls: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -253,7 +242,6 @@ pub struct MarketStreams {
     /// Which connection carries each stream, and the pair behind it.
     owner: BTreeMap<String, (u64, PairKey)>,
     next_id: u64,
-    stats: Arc<StreamStats>,
     cancel: CancellationToken,
     pool: Option<Arc<ProxyPool>>,
 }
@@ -284,14 +272,9 @@ impl MarketStreams {
             conns: Vec::new(),
             owner: BTreeMap::new(),
             next_id: 1,
-            stats: Arc::new(StreamStats::default()),
             cancel,
             pool: None,
         }
-    }
-
-    pub fn stats(&self) -> Arc<StreamStats> {
-        self.stats.clone()
     }
 
     /// Open connections and the streams each carries.
@@ -381,7 +364,6 @@ impl MarketStreams {
             streams: pairs,
             cmd: rx,
             out: self.out.clone(),
-            stats: self.stats.clone(),
             next_msg_id: 1,
             pool: self.pool.clone(),
         };
@@ -517,7 +499,6 @@ struct ConnTask {
     streams: BTreeMap<String, PairKey>,
     cmd: mpsc::UnboundedReceiver<Cmd>,
     out: mpsc::Sender<LiveEvent>,
-    stats: Arc<StreamStats>,
     next_msg_id: u64,
     /// Set when streams go through the proxy pool (`app.proxy.websocket`).
     pool: Option<Arc<ProxyPool>>,
@@ -538,10 +519,6 @@ impl ConnTask {
                 Some(s) => s,
                 None => return,
             };
-            if reconnect {
-                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            self.stats.connects.fetch_add(1, Ordering::Relaxed);
             let _ = self
                 .out
                 .send(LiveEvent::Connected {
@@ -630,13 +607,11 @@ impl ConnTask {
                             if let Some(n) = next.take() {
                                 let old = std::mem::replace(&mut cur, n);
                                 old.close().await;
-                                self.stats.rotations.fetch_add(1, Ordering::Relaxed);
                                 info!(market = %self.market, conn = self.id, "Stream connection renewed.");
                             }
                         }
                         let idle = now_ms() - cur.last_data.load(Ordering::Relaxed);
                         if !self.streams.is_empty() && idle > self.cfg.idle_timeout.as_millis() as i64 {
-                            self.stats.stalls.fetch_add(1, Ordering::Relaxed);
                             break format!("no data for {idle} ms (only pings or nothing)");
                         }
                         if next.is_none()
@@ -776,7 +751,6 @@ impl ConnTask {
             ev_tx.clone(),
             self.out.clone(),
             last_data.clone(),
-            self.stats.clone(),
         ));
         debug!(market = %self.market, conn = self.id, gen, streams = names.len(), "Stream socket open.");
         let mut sock = Sock {
@@ -833,7 +807,6 @@ async fn read_loop(
     ev_tx: mpsc::UnboundedSender<SockEvent>,
     out: mpsc::Sender<LiveEvent>,
     last_data: Arc<AtomicI64>,
-    stats: Arc<StreamStats>,
 ) {
     let why = loop {
         let Some(msg) = read.next().await else {
@@ -852,11 +825,9 @@ async fn read_loop(
             Err(e) => break format!("read error: {e}"),
         };
         last_data.store(now_ms(), Ordering::Relaxed);
-        stats.messages.fetch_add(1, Ordering::Relaxed);
         match parse_frame(market, text.as_str()) {
             Ok(Incoming::Kline { kline, event_ms }) => {
                 if kline.is_final {
-                    stats.finals.fetch_add(1, Ordering::Relaxed);
                     if out
                         .send(LiveEvent::Final { kline, event_ms })
                         .await

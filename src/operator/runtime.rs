@@ -24,7 +24,7 @@ use crate::config::{Config, GapScanConfig};
 use crate::exchange::archive::ArchiveClient;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
-use crate::exchange::ws::{LiveEvent, MarketStreams, StreamStats};
+use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey, Period};
 use crate::proxy::ProxyPool;
 use crate::store::migrate;
@@ -219,7 +219,6 @@ struct Generation {
     writer_cancel: CancellationToken,
     writer_task: JoinHandle<Result<WriterSummary, WriterError>>,
     streams: BTreeMap<Market, MarketStreams>,
-    stream_stats: Vec<Arc<StreamStats>>,
     streamed: watch::Sender<BTreeSet<PairKey>>,
     live_task: JoinHandle<()>,
     supervisor: Supervisor,
@@ -294,7 +293,6 @@ impl Generation {
 
         let (ev_tx, ev_rx) = mpsc::channel::<LiveEvent>(16_384);
         let mut streams = BTreeMap::new();
-        let mut stream_stats = Vec::new();
         for m in Market::ALL {
             let s = MarketStreams::new(
                 m,
@@ -304,7 +302,6 @@ impl Generation {
                 cancel.child_token(),
             )
             .with_pool(cfg.proxy.websocket.then(|| pool.clone()));
-            stream_stats.push(s.stats());
             streams.insert(m, s);
         }
         drop(ev_tx);
@@ -386,7 +383,6 @@ impl Generation {
             writer_cancel,
             writer_task,
             streams,
-            stream_stats,
             streamed,
             live_task,
             supervisor,
@@ -602,7 +598,6 @@ impl Generation {
         // The last status rows after everything stopped.
         self.flusher_cancel.cancel();
         let _ = self.flusher.await;
-        let _ = &self.stream_stats;
         Ok(summary)
     }
 }

@@ -58,7 +58,7 @@ impl Live {
         let mut pairs: HashMap<PairKey, PairLive> = HashMap::new();
         let mut jobs: JoinSet<(i64, Result<(), String>)> = JoinSet::new();
         let mut job_pairs: HashMap<tokio::task::Id, PairKey> = HashMap::new();
-        let mut queue: VecDeque<(PairKey, i64, i64)> = VecDeque::new();
+        let mut queue: VecDeque<(PairKey, i64)> = VecDeque::new();
         let mut check = tokio::time::interval(Duration::from_millis(500));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -110,7 +110,7 @@ impl Live {
                                     if let Some(p) = pairs.get(pair) {
                                         let from = pair.period.next_open(p.last_final);
                                         if !p.catching_up {
-                                            queue.push_back((pair.clone(), from, i64::MAX));
+                                            queue.push_back((pair.clone(), from));
                                         }
                                     }
                                 }
@@ -167,7 +167,7 @@ impl Live {
             }
             // Start queued catch-ups.
             while jobs.len() < CATCH_UP_CONCURRENCY {
-                let Some((pair, from, _)) = queue.pop_front() else {
+                let Some((pair, from)) = queue.pop_front() else {
                     break;
                 };
                 let Some(p) = pairs.get_mut(&pair) else {
@@ -218,16 +218,12 @@ impl Live {
     }
 
     /// Pairs whose newest closed candle is overdue by more than the grace period.
-    fn find_late(
-        &self,
-        pairs: &HashMap<PairKey, PairLive>,
-        queue: &mut VecDeque<(PairKey, i64, i64)>,
-    ) {
+    fn find_late(&self, pairs: &HashMap<PairKey, PairLive>, queue: &mut VecDeque<(PairKey, i64)>) {
         let grace = i64::try_from(self.late_grace.as_millis()).unwrap_or(i64::MAX);
         for (pair, p) in pairs {
             if p.catching_up
                 || p.next_try.is_some_and(|t| tokio::time::Instant::now() < t)
-                || queue.iter().any(|(q, _, _)| q == pair)
+                || queue.iter().any(|(q, _)| q == pair)
             {
                 continue;
             }
@@ -239,7 +235,7 @@ impl Live {
                 continue;
             }
             if now > pair.period.close_time(newest) + grace {
-                queue.push_back((pair.clone(), pair.period.next_open(p.last_final), i64::MAX));
+                queue.push_back((pair.clone(), pair.period.next_open(p.last_final)));
             }
         }
     }
