@@ -60,8 +60,7 @@ async fn run(
 ) {
     let mut last_text = std::fs::read_to_string(&path).ok();
     let mut events = Some(events);
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = crate::ticker(POLL);
     loop {
         tokio::select! {
             biased;

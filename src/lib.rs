@@ -70,3 +70,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+/// A periodic timer that, after a stall, delays the next tick instead of firing a burst of
+/// missed ones (every loop here wants that). The first tick completes at once.
+pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}

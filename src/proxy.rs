@@ -525,8 +525,7 @@ impl ProxyPool {
 
     /// Health checks every second for due proxies, until cancelled.
     pub async fn run_health(self: Arc<Self>, time_url: String, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::ticker(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;

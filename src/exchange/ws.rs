@@ -530,8 +530,7 @@ impl ConnTask {
             let mut next: Option<Sock> = None;
             let mut rotate_attempt = 0u32;
             let mut rotate_not_before = Instant::now();
-            let mut tick = tokio::time::interval(control_gap(self.market));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = crate::ticker(control_gap(self.market));
             let why: String = loop {
                 tokio::select! {
                     biased;

@@ -142,8 +142,22 @@ fn policy(cfg: &Config) -> Policy {
 /// senders outlive schedule changes, so pair tasks keep their receivers.
 struct ScanScheduler {
     sched: tokio_cron_scheduler::JobScheduler,
-    ticks: HashMap<Period, broadcast::Sender<()>>,
+    ticks: Ticks,
     jobs: Vec<Uuid>,
+}
+
+/// One tick channel per period (every period has one).
+#[derive(Clone)]
+struct Ticks(Arc<HashMap<Period, broadcast::Sender<()>>>);
+
+impl Ticks {
+    fn subscribe(&self, p: Period) -> broadcast::Receiver<()> {
+        match self.0.get(&p) {
+            Some(tx) => tx.subscribe(),
+            // Unreachable; a receiver that never ticks only means no scans.
+            None => broadcast::channel(1).1,
+        }
+    }
 }
 
 impl ScanScheduler {
@@ -155,10 +169,12 @@ impl ScanScheduler {
             .start()
             .await
             .context("cannot start the gap-scan scheduler")?;
-        let ticks = Period::ALL
-            .iter()
-            .map(|p| (*p, broadcast::channel(4).0))
-            .collect();
+        let ticks = Ticks(Arc::new(
+            Period::ALL
+                .iter()
+                .map(|p| (*p, broadcast::channel(4).0))
+                .collect(),
+        ));
         let mut s = ScanScheduler {
             sched,
             ticks,
@@ -177,6 +193,7 @@ impl ScanScheduler {
             let expr = cfg.cron_for(p);
             let tx = self
                 .ticks
+                .0
                 .get(&p)
                 .cloned()
                 .context("tick channel missing")?;
@@ -197,17 +214,21 @@ impl ScanScheduler {
         Ok(())
     }
 
-    fn subscribe(&self, p: Period) -> broadcast::Receiver<()> {
-        match self.ticks.get(&p) {
-            Some(tx) => tx.subscribe(),
-            // Every period has a channel; a closed receiver only ends scans.
-            None => broadcast::channel(1).1,
-        }
-    }
-
     async fn shutdown(mut self) {
         let _ = self.sched.shutdown().await;
     }
+}
+
+/// What every pair task of a generation shares.
+#[derive(Clone)]
+struct PairDeps {
+    backfill: Arc<Backfill>,
+    rest: Arc<RestClient>,
+    store: Store,
+    status: StatusHub,
+    ticks: Ticks,
+    grace: Arc<std::sync::atomic::AtomicU64>,
+    backfill_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One generation of clients and tasks.
@@ -222,7 +243,7 @@ struct Generation {
     streamed: watch::Sender<BTreeSet<PairKey>>,
     live_task: JoinHandle<()>,
     supervisor: Supervisor,
-    scheduler: Arc<tokio::sync::Mutex<Option<ScanScheduler>>>,
+    scheduler: Option<ScanScheduler>,
     status: StatusHub,
     flusher: JoinHandle<()>,
     flusher_cancel: CancellationToken,
@@ -317,55 +338,39 @@ impl Generation {
         };
         let live_task = tokio::spawn(live.run(cancel.child_token()));
 
-        let scheduler = Arc::new(tokio::sync::Mutex::new(Some(
-            ScanScheduler::start(&cfg.gap_scan).await?,
-        )));
+        let scheduler = ScanScheduler::start(&cfg.gap_scan).await?;
         let grace = Arc::new(std::sync::atomic::AtomicU64::new(
             u64::try_from(cfg.gap_scan.grace.as_millis()).unwrap_or(u64::MAX),
         ));
-        let slots = Arc::new(tokio::sync::Semaphore::new(
-            crate::tasks::pair::PARALLEL_BACKFILLS,
-        ));
-        let factory: Factory = {
-            let (backfill, rest, store, status, scheduler, grace) = (
-                backfill.clone(),
-                rest.clone(),
-                store.clone(),
-                status.clone(),
-                scheduler.clone(),
-                grace.clone(),
-            );
-            Arc::new(move |pair: PairKey, spec: PairSpec, cancel| {
-                let backfill_slots = slots.clone();
-                let (backfill, rest, store, status, scheduler, grace) = (
-                    backfill.clone(),
-                    rest.clone(),
-                    store.clone(),
-                    status.clone(),
-                    scheduler.clone(),
-                    grace.clone(),
-                );
-                Box::pin(async move {
-                    let ticks = match scheduler.lock().await.as_ref() {
-                        Some(s) => s.subscribe(pair.period),
-                        None => return Ok(()),
-                    };
-                    PairTask {
-                        pair,
-                        spec,
-                        backfill,
-                        rest,
-                        store,
-                        status,
-                        ticks,
-                        grace,
-                        backfill_slots,
-                    }
-                    .run(cancel)
-                    .await
-                })
-            })
+        let deps = PairDeps {
+            backfill: backfill.clone(),
+            rest: rest.clone(),
+            store: store.clone(),
+            status: status.clone(),
+            ticks: scheduler.ticks.clone(),
+            grace: grace.clone(),
+            backfill_slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::tasks::pair::PARALLEL_BACKFILLS,
+            )),
         };
+        let factory: Factory = Arc::new(move |pair: PairKey, spec: PairSpec, cancel| {
+            let d = deps.clone();
+            Box::pin(async move {
+                PairTask {
+                    ticks: d.ticks.subscribe(pair.period),
+                    pair,
+                    spec,
+                    backfill: d.backfill,
+                    rest: d.rest,
+                    store: d.store,
+                    status: d.status,
+                    grace: d.grace,
+                    backfill_slots: d.backfill_slots,
+                }
+                .run(cancel)
+                .await
+            })
+        });
         let supervisor =
             Supervisor::new(factory, policy(&cfg), status.clone(), cancel.child_token());
         let flusher_cancel = CancellationToken::new();
@@ -386,7 +391,7 @@ impl Generation {
             streamed,
             live_task,
             supervisor,
-            scheduler,
+            scheduler: Some(scheduler),
             status,
             flusher,
             flusher_cancel,
@@ -402,10 +407,8 @@ impl Generation {
         cfg_rx: &mut watch::Receiver<Arc<Config>>,
         shutdown: &CancellationToken,
     ) -> Exit {
-        let mut poll = tokio::time::interval(self.cfg.operator.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut metrics = tokio::time::interval(self.cfg.operator.metrics_interval);
-        metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = crate::ticker(self.cfg.operator.poll_interval);
+        let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
         info!(poll = ?self.cfg.operator.poll_interval,
             "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
@@ -430,12 +433,10 @@ impl Generation {
                         return Exit::Rebuild(new);
                     }
                     if new.operator.poll_interval != self.cfg.operator.poll_interval {
-                        poll = tokio::time::interval(new.operator.poll_interval);
-                        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        poll = crate::ticker(new.operator.poll_interval);
                     }
                     if new.operator.metrics_interval != self.cfg.operator.metrics_interval {
-                        metrics = tokio::time::interval(new.operator.metrics_interval);
-                        metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        metrics = crate::ticker(new.operator.metrics_interval);
                         metrics.tick().await;
                     }
                     self.cfg = new;
@@ -474,7 +475,7 @@ impl Generation {
                 u64::try_from(new.gap_scan.grace.as_millis()).unwrap_or(u64::MAX),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            if let Some(s) = self.scheduler.lock().await.as_mut() {
+            if let Some(s) = self.scheduler.as_mut() {
                 s.set(&new.gap_scan).await?;
             }
             info!("Gap-scan schedules changed.");
@@ -585,7 +586,7 @@ impl Generation {
         {
             self.live_task.abort();
         }
-        if let Some(s) = self.scheduler.lock().await.take() {
+        if let Some(s) = self.scheduler.take() {
             s.shutdown().await;
         }
         drop(self.writer);
@@ -609,8 +610,7 @@ async fn flush_status(
     pool: Arc<ProxyPool>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = crate::ticker(Duration::from_secs(1));
     let mut last_proxies: Vec<crate::store::state::ProxyStatusRow> = Vec::new();
     loop {
         let stop = tokio::select! {

@@ -59,8 +59,7 @@ impl Live {
         let mut jobs: JoinSet<(i64, Result<(), String>)> = JoinSet::new();
         let mut job_pairs: HashMap<tokio::task::Id, PairKey> = HashMap::new();
         let mut queue: VecDeque<(PairKey, i64)> = VecDeque::new();
-        let mut check = tokio::time::interval(Duration::from_millis(500));
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = crate::ticker(Duration::from_millis(500));
         loop {
             tokio::select! {
                 biased;
