@@ -825,17 +825,17 @@ async fn read_loop(
         };
         last_data.store(now_ms(), Ordering::Relaxed);
         match parse_frame(market, text.as_str()) {
-            Ok(Incoming::Kline { kline, event_ms }) => {
-                if kline.is_final {
-                    if out
-                        .send(LiveEvent::Final { kline, event_ms })
-                        .await
-                        .is_err()
-                    {
-                        break "the live task stopped".to_string();
-                    }
+            // Only closed candles leave; in-progress updates just keep the watchdog calm.
+            Ok(Incoming::Kline { kline, event_ms }) if kline.is_final => {
+                if out
+                    .send(LiveEvent::Final { kline, event_ms })
+                    .await
+                    .is_err()
+                {
+                    break "the live task stopped".to_string();
                 }
             }
+            Ok(Incoming::Kline { .. }) => {}
             Ok(Incoming::Reply { id, error }) => {
                 let _ = ev_tx.send(SockEvent::Reply { gen, id, error });
             }
