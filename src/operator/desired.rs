@@ -37,28 +37,24 @@ pub struct Desired {
 pub fn desired(rows: &[PairRow]) -> Desired {
     let mut d = Desired::default();
     for r in rows {
+        let invalid = |error: String| InvalidRow {
+            market: r.market.clone(),
+            symbol: r.symbol.clone(),
+            period: r.period.clone(),
+            error,
+        };
         let key = match PairKey::parse(r.market.trim(), r.symbol.trim(), r.period.trim()) {
             Ok(k) => k,
             Err(e) => {
-                d.invalid.push(InvalidRow {
-                    market: r.market.clone(),
-                    symbol: r.symbol.clone(),
-                    period: r.period.clone(),
-                    error: e.to_string(),
-                });
+                d.invalid.push(invalid(e.to_string()));
                 continue;
             }
         };
         if r.backfill_from < 0 {
-            d.invalid.push(InvalidRow {
-                market: r.market.clone(),
-                symbol: r.symbol.clone(),
-                period: r.period.clone(),
-                error: format!(
-                    "backfill_from must be 0 (from the listing) or a Unix time in ms, got {}",
-                    r.backfill_from
-                ),
-            });
+            d.invalid.push(invalid(format!(
+                "backfill_from must be 0 (from the listing) or a Unix time in ms, got {}",
+                r.backfill_from
+            )));
             continue;
         }
         if r.enabled == 0 {
