@@ -85,14 +85,8 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.yaml");
     let yaml = db.yaml(&format!(
-        "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    cm:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  logging:\n    level: warn\n",
-        sim.ws_url(Market::Spot),
-        sim.rest_url(Market::Spot),
-        sim.ws_url(Market::Um),
-        sim.rest_url(Market::Um),
-        sim.ws_url(Market::Cm),
-        sim.rest_url(Market::Cm),
-        sim.archive_url()
+        "{}  logging:\n    level: warn\n",
+        common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
     ));
     std::fs::write(&path, yaml).unwrap();
     let mut child = common::KillOnDrop(

@@ -24,19 +24,6 @@ async fn start_sim(cfg: SimConfig) -> SimHandle {
     sim
 }
 
-/// Binance endpoints of `sim` (spot and cm on their raw `/ws/` bases; um as given).
-fn binance_yaml(sim: &SimHandle, um_ws: &str) -> String {
-    format!(
-        "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      ws_url: \"{um_ws}\"\n      rest_url: \"{}\"\n    cm:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n",
-        sim.ws_url(Market::Spot),
-        sim.rest_url(Market::Spot),
-        sim.rest_url(Market::Um),
-        sim.ws_url(Market::Cm),
-        sim.rest_url(Market::Cm),
-        sim.archive_url()
-    )
-}
-
 /// Fast settings for tests: poll 200 ms, 1 s gap scans of 1s candles, short watchdogs.
 const FAST: &str = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n  streams:\n    idle_timeout: 3s\n    late_grace: 1s\n    reconnect_backoff: 200ms\n    max_reconnect_backoff: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
 
@@ -200,7 +187,7 @@ fn streams_of(sim: &SimHandle, market: Market) -> Vec<(u64, Vec<String>)> {
 async fn daemon_on(db: &TestDb, sim: &SimHandle, extra: &str) -> Daemon {
     let yaml = db.yaml(&format!(
         "{}{FAST}{extra}",
-        binance_yaml(sim, &sim.ws_url(Market::Um))
+        common::sim_endpoints_yaml(sim, &sim.ws_url(Market::Um))
     ));
     let d = Daemon::start(&yaml).await;
     wait_for(30, "the schema", || async {
@@ -360,7 +347,7 @@ async fn sockets_are_renewed_make_before_break_without_gap_or_duplicate() {
     let d = daemon_on(&db, &sim, "").await;
     d.edit(&db.yaml(&format!(
         "{}{}",
-        binance_yaml(&sim, &sim.ws_url(Market::Um)),
+        common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um)),
         FAST.replace("idle_timeout: 3s", "idle_timeout: 3s\n    max_lifetime: 2s")
             .replace("late_grace: 1s", "late_grace: 30s")
             .replace("grace: 3s", "grace: 60s")
@@ -416,7 +403,10 @@ async fn three_hundred_pairs_spread_over_connections_on_the_upgraded_usdm_path()
     // A legacy USD-M URL (no /market route): upgraded with a warning.
     let legacy = sim.ws_url(Market::Um).replace("/market/ws/", "/ws/");
     assert_ne!(legacy, sim.ws_url(Market::Um));
-    let yaml = db.yaml(&format!("{}{FAST}", binance_yaml(&sim, &legacy)));
+    let yaml = db.yaml(&format!(
+        "{}{FAST}",
+        common::sim_endpoints_yaml(&sim, &legacy)
+    ));
     let d = Daemon::start(&yaml).await;
     wait_for(30, "the schema", || async {
         db.try_sql("SELECT count() FROM trading_pairs").is_ok()
@@ -487,7 +477,7 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
     let base = |ops: &str| {
         db.yaml(&format!(
             "{}{ops}",
-            binance_yaml(&sim, &sim.ws_url(Market::Um))
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
         ))
     };
     // A bad row declared before the start: once it is reported, the first reconcile (at
@@ -625,7 +615,7 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
         path,
         db.yaml(&format!(
             "{}{FAST}  logging:\n    level: info\n",
-            binance_yaml(&sim, &sim.ws_url(Market::Um))
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
         ))
         .replace("  operator:\n", "  operator:\n    metrics_interval: 1s\n"),
     )

@@ -289,12 +289,8 @@ async fn streams_go_through_the_proxy_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.yaml");
     let yaml = db.yaml(&format!(
-        "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n  proxy:\n    websocket: true\n    allow_direct: false\n",
-        sim.ws_url(Market::Spot),
-        sim.rest_url(Market::Spot),
-        sim.rest_url(Market::Um),
-        sim.rest_url(Market::Cm),
-        sim.archive_url()
+        "{}  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n  proxy:\n    websocket: true\n    allow_direct: false\n",
+        common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
     ));
     std::fs::write(&path, yaml).unwrap();
     let cfg = quantservice::config::Config::load(&path).unwrap();

@@ -514,6 +514,21 @@ pub fn sim_binance_yaml(sim: &quantservice::sim::SimHandle, um_extra: &str) -> S
     )
 }
 
+/// Like `sim_binance_yaml`, with the simulator's WebSocket bases too (spot and cm on their raw
+/// `/ws/` bases, um on `um_ws`, so a test can give it a legacy URL).
+pub fn sim_endpoints_yaml(sim: &quantservice::sim::SimHandle, um_ws: &str) -> String {
+    use quantservice::market::Market;
+    format!(
+        "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      ws_url: \"{um_ws}\"\n      rest_url: \"{}\"\n    cm:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n",
+        sim.ws_url(Market::Spot),
+        sim.rest_url(Market::Spot),
+        sim.rest_url(Market::Um),
+        sim.ws_url(Market::Cm),
+        sim.rest_url(Market::Cm),
+        sim.archive_url()
+    )
+}
+
 /// The file exactly as users have it today.
 pub const SEED: &str = r#"app:
   environment: prod
