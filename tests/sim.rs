@@ -3,6 +3,9 @@
 //! zips and checksums with their quirks, maintenance gaps and a real CSV series.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod common;
+
+use common::binance_decimal as fmt;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
@@ -89,17 +92,6 @@ fn opens(rows: &[Vec<Value>]) -> Vec<i64> {
 
 fn pair(market: &str, symbol: &str, period: &str) -> PairKey {
     PairKey::parse(market, symbol, period).unwrap()
-}
-
-/// Binance's printing: spot 8 fixed decimals, futures shortest form.
-fn fmt(market: Market, d: Decimal) -> String {
-    match market {
-        Market::Spot => {
-            let m = d.mantissa();
-            format!("{}.{:08}", m / 100_000_000, m % 100_000_000)
-        }
-        _ => d.to_string(),
-    }
 }
 
 /// The 12 fields of a candle as strings, as REST or an archive CSV prints them.

@@ -3,10 +3,13 @@
 //! routed `/market` rule), control messages, events equal to REST and `synthetic` candles,
 //! message-rate and stream limits, pings, lifetime and the fault switches.
 
+mod common;
+
+use common::binance_decimal as fmt;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use quantservice::market::{Decimal, Kline, Market, PairKey};
+use quantservice::market::{Kline, Market, PairKey};
 use quantservice::sim::{self, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -155,17 +158,6 @@ fn open_ids(sim: &SimHandle) -> Vec<u64> {
 
 fn pair(market: &str, symbol: &str, period: &str) -> PairKey {
     PairKey::parse(market, symbol, period).unwrap()
-}
-
-/// Binance's printing: spot 8 fixed decimals, futures shortest form.
-fn fmt(market: Market, d: Decimal) -> String {
-    match market {
-        Market::Spot => {
-            let m = d.mantissa();
-            format!("{}.{:08}", m / 100_000_000, m % 100_000_000)
-        }
-        _ => d.to_string(),
-    }
 }
 
 /// The `k` object a kline event must carry for `k`.

@@ -671,3 +671,17 @@ impl Drop for Socks {
         self.stop();
     }
 }
+
+/// How Binance prints a decimal: spot with 8 fixed decimals, futures in the shortest form.
+pub fn binance_decimal(
+    market: quantservice::market::Market,
+    d: quantservice::market::Decimal,
+) -> String {
+    match market {
+        quantservice::market::Market::Spot => {
+            let m = d.mantissa();
+            format!("{}.{:08}", m / 100_000_000, m % 100_000_000)
+        }
+        _ => d.to_string(),
+    }
+}
