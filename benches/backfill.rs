@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use indicatif::ProgressBar;
+use qs_sim::{self as sim, SimConfig, SimHandle};
 use quantservice::app::{backfill_gap, BackfillRequest};
 use quantservice::market::{month_label, next_month_start};
-use quantservice::sim::{self, SimConfig, SimHandle};
 use tokio_util::sync::CancellationToken;
 
 const MIN: i64 = 60_000;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::{Socks, TestDb, SOCKS_PASSWORD, SOCKS_USER};
 use indicatif::ProgressBar;
+use qs_sim::{self as sim, SimConfig};
 use quantservice::app::{backfill_gap, BackfillRequest};
 use quantservice::market::{Market, Period};
-use quantservice::sim::{self, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 const MIN: i64 = 60_000;

@@ -18,8 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use qs_sim::{self as sim, SimConfig};
 use quantservice::market::Market;
-use quantservice::sim::{self, SimConfig};
 
 const STREAMS: usize = 1000;
 const MIN: i64 = 60_000;

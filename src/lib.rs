@@ -37,11 +37,10 @@ pub mod config;
 pub mod config_watch;
 pub mod exchange;
 pub mod logging;
-pub mod market;
+pub use qs_core::market;
 pub mod metrics;
 pub mod operator;
 pub mod proxy;
-pub mod sim;
 pub mod store;
 pub mod tasks;
 

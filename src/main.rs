@@ -47,7 +47,7 @@ enum Command {
     /// Stream one pair live: print each closed candle and write it to ClickHouse until Ctrl-C.
     WsStart(WsStartArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
-    SimExchange(quantservice::sim::cli::SimArgs),
+    SimExchange(qs_sim::cli::SimArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -253,14 +253,14 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 /// `sim-exchange`: needs no app.yaml; logs to stderr.
-async fn run_sim(args: quantservice::sim::cli::SimArgs) -> ExitCode {
+async fn run_sim(args: qs_sim::cli::SimArgs) -> ExitCode {
     let logging = quantservice::config::LoggingConfig {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
         dir: None,
         keep_days: 1,
     };
     let _guard = logging::init(&logging, Console::Stderr, Vec::new());
-    match quantservice::sim::cli::run(args).await {
+    match qs_sim::cli::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

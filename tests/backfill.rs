@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{binance_data, TestDb};
 use indicatif::ProgressBar;
+use qs_sim::{self as sim, synthetic, RequestKind, SimConfig, SimHandle};
 use quantservice::app::{backfill_gap, BackfillOutcome, BackfillRequest};
 use quantservice::market::{Kline, Market, PairKey, Period};
-use quantservice::sim::{self, synthetic, RequestKind, SimConfig, SimHandle};
 use quantservice::store::Store;
 use tokio_util::sync::CancellationToken;
 

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use qs_sim::{self as sim, synthetic, SimConfig, SimHandle};
 use quantservice::market::{Market, PairKey, Period};
-use quantservice::sim::{self, synthetic, SimConfig, SimHandle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::{Socks, TestDb, SOCKS_PASSWORD, SOCKS_USER};
 use indicatif::ProgressBar;
+use qs_sim::{self as sim, synthetic, RequestKind, SimConfig, SimHandle};
 use quantservice::app::{backfill_gap, BackfillRequest};
 use quantservice::market::{Market, PairKey, Period};
-use quantservice::sim::{self, synthetic, RequestKind, SimConfig, SimHandle};
 use tokio_util::sync::CancellationToken;
 
 const HOUR: i64 = 3_600_000;

@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use qs_sim::{self as sim, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
 use quantservice::market::{Decimal, Kline, Market, PairKey};
-use quantservice::sim::{self, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -20,8 +20,14 @@ const HOUR: i64 = 3_600_000;
 const DAY: i64 = 86_400_000;
 /// 2023-01-01T00:00Z
 const T2023: i64 = 1_672_531_200_000;
-const SPOT_CSV: &str = "/work/shared/data/binance/spot/BTCUSDT-1h-2022-01.csv";
-const UM_CSV: &str = "/work/shared/data/binance/um/BTCUSDT-1h-2024-01-01_2025-12-20.csv";
+const SPOT_CSV: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/binance/spot/BTCUSDT-1h-2022-01.csv"
+);
+const UM_CSV: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/binance/um/BTCUSDT-1h-2024-01-01_2025-12-20.csv"
+);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

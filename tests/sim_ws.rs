@@ -9,8 +9,8 @@ use common::binance_decimal as fmt;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use qs_sim::{self as sim, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
 use quantservice::market::{Kline, Market, PairKey};
-use quantservice::sim::{self, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -484,26 +484,19 @@ impl Drop for TestDb {
     }
 }
 
-/// Path of a file in shared/data/binance (the real klines): `$QS_SHARED_DIR`, else the
-/// `shared/` beside the checkout, else /work/shared.
+/// Path of a file in the repository's real Binance klines (`tests/data/binance`, copied from
+/// public archives; see its README).
 pub fn binance_data(rel: &str) -> PathBuf {
-    let candidates = [
-        std::env::var_os("QS_SHARED_DIR").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")),
-        Some(PathBuf::from("/work/shared")),
-    ];
-    for dir in candidates.into_iter().flatten() {
-        let p = dir.join("data/binance").join(rel);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("real kline data {rel} not found: set QS_SHARED_DIR to the shared/ directory");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/binance")
+        .join(rel);
+    assert!(p.is_file(), "real kline data {} is missing", p.display());
+    p
 }
 
 /// The `app.binance` section pointing every market and the archives at the simulator `sim`;
 /// `um_extra` lines go into the `um` section.
-pub fn sim_binance_yaml(sim: &quantservice::sim::SimHandle, um_extra: &str) -> String {
+pub fn sim_binance_yaml(sim: &qs_sim::SimHandle, um_extra: &str) -> String {
     use quantservice::market::Market;
     format!(
         "  binance:\n    spot:\n      rest_url: \"{}\"\n    um:\n      rest_url: \"{}\"\n{um_extra}    cm:\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n",
@@ -516,7 +509,7 @@ pub fn sim_binance_yaml(sim: &quantservice::sim::SimHandle, um_extra: &str) -> S
 
 /// Like `sim_binance_yaml`, with the simulator's WebSocket bases too (spot and cm on their raw
 /// `/ws/` bases, um on `um_ws`, so a test can give it a legacy URL).
-pub fn sim_endpoints_yaml(sim: &quantservice::sim::SimHandle, um_ws: &str) -> String {
+pub fn sim_endpoints_yaml(sim: &qs_sim::SimHandle, um_ws: &str) -> String {
     use quantservice::market::Market;
     format!(
         "  binance:\n    spot:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    um:\n      ws_url: \"{um_ws}\"\n      rest_url: \"{}\"\n    cm:\n      ws_url: \"{}\"\n      rest_url: \"{}\"\n    archive_url: \"{}\"\n",

@@ -12,7 +12,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use sha2::{Digest, Sha256};
 
-use crate::market::{day_label, month_label, Market, PairKey, Period, Symbol};
+use qs_core::market::{day_label, month_label, Market, PairKey, Period, Symbol};
 
 use super::book::PairView;
 use super::{lock, Shared};
@@ -160,7 +160,7 @@ fn parse(rest: &str) -> Result<FileKey, ArchiveError> {
     let end = if daily {
         start + 86_400_000
     } else {
-        crate::market::next_month_start(start)
+        qs_core::market::next_month_start(start)
     };
     Ok(FileKey {
         pair: PairKey {

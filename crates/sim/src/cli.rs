@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::market::{Market, PairKey, Symbol};
+use qs_core::market::{Market, PairKey, Symbol};
 
 use super::{start, SimConfig};
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::market::{month_start, Kline, Market, PairKey, Period, Source, Symbol};
+use qs_core::market::{month_start, Kline, Market, PairKey, Period, Source, Symbol};
 
 use super::synthetic;
 

@@ -1,10 +1,10 @@
 //! Deterministic synthetic candles: one candle at a time from a hash of (market, symbol,
 //! period, open time). Owns no state and no I/O, so tests can compute any expected candle.
 
-use crate::market::{Decimal, Kline, Market, PairKey, Source};
+use qs_core::market::{Decimal, Kline, Market, PairKey, Source};
 
 const SCALE: i128 = 100_000_000;
-use crate::market::DAY_MS;
+use qs_core::market::DAY_MS;
 
 /// The closed candle opening at `open_time` (which should be on the period grid).
 ///
@@ -195,7 +195,7 @@ fn splitmix64(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::market::{PairKey, Period};
+    use qs_core::market::{PairKey, Period};
 
     #[test]
     fn candles_are_deterministic_and_valid() {

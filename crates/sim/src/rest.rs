@@ -2,7 +2,7 @@
 //! parameter validation with Binance's error codes, klines windows per market, exchangeInfo,
 //! time and ping, and the faults and weight checks in front of them. Owns no state.
 
-use crate::market::CM_MAX_RANGE_MS;
+use qs_core::market::CM_MAX_RANGE_MS;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::json;
 
-use crate::market::{Decimal, Kline, Market, PairKey, Period, Symbol};
+use qs_core::market::{Decimal, Kline, Market, PairKey, Period, Symbol};
 
 use super::book::PairView;
 use super::limiter::Admission;
@@ -200,7 +200,7 @@ fn klines<'p>(
         let t = number(v).ok_or(ApiError::Illegal(name, "^[0-9]{1,20}$"))?;
         // Spot accepts ms or µs.
         Ok(Some(if market == Market::Spot {
-            crate::market::normalize_ms(t)
+            qs_core::market::normalize_ms(t)
         } else {
             t
         }))

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::market::Market;
+use qs_core::market::Market;
 
 /// A REQUEST_WEIGHT budget: `limit` weight per `window_secs` seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::market::{Kline, Market, PairKey, Period, Symbol};
+use qs_core::market::{Kline, Market, PairKey, Period, Symbol};
 
 use super::book::PairView;
 use super::rest::write_decimal;

@@ -39,7 +39,7 @@ use axum::Router;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::market::{Market, PairKey, Symbol};
+use qs_core::market::{Market, PairKey, Symbol};
 
 pub use book::Maintenance;
 pub use ws::{WsConnInfo, WsControlRecord};
@@ -54,7 +54,7 @@ pub const DEFAULT_LISTING_MS: i64 = 1_577_836_800_000;
 pub const DEFAULT_CM_LISTING_MS: i64 = 1_597_017_600_000;
 
 /// The simulator's clock: the real wall clock, in Unix milliseconds.
-pub use crate::market::now_ms;
+pub use qs_core::market::now_ms;
 
 /// What the simulator serves. `Default` is realistic: budgets spot 6000/60 s, um and cm
 /// 2400/60 s, 120 s bans, spot BTCUSDT/ETHUSDT/BNBBTC and um BTCUSDT/ETHUSDT listed
