@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-/// Full-jitter exponential backoff: attempt 0 waits between `base/2` and `base`, doubling each
+/// "Equal jitter" exponential backoff: attempt 0 waits between `base/2` and `base`, doubling each
 /// attempt up to `max`.
 pub fn delay(attempt: u32, base: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
     let cap = base.saturating_mul(1u32 << attempt.min(20)).min(max);

@@ -36,11 +36,13 @@ pub mod backoff;
 pub mod config;
 pub mod config_watch;
 pub mod exchange;
+pub mod faults;
 pub mod logging;
 pub use qs_core::market;
 pub mod metrics;
 pub mod operator;
 pub mod proxy;
+pub mod status;
 pub mod store;
 pub mod tasks;
 

@@ -16,21 +16,26 @@ pub static WS_FINALS: AtomicU64 = AtomicU64::new(0);
 /// Stream socket reconnects.
 pub static WS_RECONNECTS: AtomicU64 = AtomicU64::new(0);
 
+/// Failures of supervised tasks (errors, panics, unexpected exits), restarted or not.
+pub static TASK_FAILURES: AtomicU64 = AtomicU64::new(0);
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The metrics line, e.g. `Metrics: req=1250 ok=1248 fail=2 rows=124800 ws_finals=… reconnects=… streams=…`.
+/// The metrics line, e.g. `Metrics: req=1250 ok=1248 fail=2 rows=124800 ws_finals=… reconnects=…
+/// task_failures=… streams=…`.
 pub fn line(streams: usize) -> String {
     let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
     format!(
-        "Metrics: req={} ok={} fail={} rows={} ws_finals={} reconnects={} streams={streams}",
+        "Metrics: req={} ok={} fail={} rows={} ws_finals={} reconnects={} task_failures={} streams={streams}",
         g(&REQUESTS),
         g(&OK),
         g(&FAIL),
         g(&ROWS),
         g(&WS_FINALS),
-        g(&WS_RECONNECTS)
+        g(&WS_RECONNECTS),
+        g(&TASK_FAILURES)
     )
 }
 

@@ -90,6 +90,7 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
             "proxy_config",
             "proxy_status",
             "schema_migrations",
+            "task_status",
             "trading_pairs"
         ]
     );

@@ -55,11 +55,15 @@ pub enum ExchangeError {
 impl ExchangeError {
     /// Whether trying again later may help (a later run, or another egress for `Blocked`).
     pub fn is_retryable(&self) -> bool {
-        matches!(
+        // Binance said the request itself is wrong (an unknown or delisted symbol, an interval
+        // it does not offer, another 4xx with its error code): the same request will never
+        // work. Everything else — bans and budgets, 5xx, network, no usable egress, a garbled
+        // reply — may pass later.
+        !matches!(
             self,
-            ExchangeError::Server { .. }
-                | ExchangeError::Network { .. }
-                | ExchangeError::NoEgress { .. }
+            ExchangeError::InvalidSymbol { .. }
+                | ExchangeError::InvalidInterval { .. }
+                | ExchangeError::Rejected { .. }
         )
     }
 }

@@ -3,17 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use super::plan::State;
 use crate::market::PairKey;
-use crate::store::state::PairRow;
-
-/// What the user declared for one pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PairSpec {
-    /// Backfill from this open time (ms); 0 means from the listing.
-    pub backfill_from: i64,
-    /// Whether the pair is streamed live (`stream = 1`, the default).
-    pub stream: bool,
-}
+use crate::store::state::{PairRow, ProxyRow};
+pub use crate::tasks::pair::PairSpec;
+use crate::tasks::{TaskKey, TaskSpec};
 
 /// A row that cannot be run, kept so it can be reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +25,27 @@ pub struct Desired {
     /// Disabled rows (reported as `disabled`).
     pub disabled: Vec<PairKey>,
     pub invalid: Vec<InvalidRow>,
+}
+
+impl Desired {
+    /// Everything the daemon should run for these pairs, with the `proxy_config` rows (`None`:
+    /// unreadable, leave the pool as it is), as the one state `plan()` diffs.
+    pub fn state(&self, proxies: Option<Vec<ProxyRow>>) -> State {
+        State {
+            tasks: self
+                .pairs
+                .iter()
+                .map(|(k, s)| (TaskKey::Pair(k.clone()), TaskSpec::Pair(*s)))
+                .collect(),
+            streams: self
+                .pairs
+                .iter()
+                .filter(|(_, s)| s.stream)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            proxies,
+        }
+    }
 }
 
 /// The desired state from the latest row per key (the caller reads them with `FINAL`).
@@ -160,6 +175,14 @@ mod tests {
             ),
         ];
         for (name, rows, want, disabled, errors) in cases {
+            let state = desired(&rows).state(None);
+            assert_eq!(state.tasks.len(), want.len(), "{name}");
+            let streamed: Vec<&PairKey> = want
+                .iter()
+                .filter(|(_, s)| s.stream)
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(state.streams.iter().collect::<Vec<_>>(), streamed, "{name}");
             let d = desired(&rows);
             let got: Vec<(PairKey, PairSpec)> = d.pairs.into_iter().collect();
             assert_eq!(got, want, "{name}");

@@ -5,5 +5,4 @@
 pub mod desired;
 pub mod plan;
 pub mod runtime;
-pub mod status;
 pub mod supervisor;

@@ -1,38 +1,82 @@
-//! `plan()`: what to start, restart and stop to get from the running pair tasks to the desired
-//! ones. Pure and level-triggered: it looks only at the two states, never at what happened.
+//! `plan()`: one diff, over every kind of declared thing, from what runs to what is desired —
+//! keyed tasks (started, restarted with a new spec, stopped), live streams (subscribed,
+//! unsubscribed) and the proxy rows the egress pool works from. Like Vector's `ConfigDiff`:
+//! pure and level-triggered, it looks only at the two states, never at what happened, and the
+//! runtime only carries it out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::desired::PairSpec;
 use crate::market::PairKey;
+use crate::store::state::ProxyRow;
+use crate::tasks::{TaskKey, TaskSpec};
 
-/// The difference between desired and running pair tasks.
+/// What runs (or, for the desired side, should run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub tasks: BTreeMap<TaskKey, TaskSpec>,
+    /// Pairs streamed live.
+    pub streams: BTreeSet<PairKey>,
+    /// `proxy_config` rows; `None` on the desired side when they could not be read (unknown
+    /// is not empty: the pool is left as it is).
+    pub proxies: Option<Vec<ProxyRow>>,
+}
+
+/// The difference between desired and running.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub add: Vec<(PairKey, PairSpec)>,
+    pub add: Vec<(TaskKey, TaskSpec)>,
     /// Running with another spec: stopped, then started with the new one.
-    pub change: Vec<(PairKey, PairSpec)>,
-    pub remove: Vec<PairKey>,
+    pub change: Vec<(TaskKey, TaskSpec)>,
+    pub remove: Vec<TaskKey>,
+    pub subscribe: Vec<PairKey>,
+    pub unsubscribe: Vec<PairKey>,
+    /// The rows the egress pool must now work from, when they changed.
+    pub proxies: Option<Vec<ProxyRow>>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.change.is_empty() && self.remove.is_empty()
+        self.add.is_empty()
+            && self.change.is_empty()
+            && self.remove.is_empty()
+            && self.subscribe.is_empty()
+            && self.unsubscribe.is_empty()
+            && self.proxies.is_none()
+    }
+
+    /// The desired stream set changed.
+    pub fn streams_changed(&self) -> bool {
+        !self.subscribe.is_empty() || !self.unsubscribe.is_empty()
     }
 }
 
-pub fn plan(desired: &BTreeMap<PairKey, PairSpec>, running: &BTreeMap<PairKey, PairSpec>) -> Plan {
+pub fn plan(desired: &State, running: &State) -> Plan {
     let mut p = Plan::default();
-    for (k, spec) in desired {
-        match running.get(k) {
-            None => p.add.push((k.clone(), *spec)),
-            Some(r) if r != spec => p.change.push((k.clone(), *spec)),
+    for (k, spec) in &desired.tasks {
+        match running.tasks.get(k) {
+            None => p.add.push((k.clone(), spec.clone())),
+            Some(r) if r != spec => p.change.push((k.clone(), spec.clone())),
             Some(_) => {}
         }
     }
-    for k in running.keys() {
-        if !desired.contains_key(k) {
+    for k in running.tasks.keys() {
+        if !desired.tasks.contains_key(k) {
             p.remove.push(k.clone());
+        }
+    }
+    p.subscribe = desired
+        .streams
+        .difference(&running.streams)
+        .cloned()
+        .collect();
+    p.unsubscribe = running
+        .streams
+        .difference(&desired.streams)
+        .cloned()
+        .collect();
+    if let Some(rows) = &desired.proxies {
+        if running.proxies.as_ref() != Some(rows) {
+            p.proxies = Some(rows.clone());
         }
     }
     p
@@ -41,89 +85,206 @@ pub fn plan(desired: &BTreeMap<PairKey, PairSpec>, running: &BTreeMap<PairKey, P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::PairSpec;
+
+    fn k(s: &str) -> PairKey {
+        PairKey::parse("um", s, "1m").unwrap()
+    }
+
+    fn spec(from: i64, stream: bool) -> TaskSpec {
+        TaskSpec::Pair(PairSpec {
+            backfill_from: from,
+            stream,
+        })
+    }
+
+    fn proxy(host: &str) -> ProxyRow {
+        ProxyRow {
+            host: host.into(),
+            port: 1080,
+            username: "u".into(),
+            password: "p".into(),
+            enabled: 1,
+        }
+    }
+
+    /// Pairs as (symbol, spec); a streamed pair is one whose spec says so.
+    fn state(pairs: &[(&str, TaskSpec)], proxies: Option<Vec<ProxyRow>>) -> State {
+        State {
+            tasks: pairs
+                .iter()
+                .map(|(s, p)| (TaskKey::Pair(k(s)), p.clone()))
+                .collect(),
+            streams: pairs
+                .iter()
+                .filter(|(_, p)| matches!(p, TaskSpec::Pair(p) if p.stream))
+                .map(|(s, _)| k(s))
+                .collect(),
+            proxies,
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        desired: State,
+        running: State,
+        add: Vec<&'static str>,
+        change: Vec<&'static str>,
+        remove: Vec<&'static str>,
+        subscribe: Vec<&'static str>,
+        unsubscribe: Vec<&'static str>,
+        proxies: Option<Vec<&'static str>>,
+    }
+
+    fn names<'a>(keys: impl Iterator<Item = &'a TaskKey>) -> Vec<String> {
+        keys.map(|k| k.pair().unwrap().symbol.to_string()).collect()
+    }
 
     #[test]
     fn plans_from_tables() {
-        let k = |s: &str| PairKey::parse("um", s, "1m").unwrap();
-        let spec = |from: i64, stream: bool| PairSpec {
-            backfill_from: from,
-            stream,
-        };
-        type Case = (
-            &'static str,
-            Vec<(&'static str, PairSpec)>,
-            Vec<(&'static str, PairSpec)>,
-            Vec<&'static str>,
-            Vec<&'static str>,
-            Vec<&'static str>,
-        );
-        let cases: Vec<Case> = vec![
-            ("nothing", vec![], vec![], vec![], vec![], vec![]),
-            (
-                "start one",
-                vec![("BTCUSDT", spec(0, true))],
-                vec![],
-                vec!["BTCUSDT"],
-                vec![],
-                vec![],
-            ),
-            (
-                "steady",
-                vec![("BTCUSDT", spec(0, true))],
-                vec![("BTCUSDT", spec(0, true))],
-                vec![],
-                vec![],
-                vec![],
-            ),
-            (
-                "stop one",
-                vec![],
-                vec![("BTCUSDT", spec(0, true))],
-                vec![],
-                vec![],
-                vec!["BTCUSDT"],
-            ),
-            (
-                "spec changed",
-                vec![("BTCUSDT", spec(5, true)), ("ETHUSDT", spec(0, false))],
-                vec![("BTCUSDT", spec(0, true)), ("ETHUSDT", spec(0, true))],
-                vec![],
-                vec!["BTCUSDT", "ETHUSDT"],
-                vec![],
-            ),
-            (
-                "mixed",
-                vec![("ADAUSDT", spec(0, true)), ("BTCUSDT", spec(0, true))],
-                vec![("BTCUSDT", spec(0, true)), ("XRPUSDT", spec(0, true))],
-                vec!["ADAUSDT"],
-                vec![],
-                vec!["XRPUSDT"],
-            ),
+        let none = Vec::<&'static str>::new;
+        let cases = vec![
+            Case {
+                name: "nothing",
+                desired: state(&[], None),
+                running: state(&[], None),
+                add: none(),
+                change: none(),
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: none(),
+                proxies: None,
+            },
+            Case {
+                name: "start one, streamed",
+                desired: state(&[("BTCUSDT", spec(0, true))], None),
+                running: state(&[], None),
+                add: vec!["BTCUSDT"],
+                change: none(),
+                remove: none(),
+                subscribe: vec!["BTCUSDT"],
+                unsubscribe: none(),
+                proxies: None,
+            },
+            Case {
+                name: "steady",
+                desired: state(&[("BTCUSDT", spec(0, true))], Some(vec![proxy("a")])),
+                running: state(&[("BTCUSDT", spec(0, true))], Some(vec![proxy("a")])),
+                add: none(),
+                change: none(),
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: none(),
+                proxies: None,
+            },
+            Case {
+                name: "stop one",
+                desired: state(&[], None),
+                running: state(&[("BTCUSDT", spec(0, true))], None),
+                add: none(),
+                change: none(),
+                remove: vec!["BTCUSDT"],
+                subscribe: none(),
+                unsubscribe: vec!["BTCUSDT"],
+                proxies: None,
+            },
+            Case {
+                name: "spec changed; streaming turned off for one",
+                desired: state(
+                    &[("BTCUSDT", spec(5, true)), ("ETHUSDT", spec(0, false))],
+                    None,
+                ),
+                running: state(
+                    &[("BTCUSDT", spec(0, true)), ("ETHUSDT", spec(0, true))],
+                    None,
+                ),
+                add: none(),
+                change: vec!["BTCUSDT", "ETHUSDT"],
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: vec!["ETHUSDT"],
+                proxies: None,
+            },
+            Case {
+                name: "mixed",
+                desired: state(
+                    &[("ADAUSDT", spec(0, true)), ("BTCUSDT", spec(0, true))],
+                    None,
+                ),
+                running: state(
+                    &[("BTCUSDT", spec(0, true)), ("XRPUSDT", spec(0, true))],
+                    None,
+                ),
+                add: vec!["ADAUSDT"],
+                change: none(),
+                remove: vec!["XRPUSDT"],
+                subscribe: vec!["ADAUSDT"],
+                unsubscribe: vec!["XRPUSDT"],
+                proxies: None,
+            },
+            Case {
+                name: "a proxy added",
+                desired: state(&[], Some(vec![proxy("a"), proxy("b")])),
+                running: state(&[], Some(vec![proxy("a")])),
+                add: none(),
+                change: none(),
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: none(),
+                proxies: Some(vec!["a", "b"]),
+            },
+            Case {
+                name: "first proxy read, even when empty",
+                desired: state(&[], Some(vec![])),
+                running: state(&[], None),
+                add: none(),
+                change: none(),
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: none(),
+                proxies: Some(vec![]),
+            },
+            Case {
+                name: "proxy_config unreadable: the pool is left alone",
+                desired: state(&[], None),
+                running: state(&[], Some(vec![proxy("a")])),
+                add: none(),
+                change: none(),
+                remove: none(),
+                subscribe: none(),
+                unsubscribe: none(),
+                proxies: None,
+            },
         ];
-        for (name, want, run, add, change, remove) in cases {
-            let d: BTreeMap<_, _> = want.into_iter().map(|(s, p)| (k(s), p)).collect();
-            let r: BTreeMap<_, _> = run.into_iter().map(|(s, p)| (k(s), p)).collect();
-            let p = plan(&d, &r);
-            let names = |v: Vec<PairKey>| {
-                v.into_iter()
-                    .map(|k| k.symbol.to_string())
-                    .collect::<Vec<_>>()
-            };
+        for c in cases {
+            let p = plan(&c.desired, &c.running);
+            assert_eq!(names(p.add.iter().map(|(k, _)| k)), c.add, "{}", c.name);
             assert_eq!(
-                names(p.add.iter().map(|(k, _)| k.clone()).collect()),
-                add,
-                "{name}"
+                names(p.change.iter().map(|(k, _)| k)),
+                c.change,
+                "{}",
+                c.name
             );
+            assert_eq!(names(p.remove.iter()), c.remove, "{}", c.name);
+            let syms = |v: &[PairKey]| v.iter().map(|k| k.symbol.to_string()).collect::<Vec<_>>();
+            assert_eq!(syms(&p.subscribe), c.subscribe, "{}", c.name);
+            assert_eq!(syms(&p.unsubscribe), c.unsubscribe, "{}", c.name);
             assert_eq!(
-                names(p.change.iter().map(|(k, _)| k.clone()).collect()),
-                change,
-                "{name}"
+                p.proxies
+                    .as_ref()
+                    .map(|r| r.iter().map(|r| r.host.clone()).collect::<Vec<_>>()),
+                c.proxies
+                    .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>()),
+                "{}",
+                c.name
             );
-            assert_eq!(names(p.remove.clone()), remove, "{name}");
-            assert_eq!(
-                p.is_empty(),
-                add.is_empty() && change.is_empty() && remove.is_empty()
-            );
+            let empty = c.add.is_empty()
+                && c.change.is_empty()
+                && c.remove.is_empty()
+                && c.subscribe.is_empty()
+                && c.unsubscribe.is_empty()
+                && p.proxies.is_none();
+            assert_eq!(p.is_empty(), empty, "{}", c.name);
         }
     }
 }

@@ -16,10 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use super::desired::{desired, Desired, PairSpec};
-use super::plan::plan;
-use super::status::{phase, StatusHub};
-use super::supervisor::{Factory, Policy, Supervisor};
+use super::desired::{desired, Desired};
+use super::plan::{plan, State};
+use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
 use crate::config::{Config, GapScanConfig};
 use crate::exchange::archive::ArchiveClient;
 use crate::exchange::governor::Governors;
@@ -27,17 +26,23 @@ use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey, Period};
 use crate::proxy::ProxyPool;
+use crate::status::{phase, StatusHub};
 use crate::store::migrate;
+use crate::store::state::ProxyRow;
 use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
 use crate::store::{Store, StoreError};
 use crate::tasks::backfill::Backfill;
 use crate::tasks::live::Live;
 use crate::tasks::pair::PairTask;
+use crate::tasks::{TaskKey, TaskSpec};
 
 /// Why the reconcile loop returned.
 enum Exit {
     Shutdown,
     Rebuild(Arc<Config>),
+    /// A task the daemon cannot run without failed: stop and exit non-zero, so the service
+    /// manager starts a fresh process.
+    Fatal(String),
 }
 
 /// Runs the operator until `shutdown`: migrate, reconcile, follow config edits.
@@ -56,6 +61,11 @@ pub async fn run(
             Exit::Shutdown => {
                 log_flushed(gen.stop().await);
                 return Ok(());
+            }
+            Exit::Fatal(reason) => {
+                error!(%reason, "Shutting down after a fatal task failure (exit code 1; systemd restarts the service).");
+                log_flushed(gen.stop().await);
+                anyhow::bail!("fatal task failure: {reason}");
             }
             Exit::Rebuild(new) => new,
         };
@@ -238,15 +248,18 @@ struct Generation {
     cancel: CancellationToken,
     writer: WriterHandle,
     writer_cancel: CancellationToken,
-    writer_task: JoinHandle<Result<WriterSummary, WriterError>>,
+    /// Watched by the reconcile loop: its unexpected end is fatal (its queue is gone).
+    /// (`None` once it has ended.)
+    writer_task: Option<WriterTask>,
     streams: BTreeMap<Market, MarketStreams>,
     streamed: watch::Sender<BTreeSet<PairKey>>,
-    live_task: JoinHandle<()>,
+    /// Owns the pair tasks and the services (live sink, status flusher, proxy health).
     supervisor: Supervisor,
+    fatal: Fatal,
     scheduler: Option<ScanScheduler>,
     status: StatusHub,
-    flusher: JoinHandle<()>,
-    flusher_cancel: CancellationToken,
+    /// The `proxy_config` rows the pool works from (`None` until first read).
+    proxies: Option<Vec<ProxyRow>>,
     /// Last reported problem per bad `trading_pairs` row (logged once per change).
     reported: BTreeMap<(String, String, String), String>,
     grace: Arc<std::sync::atomic::AtomicU64>,
@@ -284,22 +297,20 @@ impl Generation {
         let pool = Arc::new(ProxyPool::new(&cfg, Arc::new(governors))?);
         // Proxies are known before the first request: a region that refuses direct
         // connections must not see one.
-        match pool.load(&store).await {
-            Ok(problems) => {
-                for p in problems {
+        let (proxies, proxy_problems) = match store.proxies().await {
+            Ok(rows) => {
+                let problems = apply_proxy_rows(&pool, &rows);
+                for p in &problems {
                     warn!(problem = %p, "Skipping a proxy_config row.");
                 }
+                (Some(rows), problems)
             }
             Err(e) => {
-                warn!(error = %e, "Cannot read proxy_config yet; starting with direct connections only.")
+                warn!(error = %e, "Cannot read proxy_config yet; starting with direct connections only.");
+                (None, Vec::new())
             }
-        }
+        };
         let rest = Arc::new(RestClient::with_pool(&cfg, pool.clone())?);
-        let health_cancel = cancel.child_token();
-        tokio::spawn(pool.clone().run_health(
-            format!("{}/time", cfg.binance.spot.rest_base()),
-            health_cancel,
-        ));
         let archive = Arc::new(ArchiveClient::new(
             &cfg.binance.archive_url,
             cfg.backfill.request_timeout,
@@ -328,15 +339,15 @@ impl Generation {
         drop(ev_tx);
         let (streamed, streamed_rx) = watch::channel(BTreeSet::new());
         let live = Live {
-            events: ev_rx,
+            events: Arc::new(tokio::sync::Mutex::new(ev_rx)),
             streamed: streamed_rx,
             writer: handle.clone(),
             backfill: backfill.clone(),
             rest: rest.clone(),
             status: status.clone(),
             late_grace: cfg.streams.late_grace,
+            resumed: Arc::default(),
         };
-        let live_task = tokio::spawn(live.run(cancel.child_token()));
 
         let scheduler = ScanScheduler::start(&cfg.gap_scan).await?;
         let grace = Arc::new(std::sync::atomic::AtomicU64::new(
@@ -353,52 +364,72 @@ impl Generation {
                 crate::tasks::pair::PARALLEL_BACKFILLS,
             )),
         };
-        let factory: Factory = Arc::new(move |pair: PairKey, spec: PairSpec, cancel| {
+        let factory: Factory = Arc::new(move |key: TaskKey, spec: TaskSpec, cancel| {
             let d = deps.clone();
             Box::pin(async move {
-                PairTask {
-                    ticks: d.ticks.subscribe(pair.period),
-                    pair,
-                    spec,
-                    backfill: d.backfill,
-                    rest: d.rest,
-                    store: d.store,
-                    status: d.status,
-                    grace: d.grace,
-                    backfill_slots: d.backfill_slots,
+                match (key, spec) {
+                    (TaskKey::Pair(pair), TaskSpec::Pair(spec)) => {
+                        PairTask {
+                            ticks: d.ticks.subscribe(pair.period),
+                            pair,
+                            spec,
+                            backfill: d.backfill,
+                            rest: d.rest,
+                            store: d.store,
+                            status: d.status,
+                            grace: d.grace,
+                            backfill_slots: d.backfill_slots,
+                        }
+                        .run(cancel)
+                        .await
+                    }
                 }
-                .run(cancel)
-                .await
             })
         });
-        let supervisor =
-            Supervisor::new(factory, policy(&cfg), status.clone(), cancel.child_token());
-        let flusher_cancel = CancellationToken::new();
-        let flusher = tokio::spawn(flush_status(
-            store.clone(),
+        let fatal = Fatal::default();
+        let mut supervisor = Supervisor::new(
+            factory,
+            policy(&cfg),
             status.clone(),
+            cancel.child_token(),
+            fatal.clone(),
+        );
+        let live_sink: ServiceFactory = Arc::new(move |c| Box::pin(live.clone().run(c)));
+        supervisor.start_service(LIVE_SINK, OnFailure::Restart, live_sink);
+        let (s, st, p) = (store.clone(), status.clone(), pool.clone());
+        let flusher: ServiceFactory =
+            Arc::new(move |c| Box::pin(flush_status(s.clone(), st.clone(), p.clone(), c)));
+        supervisor.start_service(STATUS_FLUSHER, OnFailure::Restart, flusher);
+        let (p, url) = (
             pool.clone(),
-            flusher_cancel.clone(),
-        ));
+            format!("{}/time", cfg.binance.spot.rest_base()),
+        );
+        let health: ServiceFactory = Arc::new(move |c| {
+            let (p, url) = (p.clone(), url.clone());
+            Box::pin(async move {
+                p.run_health(url, c).await;
+                Ok(())
+            })
+        });
+        supervisor.start_service(PROXY_HEALTH, OnFailure::Restart, health);
         Ok(Some(Generation {
             cfg,
             store,
             cancel,
             writer: handle,
             writer_cancel,
-            writer_task,
+            writer_task: Some(writer_task),
             streams,
             streamed,
-            live_task,
             supervisor,
+            fatal,
             scheduler: Some(scheduler),
             status,
-            flusher,
-            flusher_cancel,
+            proxies,
             reported: BTreeMap::new(),
             grace,
             pool,
-            proxy_problems: Vec::new(),
+            proxy_problems,
         }))
     }
 
@@ -412,16 +443,27 @@ impl Generation {
         metrics.tick().await;
         info!(poll = ?self.cfg.operator.poll_interval,
             "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
-        let mut watching = true;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Exit::Shutdown,
-                changed = cfg_rx.changed(), if watching => {
+                reason = self.fatal.raised() => return Exit::Fatal(reason),
+                done = writer_ended(&mut self.writer_task) => {
+                    self.writer_task = None;
+                    let why = match done {
+                        Ok(Ok(_)) => "it ended without being asked to".to_string(),
+                        Ok(Err(e)) => crate::error_chain(&e),
+                        Err(e) => format!("it panicked: {e}"),
+                    };
+                    return Exit::Fatal(format!("the ClickHouse writer stopped: {why}"));
+                }
+                changed = cfg_rx.changed() => {
                     if changed.is_err() {
-                        // The watcher is gone: keep the running config.
-                        watching = false;
-                        continue;
+                        if shutdown.is_cancelled() {
+                            return Exit::Shutdown;
+                        }
+                        // The watcher is gone: edits would silently stop applying. Loud.
+                        return Exit::Fatal("the app.yaml watcher stopped".into());
                     }
                     let new = cfg_rx.borrow_and_update().clone();
                     crate::logging::set_secrets(new.secrets());
@@ -484,7 +526,7 @@ impl Generation {
     }
 
     /// One level-triggered pass: read desired state, plan, converge. If the desired state
-    /// cannot be read, nothing changes.
+    /// cannot be read, nothing changes (an unreadable `proxy_config` leaves the pool alone).
     async fn reconcile(&mut self) {
         let rows = match self.store.trading_pairs().await {
             Ok(r) => r,
@@ -493,58 +535,63 @@ impl Generation {
                 return;
             }
         };
-        match self.pool.load(&self.store).await {
-            Ok(problems) => {
-                if problems != self.proxy_problems {
-                    for p in &problems {
-                        warn!(problem = %p, "Skipping a proxy_config row.");
-                    }
-                    self.proxy_problems = problems;
-                }
+        let proxies = match self.store.proxies().await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "Cannot read proxy_config; keeping the current pool.");
+                None
             }
-            Err(e) => warn!(error = %e, "Cannot read proxy_config; keeping the current pool."),
-        }
+        };
         let d = desired(&rows);
         self.report(&d);
-        let running = self.supervisor.running();
-        let p = plan(&d.pairs, &running);
-        if !p.is_empty() {
+        let running = State {
+            tasks: self.supervisor.running(),
+            streams: self.streamed.borrow().clone(),
+            proxies: self.proxies.clone(),
+        };
+        let want = d.state(proxies);
+        let p = plan(&want, &running);
+        if !p.add.is_empty() || !p.change.is_empty() || !p.remove.is_empty() || p.streams_changed()
+        {
             info!(
                 add = p.add.len(),
                 change = p.change.len(),
                 remove = p.remove.len(),
+                subscribe = p.subscribe.len(),
+                unsubscribe = p.unsubscribe.len(),
                 "Reconciling."
             );
         }
-        let mut stop: Vec<PairKey> = p.remove.clone();
+        if let Some(rows) = p.proxies {
+            let problems = apply_proxy_rows(&self.pool, &rows);
+            if problems != self.proxy_problems {
+                for p in &problems {
+                    warn!(problem = %p, "Skipping a proxy_config row.");
+                }
+                self.proxy_problems = problems;
+            }
+            self.proxies = Some(rows);
+        }
+        let mut stop: Vec<TaskKey> = p.remove.clone();
         stop.extend(p.change.iter().map(|(k, _)| k.clone()));
         self.supervisor.stop(&stop).await;
         for k in &p.remove {
-            self.status.update(k, |r| {
-                r.phase = phase::DISABLED.into();
-                r.last_error.clear();
-            });
-        }
-        for (k, spec) in p.add.iter().chain(p.change.iter()) {
-            self.supervisor.start(k.clone(), *spec);
-        }
-        let live: BTreeSet<PairKey> = d
-            .pairs
-            .iter()
-            .filter(|(_, s)| s.stream)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for s in self.streams.values_mut() {
-            s.apply(&live);
-        }
-        self.streamed.send_if_modified(|cur| {
-            if *cur == live {
-                false
-            } else {
-                *cur = live;
-                true
+            if let Some(pair) = k.pair() {
+                self.status.update(pair, |r| {
+                    r.phase = phase::DISABLED.into();
+                    r.last_error.clear();
+                });
             }
-        });
+        }
+        for (k, spec) in p.add.into_iter().chain(p.change) {
+            self.supervisor.start(k, spec);
+        }
+        if !p.subscribe.is_empty() || !p.unsubscribe.is_empty() {
+            for s in self.streams.values_mut() {
+                s.apply(&want.streams);
+            }
+            self.streamed.send_replace(want.streams);
+        }
     }
 
     /// Bad and disabled rows go to `pair_status` (and the log, once per change).
@@ -573,43 +620,67 @@ impl Generation {
 
     /// Stops everything of this generation and flushes the writer.
     async fn stop(mut self) -> Result<WriterSummary, anyhow::Error> {
-        self.supervisor.stop_all().await;
-        // Sockets and the live task get a second each: nothing they hold is lost by an abort
-        // (a closed candle not yet handed on is healed by REST at the next start).
+        let pairs: Vec<TaskKey> = self.supervisor.running().into_keys().collect();
+        self.supervisor.stop(&pairs).await;
+        self.supervisor.stop_services(&[PROXY_HEALTH]).await;
+        // Sockets get a second: nothing they hold is lost by an abort (a closed candle not yet
+        // handed on is healed by REST at the next start). Then the live sink drains.
         for (_, s) in std::mem::take(&mut self.streams) {
             s.shutdown(Duration::from_secs(1)).await;
         }
         self.cancel.cancel();
-        if tokio::time::timeout(Duration::from_secs(1), &mut self.live_task)
-            .await
-            .is_err()
-        {
-            self.live_task.abort();
-        }
+        self.supervisor.stop_services(&[LIVE_SINK]).await;
         if let Some(s) = self.scheduler.take() {
             s.shutdown().await;
         }
         drop(self.writer);
         self.writer_cancel.cancel();
-        let summary = self
-            .writer_task
-            .await
-            .context("writer task panicked")?
-            .context("writer did not flush")?;
-        // The last status rows after everything stopped.
-        self.flusher_cancel.cancel();
-        let _ = self.flusher.await;
-        Ok(summary)
+        let summary = match self.writer_task.take() {
+            Some(task) => task
+                .await
+                .context("writer task panicked")
+                .and_then(|r| r.context("writer did not flush")),
+            None => Err(anyhow::anyhow!("the writer had already stopped")),
+        };
+        // The last status rows after everything stopped (the flusher writes once more).
+        self.supervisor.stop_all().await;
+        summary
     }
 }
 
-/// Writes changed status rows (pairs and proxies) every second, and once more when stopped.
+type WriterTask = JoinHandle<Result<WriterSummary, WriterError>>;
+
+/// Completes when the writer task has ended (never, once it is known to have ended).
+async fn writer_ended(
+    task: &mut Option<WriterTask>,
+) -> Result<Result<WriterSummary, WriterError>, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands `proxy_config` rows to the pool (their passwords to the log scrubber); returns the
+/// problems with rows that were skipped.
+fn apply_proxy_rows(pool: &ProxyPool, rows: &[ProxyRow]) -> Vec<String> {
+    let (secrets, problems) = pool.set_rows(rows, |k| std::env::var(k).ok());
+    crate::logging::set_secrets(secrets);
+    problems
+}
+
+/// Names of a generation's services in logs and `task_status`.
+const LIVE_SINK: &str = "live_sink";
+const STATUS_FLUSHER: &str = "status_flusher";
+const PROXY_HEALTH: &str = "proxy_health";
+
+/// Writes changed status rows (pairs, tasks and proxies) every second, and once more when
+/// stopped.
 async fn flush_status(
     store: Store,
     status: StatusHub,
     pool: Arc<ProxyPool>,
     cancel: CancellationToken,
-) {
+) -> Result<(), crate::tasks::TaskError> {
     let mut tick = crate::ticker(Duration::from_secs(1));
     let mut last_proxies: Vec<crate::store::state::ProxyStatusRow> = Vec::new();
     loop {
@@ -619,11 +690,19 @@ async fn flush_status(
             _ = tick.tick() => false,
         };
         let now = u32::try_from(crate::market::now_ms() / 1000).unwrap_or(u32::MAX);
+        crate::faults::hit("status_flusher");
         let rows = status.take_dirty(now);
         if !rows.is_empty() {
             if let Err(e) = store.write_status(&rows).await {
                 warn!(error = %e, rows = rows.len(), "Cannot write pair_status; retrying.");
                 status.requeue(&rows);
+            }
+        }
+        let tasks = status.take_dirty_tasks(now);
+        if !tasks.is_empty() {
+            if let Err(e) = store.write_task_status(&tasks).await {
+                warn!(error = %e, rows = tasks.len(), "Cannot write task_status; retrying.");
+                status.requeue_tasks(&tasks);
             }
         }
         let proxies = pool.status_rows(now);
@@ -649,7 +728,7 @@ async fn flush_status(
             }
         }
         if stop {
-            return;
+            return Ok(());
         }
     }
 }

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_proxy_status.sql",
         sql: include_str!("../../sql/0004_proxy_status.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_task_status.sql",
+        sql: include_str!("../../sql/0005_task_status.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half

@@ -77,6 +77,18 @@ pub struct ProxyStatusRow {
     pub updated_at: u32,
 }
 
+/// One `task_status` row: a long-lived task of the daemon's own (not a pair's).
+#[derive(Debug, Clone, PartialEq, Eq, Default, clickhouse::Row, Serialize, Deserialize)]
+pub struct TaskStatusRow {
+    pub task: String,
+    /// `running`, `restarting` or `failed`.
+    pub state: String,
+    pub restarts: u64,
+    pub last_error: String,
+    /// Unix seconds.
+    pub updated_at: u32,
+}
+
 const STATUS_COLUMNS: &str = "market, symbol, period, phase, backfilled_from, backfilled_to, \
     last_closed_open_time, lag_ms, open_gaps, reconnects, restarts, last_error, updated_at";
 
@@ -115,6 +127,11 @@ impl Store {
     /// Appends proxy status rows (the latest per proxy wins).
     pub async fn write_proxy_status(&self, rows: &[ProxyStatusRow]) -> Result<(), StoreError> {
         self.append("proxy_status", rows).await
+    }
+
+    /// Appends task status rows (the latest per task wins).
+    pub async fn write_task_status(&self, rows: &[TaskStatusRow]) -> Result<(), StoreError> {
+        self.append("task_status", rows).await
     }
 
     /// Inserts owned rows into `table` in one statement (nothing for an empty slice).

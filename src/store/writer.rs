@@ -148,6 +148,7 @@ impl Writer {
                 _ = cancel.cancelled() => break,
                 received = self.rx.recv_many(&mut buf, space) => match received {
                     n if n > 0 => {
+                        crate::faults::hit("writer");
                         if buf.len() == n {
                             flush_at = Some(Instant::now() + self.cfg.flush_interval);
                         }

@@ -6,6 +6,7 @@
 //! (`exchange::ws`), nor is history (the pair task).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +19,10 @@ use tracing::{debug, info, warn};
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::LiveEvent;
 use crate::market::{now_ms, PairKey};
-use crate::operator::status::StatusHub;
+use crate::status::StatusHub;
 use crate::store::writer::WriterHandle;
 use crate::tasks::backfill::Backfill;
+use crate::tasks::TaskError;
 
 /// Closed candles remembered per pair to drop repeats.
 const RECENT: usize = 32;
@@ -42,8 +44,11 @@ struct PairLive {
 const CATCH_UP_BACKOFF: Duration = Duration::from_secs(1);
 const CATCH_UP_MAX_BACKOFF: Duration = Duration::from_secs(120);
 
+/// The live sink's inputs. Cloned for each run: the supervisor restarts it after a failure,
+/// and the event queue (behind a lock that a panicking run releases) outlives the run.
+#[derive(Clone)]
 pub struct Live {
-    pub events: mpsc::Receiver<LiveEvent>,
+    pub events: Arc<tokio::sync::Mutex<mpsc::Receiver<LiveEvent>>>,
     /// The pairs that are streamed (set by the reconcile pass).
     pub streamed: watch::Receiver<BTreeSet<PairKey>>,
     pub writer: WriterHandle,
@@ -51,10 +56,16 @@ pub struct Live {
     pub rest: Arc<RestClient>,
     pub status: StatusHub,
     pub late_grace: Duration,
+    /// Set by the first run: a later run (after a failure) resumes every pair from its last
+    /// closed candle in `pair_status`, so what the failed run dropped is fetched by REST.
+    pub resumed: Arc<AtomicBool>,
 }
 
 impl Live {
-    pub async fn run(mut self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), TaskError> {
+        let restarted = self.resumed.swap(true, Ordering::SeqCst);
+        let events = self.events.clone();
+        let mut events = events.lock().await;
         let mut pairs: HashMap<PairKey, PairLive> = HashMap::new();
         let mut jobs: JoinSet<(i64, Result<(), String>)> = JoinSet::new();
         let mut job_pairs: HashMap<tokio::task::Id, PairKey> = HashMap::new();
@@ -65,17 +76,20 @@ impl Live {
                 biased;
                 _ = cancel.cancelled() => {
                     jobs.shutdown().await;
-                    return;
+                    return Ok(());
                 }
-                ev = self.events.recv() => {
-                    let Some(ev) = ev else { return };
+                ev = events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(TaskError::Retryable("the stream managers are gone".into()));
+                    };
+                    crate::faults::hit("live_sink");
                     match ev {
                         LiveEvent::Final { kline, event_ms } => {
                             let received = now_ms();
                             if !pairs.contains_key(&kline.pair) {
                                 // Just added (the set changed since the last check), or no
                                 // longer streamed (an UNSUBSCRIBE in flight).
-                                self.sync_pairs(&mut pairs);
+                                self.sync_pairs(&mut pairs, restarted);
                             }
                             let Some(p) = pairs.get_mut(&kline.pair) else {
                                 continue;
@@ -91,8 +105,7 @@ impl Live {
                             crate::metrics::add(&crate::metrics::WS_FINALS, 1);
                             let (pair, open, close) = (kline.pair.clone(), kline.open_time, kline.close_time);
                             if self.writer.send(kline).await.is_err() {
-                                warn!("The writer stopped; the live task ends.");
-                                return;
+                                return Err(TaskError::Retryable("the writer stopped".into()));
                             }
                             let lag = received - close;
                             debug!(%pair, open, lag, event_ms, "Closed candle received.");
@@ -157,10 +170,10 @@ impl Live {
                         // The operator is gone; stop with it.
                         cancel.cancelled().await;
                     }
-                    self.sync_pairs(&mut pairs);
+                    self.sync_pairs(&mut pairs, restarted);
                 }
                 _ = check.tick() => {
-                    self.sync_pairs(&mut pairs);
+                    self.sync_pairs(&mut pairs, restarted);
                     self.find_late(&pairs, &mut queue);
                 }
             }
@@ -188,6 +201,7 @@ impl Live {
                 info!(%pair, from, to, "Fetching candles the stream missed by REST.");
                 let key = pair.clone();
                 let handle = jobs.spawn(async move {
+                    crate::faults::hit("catch_up");
                     let r = backfill
                         .run(&pair, from, to, &ProgressBar::hidden(), &cancel)
                         .await
@@ -201,15 +215,26 @@ impl Live {
     }
 
     /// Follows the streamed set: new pairs start from the last closed candle as of now (older
-    /// ones are the backfill's), removed ones are forgotten.
-    fn sync_pairs(&mut self, pairs: &mut HashMap<PairKey, PairLive>) {
+    /// ones are the backfill's), removed ones are forgotten. After a restart (`resume`), a pair
+    /// starts from the last closed candle it had received, so the late check fetches the rest.
+    fn sync_pairs(&mut self, pairs: &mut HashMap<PairKey, PairLive>, resume: bool) {
         let wanted = self.streamed.borrow_and_update().clone();
         pairs.retain(|k, _| wanted.contains(k));
         for k in wanted {
             pairs.entry(k).or_insert_with_key(|k| {
                 let now = self.rest.server_now(k.market);
+                let newest = k.period.align(k.period.align(now) - 1);
+                let received = if resume {
+                    self.status.get(k).map_or(0, |r| r.last_closed_open_time)
+                } else {
+                    0
+                };
                 PairLive {
-                    last_final: k.period.align(k.period.align(now) - 1),
+                    last_final: if received > 0 {
+                        received.min(newest)
+                    } else {
+                        newest
+                    },
                     ..PairLive::default()
                 }
             });

@@ -14,10 +14,19 @@ use tracing::{debug, info};
 
 use crate::exchange::rest::RestClient;
 use crate::market::{now_ms, PairKey};
-use crate::operator::desired::PairSpec;
-use crate::operator::status::{phase, StatusHub};
+use crate::status::{phase, StatusHub};
 use crate::store::Store;
 use crate::tasks::backfill::{missing_candles, Backfill, BackfillError};
+use crate::tasks::TaskError;
+
+/// What the user declared for one pair (a `trading_pairs` row): the spec of its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairSpec {
+    /// Backfill from this open time (ms); 0 means from the listing.
+    pub backfill_from: i64,
+    /// Whether the pair is streamed live (`stream = 1`, the default).
+    pub stream: bool,
+}
 
 pub struct PairTask {
     pub pair: PairKey,
@@ -42,7 +51,7 @@ const WATERMARK_OVERLAP_MS: i64 = 3_600_000;
 pub const PARALLEL_BACKFILLS: usize = 8;
 
 impl PairTask {
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), TaskError> {
         let pair = self.pair.clone();
         let live = self.spec.stream;
         self.status.update(&pair, |r| {
@@ -64,7 +73,7 @@ impl PairTask {
         {
             Ok(s) => s,
             Err(BackfillError::Cancelled) => return Ok(()),
-            Err(e) => return Err(format!("backfill failed: {e}")),
+            Err(e) => return Err(TaskError::from(e).context("backfill failed")),
         };
         drop(slot);
         let mut watermark = match summary.range {
@@ -102,6 +111,7 @@ impl PairTask {
                     }
                 }
             }
+            crate::faults::hit("pair_task");
             let scanned = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
@@ -110,7 +120,7 @@ impl PairTask {
             watermark = match scanned {
                 Ok(w) => w,
                 Err(BackfillError::Cancelled) => return Ok(()),
-                Err(e) => return Err(format!("gap healing failed: {e}")),
+                Err(e) => return Err(TaskError::from(e).context("gap healing failed")),
             };
         }
     }

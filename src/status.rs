@@ -1,11 +1,12 @@
-//! Observed state per pair, kept in memory and written to `pair_status` on change (batched
-//! by the flusher, never per message). Tasks update it; the operator decides nothing from it.
+//! Observed state, kept in memory and written on change (batched by the flusher, never per
+//! message): per pair (`pair_status`) and per long-lived task of the daemon's own
+//! (`task_status`). Tasks and the supervisor update it; the operator decides nothing from it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::market::PairKey;
-use crate::store::state::StatusRow;
+use crate::store::state::{StatusRow, TaskStatusRow};
 
 /// Lifecycle phases shown in `pair_status.phase`.
 pub mod phase {
@@ -13,9 +14,20 @@ pub mod phase {
     pub const STREAMING: &str = "streaming";
     pub const HEALING: &str = "healing";
     pub const ERROR: &str = "error";
+    /// A permanent error (an unknown or delisted symbol): not retried until the row changes.
+    pub const PARKED: &str = "parked";
     pub const DISABLED: &str = "disabled";
     /// History only (`stream = 0`), kept complete by gap scans.
     pub const IDLE: &str = "idle";
+}
+
+/// States shown in `task_status.state`.
+pub mod task_state {
+    pub const RUNNING: &str = "running";
+    /// It failed (error, panic or unexpected exit) and is restarted after a backoff.
+    pub const RESTARTING: &str = "restarting";
+    /// Its loss was fatal: the process is shutting down (systemd restarts it).
+    pub const FAILED: &str = "failed";
 }
 
 type Key = (String, String, String);
@@ -24,6 +36,8 @@ type Key = (String, String, String);
 struct Inner {
     rows: BTreeMap<Key, StatusRow>,
     dirty: BTreeSet<Key>,
+    tasks: BTreeMap<String, TaskStatusRow>,
+    tasks_dirty: BTreeSet<String>,
 }
 
 /// Shared, cheap to clone.
@@ -90,6 +104,48 @@ impl StatusHub {
             inner
                 .dirty
                 .insert((r.market.clone(), r.symbol.clone(), r.period.clone()));
+        }
+    }
+
+    /// Changes a daemon task's row; it is written only if something changed.
+    pub fn update_task(&self, task: &str, f: impl FnOnce(&mut TaskStatusRow)) {
+        let mut inner = self.lock();
+        let row = inner
+            .tasks
+            .entry(task.to_string())
+            .or_insert_with(|| TaskStatusRow {
+                task: task.to_string(),
+                ..TaskStatusRow::default()
+            });
+        let before = row.clone();
+        f(row);
+        if *row != before {
+            inner.tasks_dirty.insert(task.to_string());
+        }
+    }
+
+    pub fn task(&self, task: &str) -> Option<TaskStatusRow> {
+        self.lock().tasks.get(task).cloned()
+    }
+
+    /// Task rows changed since the last call, stamped with `now_s`.
+    pub fn take_dirty_tasks(&self, now_s: u32) -> Vec<TaskStatusRow> {
+        let mut inner = self.lock();
+        let keys: Vec<String> = std::mem::take(&mut inner.tasks_dirty).into_iter().collect();
+        keys.iter()
+            .filter_map(|k| inner.tasks.get(k))
+            .map(|r| TaskStatusRow {
+                updated_at: now_s,
+                ..r.clone()
+            })
+            .collect()
+    }
+
+    /// Puts task rows whose write failed back in the queue.
+    pub fn requeue_tasks(&self, rows: &[TaskStatusRow]) {
+        let mut inner = self.lock();
+        for r in rows {
+            inner.tasks_dirty.insert(r.task.clone());
         }
     }
 
