@@ -154,6 +154,31 @@ pub async fn ws_start(
 }
 
 /// Resolves on SIGTERM or SIGINT.
+/// Spawns the owner of the process's shutdown signals: SIGTERM or Ctrl-C (`signal`) cancels
+/// `trigger`. If the watcher ends any other way (it panics), `trigger` is cancelled too, with an
+/// error in the log: a process that could no longer be stopped cleanly shuts down now (and is
+/// restarted by systemd) rather than ignoring SIGTERM later.
+pub fn watch_signals<F>(signal: F, trigger: CancellationToken) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    struct Guard(Option<CancellationToken>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(t) = self.0.take() {
+                tracing::error!("The signal watcher stopped unexpectedly; shutting down.");
+                t.cancel();
+            }
+        }
+    }
+    tokio::spawn(async move {
+        let mut guard = Guard(Some(trigger.clone()));
+        signal.await;
+        guard.0 = None;
+        trigger.cancel();
+    })
+}
+
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -311,4 +336,34 @@ pub async fn backfill_gap(
         http_418: gov.http_418,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_signal_watcher_that_dies_shuts_the_process_down() {
+        let trigger = CancellationToken::new();
+        let h = watch_signals(async { panic!("injected") }, trigger.clone());
+        assert!(h.await.unwrap_err().is_panic());
+        assert!(trigger.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_signal_cancels_the_trigger_and_nothing_else_does() {
+        let trigger = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = watch_signals(
+            async {
+                let _ = rx.await;
+            },
+            trigger.clone(),
+        );
+        tokio::task::yield_now().await;
+        assert!(!trigger.is_cancelled());
+        tx.send(()).unwrap();
+        h.await.unwrap();
+        assert!(trigger.is_cancelled());
+    }
 }

@@ -193,19 +193,13 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Run) | None => {
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                app::shutdown_signal().await;
-                trigger.cancel();
-            });
+            app::watch_signals(app::shutdown_signal(), trigger);
             app::run_daemon(cfg, path.clone(), shutdown).await
         }
         Some(Command::WsStart(args)) => {
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                app::shutdown_signal().await;
-                trigger.cancel();
-            });
+            app::watch_signals(app::shutdown_signal(), trigger);
             let mut out = std::io::stdout();
             app::ws_start(cfg, &args.market, &args.symbol, &args.period, &mut out, shutdown)
                 .await
@@ -226,10 +220,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let cancel = CancellationToken::new();
             let trigger = cancel.clone();
-            tokio::spawn(async move {
-                app::shutdown_signal().await;
-                trigger.cancel();
-            });
+            app::watch_signals(app::shutdown_signal(), trigger);
             let req = app::BackfillRequest {
                 market: args.market,
                 symbol: args.symbol,

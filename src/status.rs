@@ -12,6 +12,9 @@ use crate::store::state::{StatusRow, TaskStatusRow};
 pub mod phase {
     pub const BACKFILLING: &str = "backfilling";
     pub const STREAMING: &str = "streaming";
+    /// Declared streamed, but its closed candles stopped arriving on the WebSocket (the socket
+    /// is down or stalled): `lag_ms` grows until they come back; REST fills in meanwhile.
+    pub const STREAM_DOWN: &str = "stream_down";
     pub const HEALING: &str = "healing";
     pub const ERROR: &str = "error";
     /// A permanent error (an unknown or delisted symbol): not retried until the row changes.

@@ -716,3 +716,63 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
     assert!(ws_rows(&db, &eth) >= 2);
     assert!(sent_before_stop > 0);
 }
+
+/// Observed state tells the truth: with the spot WebSocket unreachable (a dead port), a
+/// streamed pair is `stream_down`, not `streaming`, and its `lag_ms` grows; REST keeps its
+/// candles complete meanwhile (the late check fetches each one `late_grace` after its close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_whose_stream_cannot_connect_is_reported_down_with_a_growing_lag() {
+    let sim = start_sim(SimConfig::default()).await;
+    let db = TestDb::new("op_down");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let endpoints = common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um)).replace(
+        &sim.ws_url(Market::Spot),
+        &format!("ws://127.0.0.1:{dead}/ws/"),
+    );
+    let d = Daemon::start(&db.yaml(&format!("{endpoints}{FAST}"))).await;
+    wait_for(30, "the schema", || async {
+        db.try_sql("SELECT count() FROM trading_pairs").is_ok()
+    })
+    .await;
+    let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
+    let from = Period::S1.align(sim::now_ms()) - 10_000;
+    insert_pair(&db, &p, 1, from);
+    let lag = || {
+        db.try_sql(&format!(
+            "SELECT phase, lag_ms FROM pair_status FINAL WHERE {} FORMAT TSV",
+            where_pair(&p)
+        ))
+        .ok()
+        .and_then(|s| {
+            let (phase, lag) = s.trim().split_once('\t')?;
+            Some((phase.to_string(), lag.parse::<i64>().ok()?))
+        })
+    };
+    wait_for(20, "stream_down in pair_status", || async {
+        lag().is_some_and(|(phase, _)| phase == "stream_down")
+    })
+    .await;
+    let (_, first) = lag().unwrap();
+    wait_for(10, "the lag to grow by 2 s", || async {
+        lag().is_some_and(|(phase, l)| phase == "stream_down" && l >= first + 2_000)
+    })
+    .await;
+    // REST keeps the candles coming: everything closed more than a few seconds ago is stored.
+    let upto = Period::S1.align(sim::now_ms()) - 4_000;
+    wait_for(15, "REST to keep the pair complete", || async {
+        count(
+            &db,
+            &format!(
+                "SELECT count() FROM klines FINAL WHERE {} AND open_time >= {from} AND open_time < {upto}",
+                where_pair(&p)
+            ),
+        ) == u64::try_from((upto - from) / 1000).unwrap()
+    })
+    .await;
+    assert_complete(&db, &p, from, upto);
+    assert_eq!(ws_rows(&db, &p), 0);
+    d.stop().await;
+}

@@ -18,8 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::LiveEvent;
-use crate::market::{now_ms, PairKey};
-use crate::status::StatusHub;
+use crate::market::{now_ms, PairKey, Period};
+use crate::status::{phase, StatusHub};
 use crate::store::writer::WriterHandle;
 use crate::tasks::backfill::Backfill;
 use crate::tasks::TaskError;
@@ -33,6 +33,11 @@ const CATCH_UP_CONCURRENCY: usize = 4;
 struct PairLive {
     /// Open time of the newest closed candle we have (received, or fetched by a catch-up).
     last_final: i64,
+    /// Open time of the newest closed candle the stream itself delivered (or, until one
+    /// arrives, the newest closed one when the pair was added): how far behind the stream is.
+    last_ws_final: i64,
+    /// Shown as `stream_down` in `pair_status`.
+    down: bool,
     recent: VecDeque<i64>,
     catching_up: bool,
     /// Failed catch-ups back off (jittered, doubling) so an outage does not hammer the budget.
@@ -102,6 +107,8 @@ impl Live {
                                 p.recent.pop_front();
                             }
                             p.last_final = p.last_final.max(kline.open_time);
+                            p.last_ws_final = p.last_ws_final.max(kline.open_time);
+                            let was_down = std::mem::take(&mut p.down);
                             crate::metrics::add(&crate::metrics::WS_FINALS, 1);
                             let (pair, open, close) = (kline.pair.clone(), kline.open_time, kline.close_time);
                             if self.writer.send(kline).await.is_err() {
@@ -112,6 +119,9 @@ impl Live {
                             self.status.update(&pair, |r| {
                                 r.last_closed_open_time = r.last_closed_open_time.max(open);
                                 r.lag_ms = lag;
+                                if was_down && r.phase == phase::STREAM_DOWN {
+                                    r.phase = phase::STREAMING.into();
+                                }
                             });
                         }
                         LiveEvent::Connected { pairs: conn_pairs, reconnect, .. } => {
@@ -175,6 +185,7 @@ impl Live {
                 _ = check.tick() => {
                     self.sync_pairs(&mut pairs, restarted);
                     self.find_late(&pairs, &mut queue);
+                    self.report_stream_health(&mut pairs);
                 }
             }
             // Start queued catch-ups.
@@ -229,13 +240,41 @@ impl Live {
                 } else {
                     0
                 };
+                let last_final = if received > 0 {
+                    received.min(newest)
+                } else {
+                    newest
+                };
                 PairLive {
-                    last_final: if received > 0 {
-                        received.min(newest)
-                    } else {
-                        newest
-                    },
+                    last_final,
+                    last_ws_final: last_final,
                     ..PairLive::default()
+                }
+            });
+        }
+    }
+
+    /// Observed state tells the truth about the stream: a pair whose newest closed candle has
+    /// not come from the WebSocket `late_grace` after its close is `stream_down` (whatever
+    /// REST fills in meanwhile), with `lag_ms` growing from its last streamed candle's close;
+    /// the next streamed candle makes it `streaming` again. Phases owned by others
+    /// (backfilling, healing, error) are left alone.
+    fn report_stream_health(&self, pairs: &mut HashMap<PairKey, PairLive>) {
+        let grace = i64::try_from(self.late_grace.as_millis()).unwrap_or(i64::MAX);
+        for (pair, p) in pairs.iter_mut() {
+            let now = self.rest.server_now(pair.market);
+            if p.last_ws_final >= overdue(pair.period, now, grace) {
+                continue;
+            }
+            let lag = now - pair.period.close_time(p.last_ws_final);
+            let first = !std::mem::replace(&mut p.down, true);
+            if first {
+                warn!(%pair, lag_ms = lag, "Closed candles stopped arriving on the stream.");
+            }
+            self.status.update(pair, |r| {
+                if r.phase == phase::STREAMING || r.phase == phase::STREAM_DOWN {
+                    r.phase = phase::STREAM_DOWN.into();
+                    r.lag_ms = lag;
                 }
             });
         }
@@ -252,15 +291,73 @@ impl Live {
                 continue;
             }
             let now = self.rest.server_now(pair.market);
-            let current = pair.period.align(now);
-            // The newest candle that has closed.
-            let newest = pair.period.align(current - 1);
-            if p.last_final >= newest {
-                continue;
-            }
-            if now > pair.period.close_time(newest) + grace {
+            if p.last_final < overdue(pair.period, now, grace) {
                 queue.push_back((pair.clone(), pair.period.next_open(p.last_final)));
             }
+        }
+    }
+}
+
+/// The open time of the newest candle that closed more than `grace` before `now`: the stream
+/// should have delivered it. (Not simply the newest closed candle: with a grace longer than
+/// the period — 1s candles — that one is never overdue, and nothing would ever be.)
+fn overdue(period: Period, now: i64, grace: i64) -> i64 {
+    period.align(period.align(now.saturating_sub(grace)) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overdue_candle_from_tables() {
+        struct Case {
+            name: &'static str,
+            period: Period,
+            now: i64,
+            grace: i64,
+            expected: i64,
+        }
+        let cases = [
+            Case {
+                name: "1s candles, 1 s grace: the one that closed over a second ago",
+                period: Period::S1,
+                now: 10_500,
+                grace: 1_000,
+                expected: 8_000,
+            },
+            Case {
+                name: "1s candles, 5 s grace",
+                period: Period::S1,
+                now: 10_000,
+                grace: 5_000,
+                expected: 4_000,
+            },
+            Case {
+                name: "1m candles, 2 s grace, just after a close: the previous one",
+                period: Period::M1,
+                now: 120_500,
+                grace: 2_000,
+                expected: 0,
+            },
+            Case {
+                name: "1m candles, 2 s grace, past the grace: the one that just closed",
+                period: Period::M1,
+                now: 122_001,
+                grace: 2_000,
+                expected: 60_000,
+            },
+        ];
+        for c in cases {
+            assert_eq!(overdue(c.period, c.now, c.grace), c.expected, "{}", c.name);
+            // It closed more than `grace` ago, and the next one did not.
+            assert!(
+                c.period.close_time(c.expected) < c.now - c.grace,
+                "{}",
+                c.name
+            );
+            let next = c.period.next_open(c.expected);
+            assert!(c.period.close_time(next) >= c.now - c.grace, "{}", c.name);
         }
     }
 }

@@ -154,7 +154,10 @@ impl PairTask {
         let last = missing[missing.len() - 1];
         info!(%pair, missing = missing.len(), first, last, "Gap scan found missing candles; healing.");
         self.status.update(pair, |r| {
-            r.phase = phase::HEALING.into();
+            // A stream that is down stays reported as such while REST heals behind it.
+            if r.phase != phase::STREAM_DOWN {
+                r.phase = phase::HEALING.into();
+            }
             r.open_gaps = missing.len() as u64;
         });
         self.backfill
@@ -169,7 +172,9 @@ impl PairTask {
         let still = missing_candles(&self.store, pair, watermark, horizon).await?;
         debug!(%pair, still = still.len(), "Gap scan done.");
         self.status.update(pair, |r| {
-            r.phase = steady.into();
+            if r.phase == phase::HEALING {
+                r.phase = steady.into();
+            }
             r.open_gaps = still.len() as u64;
         });
         // Everything before the first candle still missing is verified.
