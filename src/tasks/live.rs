@@ -269,7 +269,9 @@ impl Live {
             let lag = now - pair.period.close_time(p.last_ws_final);
             let first = !std::mem::replace(&mut p.down, true);
             if first {
-                warn!(%pair, lag_ms = lag, "Closed candles stopped arriving on the stream.");
+                let last = qs_core::time::UnixMs(p.last_ws_final);
+                warn!(%pair, lag_ms = lag, last_streamed_open = %last,
+                    "Closed candles stopped arriving on the stream.");
             }
             self.status.update(pair, |r| {
                 if r.phase == phase::STREAMING || r.phase == phase::STREAM_DOWN {

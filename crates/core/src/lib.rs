@@ -7,3 +7,4 @@
 //! seconds (`cargo test -p qs-core`).
 
 pub mod market;
+pub mod time;

@@ -536,68 +536,12 @@ impl Kline {
     }
 }
 
-/// One day in milliseconds.
-pub const DAY_MS: i64 = 86_400_000;
-
-/// COIN-M refuses klines windows (endTime − startTime) longer than this.
-pub const CM_MAX_RANGE_MS: i64 = 200 * DAY_MS;
-
-/// The wall clock in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Midnight UTC of the first day of the month containing `t` (ms).
-pub fn month_start(t: i64) -> i64 {
-    use chrono::{Datelike, TimeZone, Utc};
-    let Some(dt) = Utc.timestamp_millis_opt(t).single() else {
-        return t;
-    };
-    Utc.with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
-        .single()
-        .map_or(t, |m| m.timestamp_millis())
-}
-
-/// Midnight UTC of the first day of the month after the one containing `t` (ms).
-pub fn next_month_start(t: i64) -> i64 {
-    use chrono::{Datelike, TimeZone, Utc};
-    let Some(dt) = Utc.timestamp_millis_opt(t).single() else {
-        return t;
-    };
-    let (y, m) = if dt.month() == 12 {
-        (dt.year() + 1, 1)
-    } else {
-        (dt.year(), dt.month() + 1)
-    };
-    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
-        .single()
-        .map_or(t, |m| m.timestamp_millis())
-}
-
-/// `YYYY-MM` (UTC) of `t` in ms, as archive file names write months.
-pub fn month_label(t: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(t)
-        .map_or_else(|| t.to_string(), |d| d.format("%Y-%m").to_string())
-}
-
-/// `YYYY-MM-DD` (UTC) of `t` in ms, as archive file names write days.
-pub fn day_label(t: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(t)
-        .map_or_else(|| t.to_string(), |d| d.format("%Y-%m-%d").to_string())
-}
-
-/// Binance's spot archives switched to microseconds on 2025-01-01: any timestamp past the year
-/// 5138 in ms is taken as µs and divided down.
-pub fn normalize_ms(t: i64) -> i64 {
-    const MS_LIMIT: u64 = 100_000_000_000_000; // 1e14 ms ≈ year 5138
-    if t.unsigned_abs() >= MS_LIMIT {
-        t / 1000
-    } else {
-        t
-    }
-}
+// Time helpers live in `crate::time`; re-exported here for the many callers that import them
+// with the other market types.
+pub use crate::time::{
+    day_label, month_label, month_start, next_month_start, normalize_ms, now_ms, CM_MAX_RANGE_MS,
+    DAY_MS,
+};
 
 #[cfg(test)]
 mod tests {
