@@ -6,7 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::market::PairKey;
-use crate::store::state::{StatusRow, TaskStatusRow};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::store::state::{ProxyStatusRow, StatusRow, TaskStatusRow};
+use crate::store::Store;
 
 /// Lifecycle phases shown in `pair_status.phase`.
 pub mod phase {
@@ -158,6 +164,66 @@ impl StatusHub {
         let k = key_of(pair);
         inner.rows.remove(&k);
         inner.dirty.remove(&k);
+    }
+}
+
+/// Writes changed status rows (pairs, tasks and proxies) every second, and once more when
+/// stopped. `proxy_rows(now_s)` gives the proxy pool's rows (written when they change).
+pub async fn flush(
+    store: Store,
+    status: StatusHub,
+    proxy_rows: impl Fn(u32) -> Vec<ProxyStatusRow>,
+    cancel: CancellationToken,
+) {
+    let mut tick = crate::ticker(Duration::from_secs(1));
+    let mut last_proxies: Vec<ProxyStatusRow> = Vec::new();
+    loop {
+        let stop = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let now = u32::try_from(crate::market::now_ms() / 1000).unwrap_or(u32::MAX);
+        crate::faults::hit("status_flusher");
+        let rows = status.take_dirty(now);
+        if !rows.is_empty() {
+            if let Err(e) = store.write_status(&rows).await {
+                warn!(error = %e, rows = rows.len(), "Cannot write pair_status; retrying.");
+                status.requeue(&rows);
+            }
+        }
+        let tasks = status.take_dirty_tasks(now);
+        if !tasks.is_empty() {
+            if let Err(e) = store.write_task_status(&tasks).await {
+                warn!(error = %e, rows = tasks.len(), "Cannot write task_status; retrying.");
+                status.requeue_tasks(&tasks);
+            }
+        }
+        let proxies = proxy_rows(now);
+        let changed: Vec<_> = proxies
+            .iter()
+            .filter(|r| {
+                !last_proxies.iter().any(|l| {
+                    l.host == r.host
+                        && l.port == r.port
+                        && l.state == r.state
+                        && l.last_error == r.last_error
+                        && l.requests == r.requests
+                        && l.failures == r.failures
+                        && l.weight_used == r.weight_used
+                })
+            })
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            match store.write_proxy_status(&changed).await {
+                Ok(()) => last_proxies = proxies,
+                Err(e) => warn!(error = %e, "Cannot write proxy_status; retrying."),
+            }
+        }
+        if stop {
+            return;
+        }
     }
 }
 

@@ -5,35 +5,35 @@
 //! how we reach ClickHouse or Binance (or the writer, backfill or stream settings) replaces the
 //! generation in-process: tasks stop, the writer flushes, new clients start. Never a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use uuid::Uuid;
 
 use super::desired::{desired, Desired};
 use super::plan::{plan, State};
 use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
-use crate::config::{Config, GapScanConfig};
+use crate::config::Config;
 use crate::exchange::archive::ArchiveClient;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
-use crate::market::{Market, PairKey, Period};
+use crate::market::{Market, PairKey};
 use crate::proxy::ProxyPool;
 use crate::status::{phase, StatusHub};
 use crate::store::migrate;
 use crate::store::state::ProxyRow;
 use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::tasks::backfill::Backfill;
 use crate::tasks::live::Live;
 use crate::tasks::pair::PairTask;
+use crate::tasks::scan_schedule::{ScanScheduler, Ticks};
 use crate::tasks::{TaskKey, TaskSpec};
 
 /// Why the reconcile loop returned.
@@ -109,8 +109,11 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
 async fn preflight(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse)?;
     let cancel = shutdown.child_token();
-    let migrated =
-        tokio::time::timeout(PREFLIGHT_TIMEOUT, migrate_when_ready(&store, &cancel)).await;
+    let migrated = tokio::time::timeout(
+        PREFLIGHT_TIMEOUT,
+        migrate::migrate_when_ready(&store, &cancel),
+    )
+    .await;
     cancel.cancel();
     match migrated {
         Ok(Ok(Some(_))) => {}
@@ -145,87 +148,6 @@ fn policy(cfg: &Config) -> Policy {
         restart_backoff: cfg.operator.restart_backoff,
         max_restart_backoff: cfg.operator.max_restart_backoff,
         healthy_after: cfg.operator.healthy_after,
-    }
-}
-
-/// Gap-scan ticks per period, driven by cron jobs of tokio-cron-scheduler. The broadcast
-/// senders outlive schedule changes, so pair tasks keep their receivers.
-struct ScanScheduler {
-    sched: tokio_cron_scheduler::JobScheduler,
-    ticks: Ticks,
-    jobs: Vec<Uuid>,
-}
-
-/// One tick channel per period (every period has one).
-#[derive(Clone)]
-struct Ticks(Arc<HashMap<Period, broadcast::Sender<()>>>);
-
-impl Ticks {
-    fn subscribe(&self, p: Period) -> broadcast::Receiver<()> {
-        match self.0.get(&p) {
-            Some(tx) => tx.subscribe(),
-            // Unreachable; a receiver that never ticks only means no scans.
-            None => broadcast::channel(1).1,
-        }
-    }
-}
-
-impl ScanScheduler {
-    async fn start(cfg: &GapScanConfig) -> anyhow::Result<ScanScheduler> {
-        let sched = tokio_cron_scheduler::JobScheduler::new()
-            .await
-            .context("cannot create the gap-scan scheduler")?;
-        sched
-            .start()
-            .await
-            .context("cannot start the gap-scan scheduler")?;
-        let ticks = Ticks(Arc::new(
-            Period::ALL
-                .iter()
-                .map(|p| (*p, broadcast::channel(4).0))
-                .collect(),
-        ));
-        let mut s = ScanScheduler {
-            sched,
-            ticks,
-            jobs: Vec::new(),
-        };
-        s.set(cfg).await?;
-        Ok(s)
-    }
-
-    /// Replaces the cron jobs with those of `cfg`.
-    async fn set(&mut self, cfg: &GapScanConfig) -> anyhow::Result<()> {
-        for id in std::mem::take(&mut self.jobs) {
-            let _ = self.sched.remove(&id).await;
-        }
-        for p in Period::ALL {
-            let expr = cfg.cron_for(p);
-            let tx = self
-                .ticks
-                .0
-                .get(&p)
-                .cloned()
-                .context("tick channel missing")?;
-            let job = tokio_cron_scheduler::Job::new_async(expr.as_str(), move |_, _| {
-                let tx = tx.clone();
-                Box::pin(async move {
-                    let _ = tx.send(());
-                })
-            })
-            .with_context(|| format!("bad gap-scan schedule {expr:?} for {p}"))?;
-            let id = self
-                .sched
-                .add(job)
-                .await
-                .context("cannot add a gap-scan job")?;
-            self.jobs.push(id);
-        }
-        Ok(())
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.sched.shutdown().await;
     }
 }
 
@@ -277,7 +199,7 @@ impl Generation {
         info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
             database = %cfg.clickhouse.database, "Starting the operator.");
         let store = Store::new(&cfg.clickhouse)?;
-        let Some(report) = migrate_when_ready(&store, shutdown).await? else {
+        let Some(report) = migrate::migrate_when_ready(&store, shutdown).await? else {
             return Ok(None);
         };
         let server = report
@@ -397,8 +319,13 @@ impl Generation {
         let live_sink: ServiceFactory = Arc::new(move |c| Box::pin(live.clone().run(c)));
         supervisor.start_service(LIVE_SINK, OnFailure::Restart, live_sink);
         let (s, st, p) = (store.clone(), status.clone(), pool.clone());
-        let flusher: ServiceFactory =
-            Arc::new(move |c| Box::pin(flush_status(s.clone(), st.clone(), p.clone(), c)));
+        let flusher: ServiceFactory = Arc::new(move |c| {
+            let (s, st, p) = (s.clone(), st.clone(), p.clone());
+            Box::pin(async move {
+                crate::status::flush(s, st, move |now| p.status_rows(now), c).await;
+                Ok(())
+            })
+        });
         supervisor.start_service(STATUS_FLUSHER, OnFailure::Restart, flusher);
         let (p, url) = (
             pool.clone(),
@@ -672,96 +599,3 @@ fn apply_proxy_rows(pool: &ProxyPool, rows: &[ProxyRow]) -> Vec<String> {
 const LIVE_SINK: &str = "live_sink";
 const STATUS_FLUSHER: &str = "status_flusher";
 const PROXY_HEALTH: &str = "proxy_health";
-
-/// Writes changed status rows (pairs, tasks and proxies) every second, and once more when
-/// stopped.
-async fn flush_status(
-    store: Store,
-    status: StatusHub,
-    pool: Arc<ProxyPool>,
-    cancel: CancellationToken,
-) -> Result<(), crate::tasks::TaskError> {
-    let mut tick = crate::ticker(Duration::from_secs(1));
-    let mut last_proxies: Vec<crate::store::state::ProxyStatusRow> = Vec::new();
-    loop {
-        let stop = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let now = u32::try_from(crate::market::now_ms() / 1000).unwrap_or(u32::MAX);
-        crate::faults::hit("status_flusher");
-        let rows = status.take_dirty(now);
-        if !rows.is_empty() {
-            if let Err(e) = store.write_status(&rows).await {
-                warn!(error = %e, rows = rows.len(), "Cannot write pair_status; retrying.");
-                status.requeue(&rows);
-            }
-        }
-        let tasks = status.take_dirty_tasks(now);
-        if !tasks.is_empty() {
-            if let Err(e) = store.write_task_status(&tasks).await {
-                warn!(error = %e, rows = tasks.len(), "Cannot write task_status; retrying.");
-                status.requeue_tasks(&tasks);
-            }
-        }
-        let proxies = pool.status_rows(now);
-        let changed: Vec<_> = proxies
-            .iter()
-            .filter(|r| {
-                !last_proxies.iter().any(|l| {
-                    l.host == r.host
-                        && l.port == r.port
-                        && l.state == r.state
-                        && l.last_error == r.last_error
-                        && l.requests == r.requests
-                        && l.failures == r.failures
-                        && l.weight_used == r.weight_used
-                })
-            })
-            .cloned()
-            .collect();
-        if !changed.is_empty() {
-            match store.write_proxy_status(&changed).await {
-                Ok(()) => last_proxies = proxies,
-                Err(e) => warn!(error = %e, "Cannot write proxy_status; retrying."),
-            }
-        }
-        if stop {
-            return Ok(());
-        }
-    }
-}
-
-/// Applies migrations, retrying while ClickHouse is unreachable (it may still be starting);
-/// a non-retryable error (bad credentials, SQL error) ends the daemon with that error.
-pub async fn migrate_when_ready(
-    store: &Store,
-    shutdown: &CancellationToken,
-) -> Result<Option<migrate::MigrationReport>, StoreError> {
-    let mut attempt: u32 = 0;
-    loop {
-        match migrate::run(store).await {
-            Ok(r) => return Ok(Some(r)),
-            Err(e) if e.is_retryable() => {
-                let delay = crate::backoff::delay(
-                    attempt,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                    &mut rand::rng(),
-                );
-                attempt = attempt.saturating_add(1);
-                warn!(error = %e, retry_in = ?delay, "ClickHouse not ready; retrying.");
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "Cannot prepare the ClickHouse schema.");
-                return Err(e);
-            }
-        }
-    }
-}

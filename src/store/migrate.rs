@@ -315,6 +315,39 @@ async fn apply(store: &Store, m: &Migration) -> Result<(), StoreError> {
         .await
 }
 
+/// Applies migrations, retrying while ClickHouse is unreachable (it may still be starting);
+/// a non-retryable error (bad credentials, SQL error) ends the daemon with that error.
+pub async fn migrate_when_ready(
+    store: &Store,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Option<MigrationReport>, StoreError> {
+    let mut attempt: u32 = 0;
+    loop {
+        match run(store).await {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) if e.is_retryable() => {
+                let delay = crate::backoff::delay(
+                    attempt,
+                    std::time::Duration::from_millis(500),
+                    std::time::Duration::from_secs(30),
+                    &mut rand::rng(),
+                );
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in = ?delay, "ClickHouse not ready; retrying.");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot prepare the ClickHouse schema.");
+                return Err(e);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

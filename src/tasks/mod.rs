@@ -11,6 +11,7 @@ use crate::market::PairKey;
 pub mod backfill;
 pub mod live;
 pub mod pair;
+pub mod scan_schedule;
 
 pub use pair::PairSpec;
 
