@@ -193,6 +193,44 @@ fn secrets_never_appear_in_config_errors() {
 }
 
 #[test]
+fn duplicate_keys_are_reported_at_the_duplicate_with_their_path() {
+    let text = r#"app:
+  environment: prod
+  writer:
+    flush_interval: 1s
+  logging:
+    level: info
+  clickhouse:
+    port: 8123
+    host: localhost
+    password: "first-secret-xyz"
+    username: default
+    port: 9000
+    password: "second-secret-xyz"
+  writer:
+    batch_rows: 10
+"#;
+    let err = parse(text).unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+    assert_eq!(
+        err.problems(),
+        vec![
+            "app.clickhouse.port: duplicate key at line 12 (first at line 8)",
+            "app.clickhouse.password: duplicate key at line 13 (first at line 10)",
+            "app.writer: duplicate key at line 14 (first at line 3)",
+        ]
+    );
+    let all = format!("{err} {:?}", err.problems());
+    assert!(!all.contains("secret-xyz"), "{all}");
+    // A schedule given twice in flow style, a common copy-paste slip.
+    let p = problems("app:\n  gap_scan:\n    schedules: {1m: \"* * * * * *\", 1h: \"0 * * * * *\",\n      1m: \"*/5 * * * * *\"}\n");
+    assert_eq!(
+        p,
+        vec!["app.gap_scan.schedules.1m: duplicate key at line 4 (first at line 3)"]
+    );
+}
+
+#[test]
 fn numbers_are_not_silently_turned_into_strings() {
     let p = problems("app:\n  clickhouse:\n    database: 1e3\n    username: 0x1F\n");
     assert!(

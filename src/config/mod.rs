@@ -442,10 +442,24 @@ impl Config {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let root: Value = yaml_serde::from_str(text).map_err(|e| ConfigError::Yaml {
-            path: path.to_path_buf(),
-            message: walker::hide_quoted(&e.to_string()),
-        })?;
+        let root: Value = match yaml_serde::from_str(text) {
+            Ok(root) => root,
+            Err(e) => {
+                // The parser reports a duplicate key at its mapping's first line, and blanks
+                // the key's name with the values: name it and its lines ourselves.
+                let duplicates = walker::duplicate_keys(text);
+                if !duplicates.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        problems: duplicates,
+                    });
+                }
+                return Err(ConfigError::Yaml {
+                    path: path.to_path_buf(),
+                    message: walker::hide_quoted(&e.to_string()),
+                });
+            }
+        };
         let mut errs = Vec::new();
         let cfg = sections::parse_root(&root, &mut errs);
         let mut cfg = match cfg {

@@ -1,10 +1,14 @@
 //! The path-tracking walker over parsed YAML: typed reads of one mapping's keys that collect
 //! every problem (with its key path and the bad value) instead of stopping at the first, and
-//! report the keys nobody read as unknown. Also the blanking of values in parser messages.
+//! report the keys nobody read as unknown. Also the blanking of values in parser messages, and
+//! finding duplicate keys with their key path and lines (the parser names neither).
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 use std::time::Duration;
 
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use yaml_serde::{Mapping, Value};
 
 use super::duration::{format_duration, parse_duration, MAX_DURATION};
@@ -305,9 +309,265 @@ pub(super) fn show(v: &Value) -> String {
     }
 }
 
+/// At most this many duplicate keys are reported (each costs two passes over the text).
+const MAX_DUPLICATES: usize = 10;
+
+/// Every duplicate key in `text` as `app.clickhouse.port: duplicate key at line 12 (first at
+/// line 8)`, in document order; empty when there is none (or the text does not parse for
+/// another reason). Values are never shown.
+///
+/// The YAML parser refuses duplicates, but reports them at the line of the mapping's first key
+/// and names the key inside quotes (which are blanked, as they may hold a secret). Serde gives
+/// no positions, except that an error raised while a key is being read carries that key's
+/// line: so one pass lists every key occurrence by path, and one pass per occurrence of
+/// interest stops at it on purpose to learn its line.
+pub(super) fn duplicate_keys(text: &str) -> Vec<String> {
+    let Ok(order) = key_occurrences(text) else {
+        return Vec::new();
+    };
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    let mut dups = Vec::new();
+    for path in &order {
+        let n = count.entry(path.as_str()).or_default();
+        if *n > 0 {
+            dups.push((path.as_str(), *n));
+        }
+        *n += 1;
+    }
+    dups.into_iter()
+        .take(MAX_DUPLICATES)
+        .map(|(path, n)| {
+            let at =
+                |nth| line_of(text, path, nth).map_or_else(|| "?".to_string(), |l| l.to_string());
+            format!(
+                "{path}: duplicate key at line {} (first at line {})",
+                at(n),
+                at(0)
+            )
+        })
+        .collect()
+}
+
+/// The key path of every key in `text`, in document order (duplicates included).
+fn key_occurrences(text: &str) -> Result<Vec<String>, yaml_serde::Error> {
+    let probe = Probe::default();
+    Node {
+        probe: &probe,
+        path: String::new(),
+    }
+    .deserialize(yaml_serde::Deserializer::from_str(text))?;
+    Ok(probe.order.into_inner())
+}
+
+/// The 1-based line of the `nth` (0-based) occurrence of the key at `path`.
+fn line_of(text: &str, path: &str, nth: usize) -> Option<usize> {
+    let probe = Probe {
+        target: Some((path.to_string(), nth)),
+        ..Probe::default()
+    };
+    let err = Node {
+        probe: &probe,
+        path: String::new(),
+    }
+    .deserialize(yaml_serde::Deserializer::from_str(text))
+    .err()?;
+    if !probe.hit.get() {
+        return None;
+    }
+    err.location().map(|l| l.line())
+}
+
+/// What a pass over the key occurrences looks for.
+#[derive(Default)]
+struct Probe {
+    /// Stop with an error at this occurrence (key path, 0-based index) of a key.
+    target: Option<(String, usize)>,
+    /// Whether the pass stopped at the target.
+    hit: std::cell::Cell<bool>,
+    /// Occurrences so far per key path.
+    seen: RefCell<HashMap<String, usize>>,
+    /// Key paths in document order.
+    order: RefCell<Vec<String>>,
+}
+
+/// A YAML node at `path`, walked for its keys; values themselves are ignored.
+struct Node<'p> {
+    probe: &'p Probe,
+    path: String,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(path) = map.next_key_seed(Key {
+            probe: self.probe,
+            parent: &self.path,
+        })? {
+            map.next_value_seed(Node {
+                probe: self.probe,
+                path,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        while seq
+            .next_element_seed(Node {
+                probe: self.probe,
+                path: format!("{}[{i}]", self.path),
+            })?
+            .is_some()
+        {
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged value (`!tag value`): its value is walked like any other.
+        let (IgnoredAny, variant) = data.variant()?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A mapping key; deserializes to its key path (and stops the pass at the probe's target).
+struct Key<'p> {
+    probe: &'p Probe,
+    parent: &'p str,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Key<'_> {
+    /// Records one occurrence of `key`; the error (raised while the key is being read, so it
+    /// carries the key's line) when it is the target.
+    fn occurrence<E: de::Error>(self, key: &str) -> Result<String, E> {
+        let path = if self.parent.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.parent)
+        };
+        let mut seen = self.probe.seen.borrow_mut();
+        let n = seen.entry(path.clone()).or_default();
+        let nth = *n;
+        *n += 1;
+        if self
+            .probe
+            .target
+            .as_ref()
+            .is_some_and(|(p, i)| *p == path && *i == nth)
+        {
+            self.probe.hit.set(true);
+            return Err(E::custom("found the key occurrence looked for"));
+        }
+        self.probe.order.borrow_mut().push(path.clone());
+        Ok(path)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        self.occurrence(v)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+        self.occurrence(&v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        self.occurrence(&v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        self.occurrence(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+        self.occurrence(&v.to_string())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<String, E> {
+        self.occurrence("null")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+        // A complex key: not something a config has; walked over, never reported.
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(format!("{}.?", self.parent))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(format!("{}.?", self.parent))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_keys_are_found_with_path_and_both_lines() {
+        let text = "app:\n  clickhouse:\n    port: 1\n    host: h\n    port: 2\n  writer: {}\n  writer:\n    batch_rows: 1\n";
+        assert_eq!(
+            duplicate_keys(text),
+            vec![
+                "app.clickhouse.port: duplicate key at line 5 (first at line 3)",
+                "app.writer: duplicate key at line 7 (first at line 6)",
+            ]
+        );
+        // Flow style and keys in lists.
+        let text = "a: {x: 1,\n  x: 2}\nl:\n  - k: 1\n    k: 2\n  - k: 3\n";
+        assert_eq!(
+            duplicate_keys(text),
+            vec![
+                "a.x: duplicate key at line 2 (first at line 1)",
+                "l[0].k: duplicate key at line 5 (first at line 4)",
+            ]
+        );
+        assert!(duplicate_keys("app:\n  a: 1\n  b: 2\n").is_empty());
+        assert!(duplicate_keys("app: [unclosed\n").is_empty());
+    }
 
     #[test]
     fn quoted_parts_of_parser_messages_are_hidden() {
