@@ -47,15 +47,25 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<migrate::MigrationReport> {
 /// The daemon: migrate (waiting for ClickHouse if it is not up yet), then run the operator —
 /// reconcile `trading_pairs`/`proxy_config`/`app.yaml` (watched at `path`) into running
 /// streams, backfills and gap scans — until SIGTERM/SIGINT; then stop the tasks, flush the
-/// writer and return.
+/// writer and return. What became of each edit of `app.yaml` is published on `reloads`.
 pub async fn run_daemon(
     cfg: Config,
     path: std::path::PathBuf,
+    reloads: crate::config_watch::Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use crate::config_watch::{spawn, Confirm};
     let watch_cancel = shutdown.child_token();
-    let cfg_rx = crate::config_watch::spawn(path, cfg, watch_cancel.clone());
-    let result = crate::operator::runtime::run(cfg_rx, shutdown).await;
+    // The runtime says whether a valid edit was applied: it may still refuse one that does
+    // not work.
+    let cfg_rx = spawn(
+        path,
+        cfg,
+        reloads.clone(),
+        Confirm::ByConsumer,
+        watch_cancel.clone(),
+    );
+    let result = crate::operator::runtime::run(cfg_rx, reloads, shutdown).await;
     watch_cancel.cancel();
     result?;
     info!("QuantService stopped.");

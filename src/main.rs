@@ -197,7 +197,13 @@ async fn run(cli: Cli) -> ExitCode {
                 app::shutdown_signal().await;
                 trigger.cancel();
             });
-            app::run_daemon(cfg, path.clone(), shutdown).await
+            app::run_daemon(
+                cfg,
+                path.clone(),
+                quantservice::config_watch::Reloads::new(),
+                shutdown,
+            )
+            .await
         }
         Some(Command::WsStart(args)) => {
             let shutdown = CancellationToken::new();

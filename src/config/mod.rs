@@ -487,6 +487,40 @@ impl Config {
             .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
+    /// The top-level sections (`environment`, `clickhouse`, ..., `proxy`) in which `other`
+    /// differs from this config, in file order.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        // Destructured, so that a new section cannot be forgotten here.
+        let Config {
+            environment,
+            clickhouse,
+            binance,
+            logging,
+            writer,
+            backfill,
+            operator,
+            streams,
+            gap_scan,
+            proxy,
+        } = self;
+        let differs = [
+            ("environment", *environment != other.environment),
+            ("clickhouse", *clickhouse != other.clickhouse),
+            ("binance", *binance != other.binance),
+            ("backfill", *backfill != other.backfill),
+            ("logging", *logging != other.logging),
+            ("writer", *writer != other.writer),
+            ("operator", *operator != other.operator),
+            ("streams", *streams != other.streams),
+            ("gap_scan", *gap_scan != other.gap_scan),
+            ("proxy", *proxy != other.proxy),
+        ];
+        differs
+            .into_iter()
+            .filter_map(|(name, d)| d.then_some(name))
+            .collect()
+    }
+
     /// The secrets in this config, for scrubbing them out of error text and logs. Secrets
     /// shorter than 4 characters are left out: replacing every `8` or `ab` in a log line would
     /// garble it and point at the secret instead of hiding it.

@@ -21,6 +21,7 @@ use super::plan::plan;
 use super::status::{phase, StatusHub};
 use super::supervisor::{Factory, Policy, Supervisor};
 use crate::config::{Config, GapScanConfig};
+use crate::config_watch::Reloads;
 use crate::exchange::archive::ArchiveClient;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
@@ -40,9 +41,11 @@ enum Exit {
     Rebuild(Arc<Config>),
 }
 
-/// Runs the operator until `shutdown`: migrate, reconcile, follow config edits.
+/// Runs the operator until `shutdown`: migrate, reconcile, follow config edits (reporting
+/// whether each was applied or refused on `reloads`).
 pub async fn run(
     mut cfg_rx: watch::Receiver<Arc<Config>>,
+    reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let status = StatusHub::default();
@@ -51,31 +54,53 @@ pub async fn run(
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
     };
+    // "Ready" is logged when a generation starts serving, not when a refused edit returns to
+    // the same one.
+    let mut announce = true;
     loop {
-        let new = match gen.reconcile_loop(&mut cfg_rx, &shutdown).await {
+        let new = match gen
+            .reconcile_loop(&mut cfg_rx, &reloads, announce, &shutdown)
+            .await
+        {
             Exit::Shutdown => {
                 log_flushed(gen.stop().await);
                 return Ok(());
             }
             Exit::Rebuild(new) => new,
         };
+        announce = false;
+        // The running config (in-place edits may have changed it since the start).
+        cfg = gen.cfg.clone();
         // The new settings must work before the running generation is given up: a wrong
         // password or an unreachable host in an edit changes nothing (the last good config
         // keeps running, and the error says why).
         if let Err(e) = preflight(&new, &shutdown).await {
-            error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
+            if !shutdown.is_cancelled() {
+                error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
+                reloads.rejected(
+                    &format!("the edited config does not work: {e:#}"),
+                    &[&new, &cfg],
+                );
+            }
             continue;
         }
-        info!("Rebuilding clients and tasks for the new config.");
+        let changed = cfg.changed_sections(&new).join(", ");
+        info!(%changed, "Rebuilding clients and tasks for the new config.");
         log_flushed(gen.stop().await);
+        announce = true;
         gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
             Ok(Some(g)) => {
-                cfg = new;
+                info!(%changed, "New config applied.");
+                reloads.applied(&cfg, &new);
                 g
             }
             Ok(None) => return Ok(()),
             Err(e) => {
                 error!(error = %format!("{e:#}"), "Cannot start with the edited config; going back to the last good one.");
+                reloads.rejected(
+                    &format!("cannot start with the edited config: {e:#}"),
+                    &[&new, &cfg],
+                );
                 match Generation::start(cfg.clone(), status.clone(), &shutdown).await? {
                     Some(g) => g,
                     None => return Ok(()),
@@ -402,16 +427,22 @@ impl Generation {
         }))
     }
 
+    /// Reconciles until shutdown or an edit that needs a new generation; edits applied in
+    /// place are reported on `reloads`. `announce`: log "Ready" (a new generation).
     async fn reconcile_loop(
         &mut self,
         cfg_rx: &mut watch::Receiver<Arc<Config>>,
+        reloads: &Reloads,
+        announce: bool,
         shutdown: &CancellationToken,
     ) -> Exit {
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
-        info!(poll = ?self.cfg.operator.poll_interval,
-            "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
+        if announce {
+            info!(poll = ?self.cfg.operator.poll_interval,
+                "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
+        }
         let mut watching = true;
         loop {
             tokio::select! {
@@ -439,8 +470,14 @@ impl Generation {
                         metrics = crate::ticker(new.operator.metrics_interval);
                         metrics.tick().await;
                     }
+                    let changed = self.cfg.changed_sections(&new);
+                    if changed.is_empty() {
+                        info!("The edited file means the running config; nothing to apply.");
+                    } else {
+                        info!(changed = %changed.join(", "), "New config applied.");
+                    }
+                    reloads.applied(&self.cfg, &new);
                     self.cfg = new;
-                    info!("New config applied.");
                     self.reconcile().await;
                 }
                 _ = poll.tick() => self.reconcile().await,
