@@ -47,15 +47,25 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<migrate::MigrationReport> {
 /// The daemon: migrate (waiting for ClickHouse if it is not up yet), then run the operator —
 /// reconcile `trading_pairs`/`proxy_config`/`app.yaml` (watched at `path`) into running
 /// streams, backfills and gap scans — until SIGTERM/SIGINT; then stop the tasks, flush the
-/// writer and return.
+/// writer and return. What became of each edit of `app.yaml` is published on `reloads`.
 pub async fn run_daemon(
     cfg: Config,
     path: std::path::PathBuf,
+    reloads: crate::config_watch::Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use crate::config_watch::{spawn, Confirm};
     let watch_cancel = shutdown.child_token();
-    let cfg_rx = crate::config_watch::spawn(path, cfg, watch_cancel.clone());
-    let result = crate::operator::runtime::run(cfg_rx, shutdown).await;
+    // The runtime says whether a valid edit was applied: it may still refuse one that does
+    // not work.
+    let cfg_rx = spawn(
+        path,
+        cfg,
+        reloads.clone(),
+        Confirm::ByConsumer,
+        watch_cancel.clone(),
+    );
+    let result = crate::operator::runtime::run(cfg_rx, reloads, shutdown).await;
     watch_cancel.cancel();
     result?;
     info!("QuantService stopped.");
@@ -78,27 +88,36 @@ pub async fn ws_start(
     migrate::run(&store)
         .await
         .context("cannot prepare ClickHouse")?;
+    // The same egress pool and governor as the daemon (and backfill-gap): REST always goes
+    // through the pool, the stream too with `app.proxy.websocket`.
+    let mut governors = crate::exchange::governor::Governors::new(cfg.backfill.weight_budget_ratio);
+    for m in crate::market::Market::ALL {
+        governors = governors.with_override(m, cfg.binance.market(m).weight_limit);
+    }
+    let rest = crate::exchange::rest::RestClient::new(&cfg, Arc::new(governors))?;
+    for p in rest
+        .pool()
+        .load(&store)
+        .await
+        .context("cannot read proxy_config")?
+    {
+        tracing::warn!(problem = %p, "Skipping a proxy_config row.");
+    }
+    // Binance accepts a subscription to any name and never sends a candle for an unknown one:
+    // the symbol is checked against exchangeInfo first, as backfill-gap does.
+    let info = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Ok(0),
+        info = rest.symbol_info(&pair) => info.with_context(|| format!("cannot stream {pair}"))?,
+    };
+    if info.status != "TRADING" {
+        tracing::warn!(%pair, status = %info.status, "The symbol is not trading; candles arrive only while it trades.");
+    }
+    let pool = cfg.proxy.websocket.then(|| rest.pool().clone());
     let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
     let writer_cancel = CancellationToken::new();
     let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    // With `app.proxy.websocket`, through the proxy_config pool like the daemon.
-    let pool = if cfg.proxy.websocket {
-        let governors = Arc::new(crate::exchange::governor::Governors::new(
-            cfg.backfill.weight_budget_ratio,
-        ));
-        let pool = Arc::new(crate::proxy::ProxyPool::new(&cfg, governors)?);
-        for p in pool
-            .load(&store)
-            .await
-            .context("cannot read proxy_config")?
-        {
-            tracing::warn!(problem = %p, "Skipping a proxy_config row.");
-        }
-        Some(pool)
-    } else {
-        None
-    };
     let mut streams = MarketStreams::new(
         pair.market,
         &cfg.binance.market(pair.market).ws_url,

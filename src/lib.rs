@@ -18,7 +18,8 @@
 //!
 //! Modules:
 //! - [`config`]: `app.yaml` loading, defaults, validation (all errors at once), redaction.
-//! - [`config_watch`]: live reload of `app.yaml` (watch, debounce, keep the last good config).
+//! - [`config_watch`]: live reload of `app.yaml` (watch, debounce, keep the last good config) and
+//!   the outcome of each edit.
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
 //! - [`store`]: ClickHouse client, migrations, the batched kline writer, desired/observed state.
 //! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.

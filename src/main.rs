@@ -194,7 +194,13 @@ async fn run(cli: Cli) -> ExitCode {
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
             app::watch_signals(app::shutdown_signal(), trigger);
-            app::run_daemon(cfg, path.clone(), shutdown).await
+            app::run_daemon(
+                cfg,
+                path.clone(),
+                quantservice::config_watch::Reloads::new(),
+                shutdown,
+            )
+            .await
         }
         Some(Command::WsStart(args)) => {
             let shutdown = CancellationToken::new();

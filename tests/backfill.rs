@@ -632,13 +632,18 @@ async fn a_stricter_stand_in_is_still_filled_exactly_without_429_or_false_gaps()
 /// given up when the replies carry no weight headers.
 #[tokio::test]
 async fn a_blind_start_after_a_spent_window_causes_no_429() {
-    let sim =
-        start_sim(SimConfig::default().with_budget(Market::Um, 120, Duration::from_secs(4))).await;
+    // The simulator's rate clock is the wall clock shifted so that a window starts now, rather
+    // than waiting for a real window boundary.
+    let clock = sim::OffsetClock::new();
+    let sim = start_sim(
+        SimConfig::default()
+            .with_budget(Market::Um, 120, Duration::from_secs(4))
+            .with_clock(sim::SimClock::Offset(clock.clone())),
+    )
+    .await;
     sim.set_no_weight_headers(true);
     // At the start of a fresh window, spend 100 of the 120 weight from this address.
-    let now = sim::now_ms();
-    let next = (now / 4000 + 1) * 4000;
-    tokio::time::sleep(Duration::from_millis(u64::try_from(next - now).unwrap())).await;
+    clock.start_window_now(Duration::from_secs(4));
     let client = reqwest::Client::new();
     for _ in 0..20 {
         let url = format!(

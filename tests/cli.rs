@@ -222,3 +222,95 @@ fn daemon_migrates_idles_and_exits_cleanly_on_sigterm() {
     // Not a TTY: no colour codes for journald.
     assert!(!log.contains('\u{1b}'), "{log}");
 }
+
+/// Runs `cmd` with stdout and stderr captured in files (no pipe can fill up), waiting for its
+/// exit at most `secs`; a child still running then is killed and the test fails.
+fn run_until_exit(cmd: &mut Command, secs: u64) -> Ran {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = common::KillOnDrop(
+        cmd.stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {secs} s:\n{}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ran {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&out).unwrap(),
+        stderr: std::fs::read_to_string(&err).unwrap(),
+    }
+}
+
+/// `ws-start` with a symbol the exchange does not list fails before streaming (Binance would
+/// accept the subscription and never send a candle), like `backfill-gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_start_refuses_a_symbol_the_exchange_does_not_list() {
+    use quantservice::market::Market;
+    let sim = qs_sim::start(qs_sim::SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let db = TestDb::new("cli_ws_unknown");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &db.yaml(&common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))),
+    );
+    let ran = tokio::task::spawn_blocking(move || {
+        run_until_exit(
+            bin()
+                .args(["ws-start", "--symbol", "NOSUCHCOIN", "--market", "spot"])
+                .args(["--period", "1m", "--config"])
+                .arg(&path),
+            60,
+        )
+    })
+    .await
+    .unwrap()
+    .expect(1, "");
+    assert!(
+        ran.stderr
+            .contains("error: cannot stream spot:NOSUCHCOIN:1m: unknown symbol NOSUCHCOIN on spot"),
+        "{}",
+        ran.stderr
+    );
+    assert!(!ran.stderr.contains("Streaming"), "{}", ran.stderr);
+    assert!(ran.stdout.is_empty(), "{}", ran.stdout);
+    assert_eq!(
+        sim.ws_connections_opened(Market::Spot),
+        0,
+        "no socket opened"
+    );
+}
+
+/// Usage errors (a missing required flag, an unknown flag) exit 2 with clap's usage message,
+/// before any config is read; everything else that fails exits 1.
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["backfill-gap", "--symbol", "ETHUSDT", "--market", "um"],
+        vec!["ws-start", "--market", "spot"],
+        vec!["--no-such-flag"],
+    ] {
+        let ran = Ran::of(bin().args(&args).current_dir(dir.path())).expect(2, "");
+        assert!(ran.stderr.contains("Usage:"), "{args:?}: {}", ran.stderr);
+    }
+    let ran = Ran::of(
+        bin()
+            .args(["backfill-gap", "--symbol", "ETHUSDT", "--market", "um"])
+            .current_dir(dir.path()),
+    );
+    assert!(ran.stderr.contains("--period"), "{}", ran.stderr);
+}

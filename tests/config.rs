@@ -193,6 +193,44 @@ fn secrets_never_appear_in_config_errors() {
 }
 
 #[test]
+fn duplicate_keys_are_reported_at_the_duplicate_with_their_path() {
+    let text = r#"app:
+  environment: prod
+  writer:
+    flush_interval: 1s
+  logging:
+    level: info
+  clickhouse:
+    port: 8123
+    host: localhost
+    password: "first-secret-xyz"
+    username: default
+    port: 9000
+    password: "second-secret-xyz"
+  writer:
+    batch_rows: 10
+"#;
+    let err = parse(text).unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+    assert_eq!(
+        err.problems(),
+        vec![
+            "app.clickhouse.port: duplicate key at line 12 (first at line 8)",
+            "app.clickhouse.password: duplicate key at line 13 (first at line 10)",
+            "app.writer: duplicate key at line 14 (first at line 3)",
+        ]
+    );
+    let all = format!("{err} {:?}", err.problems());
+    assert!(!all.contains("secret-xyz"), "{all}");
+    // A schedule given twice in flow style, a common copy-paste slip.
+    let p = problems("app:\n  gap_scan:\n    schedules: {1m: \"* * * * * *\", 1h: \"0 * * * * *\",\n      1m: \"*/5 * * * * *\"}\n");
+    assert_eq!(
+        p,
+        vec!["app.gap_scan.schedules.1m: duplicate key at line 4 (first at line 3)"]
+    );
+}
+
+#[test]
 fn numbers_are_not_silently_turned_into_strings() {
     let p = problems("app:\n  clickhouse:\n    database: 1e3\n    username: 0x1F\n");
     assert!(
@@ -245,10 +283,11 @@ fn durations_are_bounded() {
 }
 
 /// The live reload: edits written as a new file renamed over the old one, a symlink swapped to
-/// another directory's file, and an invalid edit that changes nothing.
+/// another directory's file, and an invalid edit that changes nothing. Each edit is followed by
+/// waiting for its outcome.
 #[tokio::test]
 async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits() {
-    use std::sync::Arc;
+    use quantservice::config_watch::{spawn, Confirm, ReloadResult, Reloads};
     use tokio_util::sync::CancellationToken;
     let dir = tempfile::tempdir().unwrap();
     let yaml = |env: &str| format!("app:\n  environment: {env}\n");
@@ -257,21 +296,31 @@ async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits
     std::fs::write(v1.join("app.yaml"), yaml("one")).unwrap();
     let path = dir.path().join("app.yaml");
     std::os::unix::fs::symlink(v1.join("app.yaml"), &path).unwrap();
-    let initial = quantservice::config::Config::load(&path).unwrap();
+    let initial = Config::load(&path).unwrap();
     let cancel = CancellationToken::new();
-    let mut rx = quantservice::config_watch::spawn(path.clone(), initial, cancel.clone());
-    let wait_env = |rx: &mut tokio::sync::watch::Receiver<Arc<quantservice::config::Config>>,
-                    want: &'static str| {
-        let mut rx = rx.clone();
+    let reloads = Reloads::new();
+    assert_eq!(reloads.latest().seq, 0);
+    let rx = spawn(
+        path.clone(),
+        initial,
+        reloads.clone(),
+        Confirm::OnPublish,
+        cancel.clone(),
+    );
+    // Makes an edit and returns its outcome.
+    let outcome_of = |edit: &dyn Fn()| {
+        let seq = reloads.latest().seq;
+        edit();
+        let reloads = reloads.clone();
         async move {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                while rx.borrow_and_update().environment != want {
-                    rx.changed().await.unwrap();
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("environment never became {want}"));
+            tokio::time::timeout(Duration::from_secs(10), reloads.next_after(seq))
+                .await
+                .expect("no reload outcome within 10 s")
+                .expect("the watcher is gone")
         }
+    };
+    let applied = |sections: &[&str]| ReloadResult::Applied {
+        changed: sections.iter().map(|s| s.to_string()).collect(),
     };
 
     // Symlink swap: a new link renamed over the old one, pointing into another directory.
@@ -280,30 +329,51 @@ async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits
     std::fs::write(v2.join("app.yaml"), yaml("two")).unwrap();
     let tmp_link = dir.path().join("app.yaml.new");
     std::os::unix::fs::symlink(v2.join("app.yaml"), &tmp_link).unwrap();
-    std::fs::rename(&tmp_link, &path).unwrap();
-    wait_env(&mut rx, "two").await;
+    let o = outcome_of(&|| std::fs::rename(&tmp_link, &path).unwrap()).await;
+    assert_eq!(o.result, applied(&["environment"]));
+    assert_eq!(rx.borrow().environment, "two");
 
     // Editor-style replace: write a new file, rename it over the link.
     let tmp = dir.path().join("app.yaml.tmp");
-    std::fs::write(&tmp, yaml("three")).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    wait_env(&mut rx, "three").await;
+    let replace = |text: String| {
+        let (tmp, path) = (tmp.clone(), path.clone());
+        move || {
+            std::fs::write(&tmp, &text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+    };
+    let o = outcome_of(&replace(yaml("three"))).await;
+    assert_eq!(o.result, applied(&["environment"]));
+    assert_eq!(rx.borrow().environment, "three");
 
-    // Invalid: ignored; the next valid edit still applies.
-    std::fs::write(
-        &tmp,
-        "app:\n  environment: four\n  clickhouse:\n    port: 0\n",
-    )
-    .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    std::fs::write(&tmp, yaml("five")).unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await; // let the invalid one be read first
+    // Invalid: rejected with its problem, and it changes nothing.
+    let o = outcome_of(&replace(
+        "app:\n  environment: four\n  clickhouse:\n    port: 0\n".to_string(),
+    ))
+    .await;
+    assert_eq!(
+        o.result,
+        ReloadResult::Rejected {
+            errors: vec!["app.clickhouse.port: must be 1..65535, got 0".to_string()]
+        }
+    );
     assert_eq!(
         rx.borrow().environment,
         "three",
         "an invalid edit must change nothing"
     );
-    std::fs::rename(&tmp, &path).unwrap();
-    wait_env(&mut rx, "five").await;
+
+    // An edit that means the same config (a comment) applies, changing nothing.
+    let o = outcome_of(&replace(format!("# a comment\n{}", yaml("three")))).await;
+    assert_eq!(o.result, applied(&[]));
+
+    // The next valid edit still applies.
+    let o = outcome_of(&replace(format!(
+        "{}  logging:\n    level: debug\n",
+        yaml("five")
+    )))
+    .await;
+    assert_eq!(o.result, applied(&["environment", "logging"]));
+    assert_eq!(rx.borrow().environment, "five");
     cancel.cancel();
 }

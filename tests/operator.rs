@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use qs_sim::{self as sim, synthetic, SimConfig, SimHandle};
+use quantservice::config_watch::{ReloadResult, Reloads};
 use quantservice::market::{Market, PairKey, Period};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,27 +32,70 @@ struct Daemon {
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
     path: PathBuf,
+    reloads: Reloads,
+    /// What the daemon's own future logged (not its spawned tasks).
+    log: Log,
     _dir: tempfile::TempDir,
+}
+
+/// Log lines captured from one future (`WithSubscriber`), so parallel tests do not mix.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Daemon {
     async fn start(yaml: &str) -> Daemon {
+        use tracing::instrument::WithSubscriber;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = quantservice::config::Config::load(&path).unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(quantservice::app::run_daemon(
-            cfg,
-            path.clone(),
-            shutdown.clone(),
-        ));
+        let reloads = Reloads::new();
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let task = tokio::spawn(
+            quantservice::app::run_daemon(cfg, path.clone(), reloads.clone(), shutdown.clone())
+                .with_subscriber(subscriber),
+        );
         Daemon {
             shutdown,
             task,
             path,
+            reloads,
+            log,
             _dir: dir,
         }
+    }
+
+    /// Makes an edit and waits for the daemon's verdict on it.
+    async fn edit_and_wait(&self, yaml: &str) -> ReloadResult {
+        let seq = self.reloads.latest().seq;
+        self.edit(yaml);
+        tokio::time::timeout(Duration::from_secs(30), self.reloads.next_after(seq))
+            .await
+            .expect("no reload outcome within 30 s")
+            .expect("the daemon stopped publishing outcomes")
+            .result
     }
 
     /// Replaces the config the way editors do: write a new file, rename it over the old one.
@@ -499,14 +543,34 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
     let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
     insert_pair(&db, &p, 1, Period::S1.align(sim::now_ms()) - 10_000);
 
-    // An invalid edit (a fast poll plus a bad value) is ignored as a whole.
-    d.edit(&base(&format!("{}  backfill:\n    concurrency: 0\n", FAST)));
-    tokio::time::sleep(Duration::from_secs(2)).await; // an observation window, not a sync
+    // An invalid edit (a fast poll plus a bad value) is rejected as a whole.
+    let outcome = d
+        .edit_and_wait(&base(&format!("{}  backfill:\n    concurrency: 0\n", FAST)))
+        .await;
+    assert_eq!(
+        outcome,
+        ReloadResult::Rejected {
+            errors: vec!["app.backfill.concurrency: must be 1..64, got 0".to_string()]
+        }
+    );
     assert_eq!(ws_rows(&db, &p), 0, "invalid edit must not apply");
     assert!(streams_of(&sim, Market::Spot).is_empty());
 
     // A valid edit applies without a restart: the pair starts within the new poll interval.
-    d.edit(&base(FAST));
+    let outcome = d.edit_and_wait(&base(FAST)).await;
+    assert_eq!(
+        outcome,
+        ReloadResult::Applied {
+            changed: vec!["operator".to_string()]
+        }
+    );
+    assert!(
+        d.log
+            .text()
+            .contains("New config applied. changed=operator"),
+        "{}",
+        d.log.text()
+    );
     wait_for(15, "the stream after the valid edit", || async {
         ws_rows(&db, &p) >= 1
     })
@@ -526,7 +590,21 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
         })
         .collect();
     assert_ne!(bad, base(FAST));
-    d.edit(&bad);
+    let outcome = d.edit_and_wait(&bad).await;
+    let ReloadResult::Rejected { errors } = &outcome else {
+        panic!("a config ClickHouse refuses was applied: {outcome:?}");
+    };
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("the edited config does not work: ")
+            && errors[0].contains("no_such_user_qs"),
+        "{errors:?}"
+    );
+    assert!(
+        d.log.text().contains("The edited config does not work"),
+        "{}",
+        d.log.text()
+    );
     let before = ws_rows(&db, &p);
     wait_for(15, "candles after the refused edit", || async {
         ws_rows(&db, &p) >= before + 5
@@ -538,6 +616,14 @@ async fn app_yaml_edits_apply_live_and_invalid_ones_change_nothing() {
         opened,
         "nothing rebuilt"
     );
+    // Back to the running config: nothing to change. Handling it proves the reconcile loop
+    // was re-entered after the refusal, and refusing is not a restart: "Ready" was logged once.
+    assert_eq!(
+        d.edit_and_wait(&base(FAST)).await,
+        ReloadResult::Applied { changed: vec![] }
+    );
+    let log = d.log.text();
+    assert_eq!(log.matches("Ready; reconciling").count(), 1, "{log}");
     d.stop().await;
 }
 

@@ -223,6 +223,7 @@ async fn the_daemon_skips_dead_and_misconfigured_proxies_and_follows_rows_at_run
     let daemon = tokio::spawn(quantservice::app::run_daemon(
         cfg,
         path.clone(),
+        quantservice::config_watch::Reloads::new(),
         shutdown.clone(),
     ));
     let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
@@ -304,6 +305,7 @@ async fn streams_go_through_the_proxy_when_asked() {
     let daemon = tokio::spawn(quantservice::app::run_daemon(
         cfg,
         path.clone(),
+        quantservice::config_watch::Reloads::new(),
         shutdown.clone(),
     ));
     wait_for(30, "candles from the proxied stream", || {

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use qs_sim::{self as sim, now_ms, synthetic, RequestKind, SimConfig, SimHandle};
+use qs_sim::{
+    self as sim, now_ms, synthetic, ManualClock, RequestKind, SimClock, SimConfig, SimHandle,
+};
 use quantservice::market::{Decimal, Kline, Market, PairKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -137,15 +139,9 @@ fn assert_rest_row(row: &[Value], k: &Kline) {
     assert_eq!(row_fields(row), fields(k, 1));
 }
 
-/// Sleeps to just after a window boundary unless at least `margin_ms` of the current window
-/// are left, so a multi-request check cannot straddle two windows.
-async fn fresh_window(window_ms: i64, margin_ms: i64) {
-    let into = now_ms().rem_euclid(window_ms);
-    if window_ms - into < margin_ms {
-        let wait = window_ms - into + 20;
-        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-    }
-}
+/// 2023-11-14T22:14:00Z, a boundary of every window up to a minute: where the manual rate
+/// clocks of the limit tests start.
+const WINDOW_START: i64 = 1_700_000_040_000;
 
 #[tokio::test]
 async fn spot_and_um_paginate_forward_from_start_time() {
@@ -579,32 +575,43 @@ async fn exchange_info_time_and_ping() {
 
 #[tokio::test]
 async fn weight_is_charged_then_429_then_418_ban() {
+    // The rate windows run on a manual clock: no request can straddle a window boundary.
+    let clock = ManualClock::new(WINDOW_START);
     let cfg = SimConfig::default()
         .with_budget(Market::Spot, 10, Duration::from_secs(60))
-        .with_ban_duration(Duration::from_secs(30));
+        .with_ban_duration(Duration::from_secs(30))
+        .with_clock(SimClock::Manual(clock.clone()));
     let sim = start(cfg).await;
     let url = klines_url(&sim, Market::Spot, "symbol=BTCUSDT&interval=1m&limit=1");
     let me = ip("127.0.0.1");
-    fresh_window(60_000, 5_000).await;
     for used in [2, 4, 6, 8, 10] {
         let r = get(&url).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-mbx-used-weight-1m"), Some(used.to_string()));
     }
     assert_eq!(sim.used_weight(Market::Spot, me), 10);
+    clock.advance(Duration::from_secs(15));
     for _ in 0..2 {
         let r = get(&url).await;
         assert_eq!((r.status, r.code()), (429, -1003));
         assert_eq!(r.header("x-mbx-used-weight-1m").as_deref(), Some("10"));
-        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-        assert!((1..=60).contains(&retry), "retry-after {retry}");
+        // Until the window ends.
+        assert_eq!(r.header("retry-after").as_deref(), Some("45"));
     }
     // The third refusal in the window bans the IP on that market.
     for _ in 0..2 {
         let r = get(&url).await;
         assert_eq!((r.status, r.code()), (418, -1003));
-        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-        assert!((29..=30).contains(&retry), "retry-after {retry}");
+        assert_eq!(r.header("retry-after").as_deref(), Some("30"));
+        let banned_until = WINDOW_START + 45_000;
+        assert!(
+            r.json()["msg"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("IP banned until {banned_until}.")),
+            "{:?}",
+            r.json()
+        );
     }
     let r = get(&format!("{}/ping", sim.rest_base(Market::Spot))).await;
     assert_eq!(r.status, 418);
@@ -626,14 +633,23 @@ async fn weight_is_charged_then_429_then_418_ban() {
     );
     sim.clear_bans();
     assert_eq!(get(&url).await.status, 429);
+    // The next window: the budget is back.
+    clock.advance(Duration::from_secs(45));
+    let r = get(&url).await;
+    assert_eq!(
+        (r.status, r.header("x-mbx-used-weight-1m").as_deref()),
+        (200, Some("2"))
+    );
 }
 
 #[tokio::test]
 async fn a_short_window_resets_after_retry_after() {
-    let cfg = SimConfig::default().with_budget(Market::Um, 4, Duration::from_secs(2));
+    let clock = ManualClock::new(WINDOW_START);
+    let cfg = SimConfig::default()
+        .with_budget(Market::Um, 4, Duration::from_secs(2))
+        .with_clock(SimClock::Manual(clock.clone()));
     let sim = start(cfg).await;
     let url = klines_url(&sim, Market::Um, "symbol=BTCUSDT&interval=1m&limit=100"); // weight 2
-    fresh_window(2_000, 1_500).await;
     assert_eq!(
         get(&url).await.header("x-mbx-used-weight-2s").as_deref(),
         Some("2")
@@ -642,12 +658,17 @@ async fn a_short_window_resets_after_retry_after() {
         get(&url).await.header("x-mbx-used-weight-2s").as_deref(),
         Some("4")
     );
+    clock.advance(Duration::from_millis(500));
     let r = get(&url).await;
     assert_eq!(r.status, 429);
+    // 1.5 s are left in the window, rounded up.
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=2).contains(&retry));
+    assert_eq!(retry, 2);
+    // A moment before the window ends, still refused.
+    clock.advance(Duration::from_millis(1_499));
+    assert_eq!(get(&url).await.status, 429);
     // Honouring Retry-After is enough.
-    tokio::time::sleep(Duration::from_secs(retry)).await;
+    clock.set(WINDOW_START + 500 + 1000 * i64::try_from(retry).unwrap());
     let r = get(&url).await;
     assert_eq!(
         (r.status, r.header("x-mbx-used-weight-2s").as_deref()),

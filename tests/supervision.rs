@@ -95,6 +95,7 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
     let daemon = tokio::spawn(quantservice::app::run_daemon(
         cfg,
         path.clone(),
+        quantservice::config_watch::Reloads::new(),
         shutdown.clone(),
     ));
     wait_for(30, "the schema", || async {

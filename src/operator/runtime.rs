@@ -19,6 +19,7 @@ use super::desired::{desired, Desired};
 use super::plan::{plan, State};
 use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
 use crate::config::Config;
+use crate::config_watch::Reloads;
 use crate::exchange::archive::ArchiveClient;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
@@ -45,9 +46,11 @@ enum Exit {
     Fatal(String),
 }
 
-/// Runs the operator until `shutdown`: migrate, reconcile, follow config edits.
+/// Runs the operator until `shutdown`: migrate, reconcile, follow config edits (reporting
+/// whether each was applied or refused on `reloads`).
 pub async fn run(
     mut cfg_rx: watch::Receiver<Arc<Config>>,
+    reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let status = StatusHub::default();
@@ -56,8 +59,14 @@ pub async fn run(
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
     };
+    // "Ready" is logged when a generation starts serving, not when a refused edit returns to
+    // the same one.
+    let mut announce = true;
     loop {
-        let new = match gen.reconcile_loop(&mut cfg_rx, &shutdown).await {
+        let new = match gen
+            .reconcile_loop(&mut cfg_rx, &reloads, announce, &shutdown)
+            .await
+        {
             Exit::Shutdown => {
                 log_flushed(gen.stop().await);
                 return Ok(());
@@ -69,23 +78,39 @@ pub async fn run(
             }
             Exit::Rebuild(new) => new,
         };
+        announce = false;
+        // The running config (in-place edits may have changed it since the start).
+        cfg = gen.cfg.clone();
         // The new settings must work before the running generation is given up: a wrong
         // password or an unreachable host in an edit changes nothing (the last good config
         // keeps running, and the error says why).
         if let Err(e) = preflight(&new, &shutdown).await {
-            error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
+            if !shutdown.is_cancelled() {
+                error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
+                reloads.rejected(
+                    &format!("the edited config does not work: {e:#}"),
+                    &[&new, &cfg],
+                );
+            }
             continue;
         }
-        info!("Rebuilding clients and tasks for the new config.");
+        let changed = cfg.changed_sections(&new).join(", ");
+        info!(%changed, "Rebuilding clients and tasks for the new config.");
         log_flushed(gen.stop().await);
+        announce = true;
         gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
             Ok(Some(g)) => {
-                cfg = new;
+                info!(%changed, "New config applied.");
+                reloads.applied(&cfg, &new);
                 g
             }
             Ok(None) => return Ok(()),
             Err(e) => {
                 error!(error = %format!("{e:#}"), "Cannot start with the edited config; going back to the last good one.");
+                reloads.rejected(
+                    &format!("cannot start with the edited config: {e:#}"),
+                    &[&new, &cfg],
+                );
                 match Generation::start(cfg.clone(), status.clone(), &shutdown).await? {
                     Some(g) => g,
                     None => return Ok(()),
@@ -360,16 +385,22 @@ impl Generation {
         }))
     }
 
+    /// Reconciles until shutdown or an edit that needs a new generation; edits applied in
+    /// place are reported on `reloads`. `announce`: log "Ready" (a new generation).
     async fn reconcile_loop(
         &mut self,
         cfg_rx: &mut watch::Receiver<Arc<Config>>,
+        reloads: &Reloads,
+        announce: bool,
         shutdown: &CancellationToken,
     ) -> Exit {
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
-        info!(poll = ?self.cfg.operator.poll_interval,
-            "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
+        if announce {
+            info!(poll = ?self.cfg.operator.poll_interval,
+                "Ready; reconciling trading_pairs and app.yaml (stop with SIGTERM or Ctrl-C).");
+        }
         loop {
             tokio::select! {
                 biased;
@@ -408,8 +439,14 @@ impl Generation {
                         metrics = crate::ticker(new.operator.metrics_interval);
                         metrics.tick().await;
                     }
+                    let changed = self.cfg.changed_sections(&new);
+                    if changed.is_empty() {
+                        info!("The edited file means the running config; nothing to apply.");
+                    } else {
+                        info!(changed = %changed.join(", "), "New config applied.");
+                    }
+                    reloads.applied(&self.cfg, &new);
                     self.cfg = new;
-                    info!("New config applied.");
                     self.reconcile().await;
                 }
                 _ = poll.tick() => self.reconcile().await,

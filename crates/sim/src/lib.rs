@@ -16,6 +16,7 @@
 //! (drop all, stall, skip finals).
 
 pub mod cli;
+pub mod clock;
 pub mod synthetic;
 
 mod archive;
@@ -42,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use qs_core::market::{Market, PairKey, Symbol};
 
 pub use book::Maintenance;
+pub use clock::{ManualClock, OffsetClock, SimClock};
 pub use ws::{WsConnInfo, WsControlRecord};
 
 use archive::ZipCache;
@@ -53,16 +55,18 @@ pub const DEFAULT_LISTING_MS: i64 = 1_577_836_800_000;
 /// 2020-08-10T00:00:00Z, when the default cm perpetuals are listed.
 pub const DEFAULT_CM_LISTING_MS: i64 = 1_597_017_600_000;
 
-/// The simulator's clock: the real wall clock, in Unix milliseconds.
+/// The simulator's data clock (candles, `serverTime`, streams, the request log): the real wall
+/// clock, in Unix milliseconds. Rate windows and bans follow [`SimConfig::with_clock`].
 pub use qs_core::market::now_ms;
 
 /// What the simulator serves. `Default` is realistic: budgets spot 6000/60 s, um and cm
 /// 2400/60 s, 120 s bans, spot BTCUSDT/ETHUSDT/BNBBTC and um BTCUSDT/ETHUSDT listed
-/// 2020-01-01, cm BTCUSD_PERP/ETHUSD_PERP listed 2020-08-10.
+/// 2020-01-01, cm BTCUSD_PERP/ETHUSD_PERP listed 2020-08-10; rate windows on the wall clock.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     budgets: HashMap<Market, Budget>,
     ban: Duration,
+    clock: SimClock,
     listings: BTreeMap<(Market, Symbol), i64>,
     series: HashMap<PairKey, Arc<Series>>,
 }
@@ -75,6 +79,7 @@ impl Default for SimConfig {
                 .map(|&m| (m, limiter::default_budget(m)))
                 .collect(),
             ban: Duration::from_secs(120),
+            clock: SimClock::System,
             listings: BTreeMap::new(),
             series: HashMap::new(),
         };
@@ -97,6 +102,13 @@ impl SimConfig {
     /// Sets a market's REQUEST_WEIGHT budget (window rounded up to whole seconds, at least 1 s).
     pub fn with_budget(mut self, market: Market, limit: u32, window: Duration) -> Self {
         self.budgets.insert(market, Budget::new(limit, window));
+        self
+    }
+
+    /// The clock of the rate limiter (weight windows, `Retry-After`, bans); the wall clock by
+    /// default. A test keeps a clone of a [`ManualClock`] or [`OffsetClock`] to move it.
+    pub fn with_clock(mut self, clock: SimClock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -192,6 +204,8 @@ pub(crate) struct Shared {
     pub series: HashMap<PairKey, Arc<Series>>,
     pub faults: Mutex<Faults>,
     pub limiter: Mutex<Limiter>,
+    /// The limiter's clock.
+    pub clock: SimClock,
     pub zips: Mutex<ZipCache>,
     pub ws: ws::WsHub,
     log: Mutex<RequestLog>,
@@ -263,6 +277,7 @@ pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<SimHan
             no_weight_headers: false,
         }),
         limiter: Mutex::new(Limiter::new(cfg.budgets, cfg.ban)),
+        clock: cfg.clock,
         zips: Mutex::new(ZipCache::default()),
         ws: ws::WsHub::new(cancel.clone()),
         log: Mutex::new(RequestLog::default()),
@@ -390,7 +405,11 @@ impl SimHandle {
 
     /// Bans `ip` (418 with Retry-After on every REST request) for `for_`.
     pub fn ban_ip(&self, ip: IpAddr, for_: Duration) {
-        let until = now_ms().saturating_add(i64::try_from(for_.as_millis()).unwrap_or(i64::MAX));
+        let until = self
+            .shared
+            .clock
+            .now_ms()
+            .saturating_add(i64::try_from(for_.as_millis()).unwrap_or(i64::MAX));
         lock(&self.shared.limiter).ban_ip(ip, until);
     }
 
@@ -494,7 +513,7 @@ impl SimHandle {
 
     /// Weight `peer` has used on `market` in the current window.
     pub fn used_weight(&self, market: Market, peer: IpAddr) -> u32 {
-        lock(&self.shared.limiter).used(market, peer, now_ms())
+        lock(&self.shared.limiter).used(market, peer, self.shared.clock.now_ms())
     }
 
     /// Stops the server and waits (up to 5 s) for it to finish.

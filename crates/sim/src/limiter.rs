@@ -330,4 +330,68 @@ mod tests {
             "x-mbx-used-weight-1m"
         );
     }
+
+    /// Windows and bans driven by a manual clock: every boundary is stepped, none waited for.
+    #[test]
+    fn a_manual_clock_steps_windows_and_ends_bans() {
+        use crate::clock::{ManualClock, SimClock};
+        let mut budgets = HashMap::new();
+        budgets.insert(Market::Spot, Budget::new(4, Duration::from_secs(60)));
+        let mut l = Limiter::new(budgets, Duration::from_secs(30));
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t = 1_700_000_040_000; // a minute boundary
+        let manual = ManualClock::new(t);
+        let clock = SimClock::Manual(manual.clone());
+        let admit = |l: &mut Limiter| l.admit(Market::Spot, ip, 2, clock.now_ms());
+        assert_eq!(admit(&mut l), Admission::Allowed { used: 2 });
+        manual.advance(Duration::from_secs(59));
+        assert_eq!(admit(&mut l), Admission::Allowed { used: 4 });
+        assert_eq!(
+            admit(&mut l),
+            Admission::Limited {
+                used: 4,
+                retry_after_s: 1
+            }
+        );
+        // The next window: the budget is back.
+        manual.advance(Duration::from_secs(1));
+        assert_eq!(admit(&mut l), Admission::Allowed { used: 2 });
+        assert_eq!(admit(&mut l), Admission::Allowed { used: 4 });
+        assert_eq!(
+            admit(&mut l),
+            Admission::Limited {
+                used: 4,
+                retry_after_s: 60
+            }
+        );
+        assert!(matches!(admit(&mut l), Admission::Limited { .. }));
+        assert_eq!(
+            admit(&mut l),
+            Admission::Banned {
+                used: 4,
+                retry_after_s: 30
+            }
+        );
+        manual.advance(Duration::from_millis(29_999));
+        assert_eq!(
+            admit(&mut l),
+            Admission::Banned {
+                used: 4,
+                retry_after_s: 1
+            }
+        );
+        // The ban is over, but this window was already refused too often: the next refusal
+        // bans again.
+        manual.advance(Duration::from_millis(1));
+        assert_eq!(
+            admit(&mut l),
+            Admission::Banned {
+                used: 4,
+                retry_after_s: 30
+            }
+        );
+        manual.advance(Duration::from_secs(30));
+        assert_eq!(admit(&mut l), Admission::Allowed { used: 2 });
+        assert_eq!(l.used(Market::Spot, ip, clock.now_ms()), 2);
+    }
 }

@@ -82,7 +82,9 @@ pub(crate) fn serve(
     };
     let budget = lock(&sim.limiter).budget(market);
     let header = budget.header_name();
-    let used_now = || lock(&sim.limiter).used(market, ip, now);
+    // Windows and bans follow the limiter's clock (the wall clock unless a test injected one).
+    let limit_now = sim.clock.now_ms();
+    let used_now = || lock(&sim.limiter).used(market, ip, limit_now);
 
     let (deny, forbid) = {
         let f = lock(&sim.faults);
@@ -134,7 +136,7 @@ pub(crate) fn serve(
         (n, name)
     };
     // Bind first: a guard in the match scrutinee would live through the handlers.
-    let admission = lock(&sim.limiter).admit(market, ip, weight, now);
+    let admission = lock(&sim.limiter).admit(market, ip, weight, limit_now);
     match admission {
         Admission::Allowed { used } => {
             let result = match endpoint {
@@ -167,7 +169,7 @@ pub(crate) fn serve(
             used,
             retry_after_s,
         } => {
-            let until = now + i64::try_from(retry_after_s).unwrap_or(0) * 1000;
+            let until = limit_now + i64::try_from(retry_after_s).unwrap_or(0) * 1000;
             let msg = format!(
                 "Way too much request weight used; IP banned until {until}. Please use WebSocket Streams for live updates to avoid bans."
             );

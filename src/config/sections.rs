@@ -1,0 +1,420 @@
+//! One parse function per `app.yaml` section: each reads its keys through the walker, checks
+//! the values that need more than a type (hosts, identifiers, URLs, cron expressions, enums)
+//! and fills its config type with the defaults for what is absent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use yaml_serde::Value;
+
+use super::duration::MIN_TIMEOUT;
+use super::walker::{show, Section};
+use super::{
+    BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
+    LoggingConfig, MarketEndpoints, OperatorConfig, ProxyConfig, ProxyMode, StreamsConfig,
+    WriterConfig,
+};
+use crate::market::{Market, Period};
+
+const DEFAULT_ENDPOINTS: [(&str, &str); 3] = [
+    (
+        "wss://stream.binance.com:9443/ws/",
+        "https://data-api.binance.vision/api/v3/klines",
+    ),
+    (
+        "wss://fstream.binance.com/ws/",
+        "https://fapi.binance.com/fapi/v1/klines",
+    ),
+    (
+        "wss://dstream.binance.com/ws/",
+        "https://dapi.binance.com/dapi/v1/klines",
+    ),
+];
+
+/// The whole file: the `app:` section and every section in it. `None` when the shape is so
+/// wrong that no config can be built (`errs` says why).
+pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config> {
+    let Some(map) = root.as_mapping() else {
+        errs.push(format!(
+            "top level: expected a mapping with an `app:` section, got {}",
+            show(root)
+        ));
+        return None;
+    };
+    let mut top = Section::new(String::new(), Some(map));
+    let mut app = top.child("app", errs);
+    top.finish(errs);
+
+    let environment = environment(&mut app, errs);
+    let clickhouse = clickhouse(app.child("clickhouse", errs), errs);
+    let binance = binance(app.child("binance", errs), errs)?;
+    let backfill = backfill(app.child("backfill", errs), errs);
+    let logging = logging(app.child("logging", errs), errs);
+    let writer = writer(app.child("writer", errs), errs);
+    let operator = operator(app.child("operator", errs), errs);
+    let streams = streams(app.child("streams", errs), errs);
+    let gap_scan = gap_scan(app.child("gap_scan", errs), errs);
+    let proxy = proxy(app.child("proxy", errs), errs);
+    app.finish(errs);
+
+    Some(Config {
+        environment,
+        clickhouse,
+        binance,
+        logging,
+        writer,
+        backfill,
+        operator,
+        streams,
+        gap_scan,
+        proxy,
+    })
+}
+
+/// `app.environment`: a label for logs.
+fn environment(app: &mut Section<'_>, errs: &mut Vec<String>) -> String {
+    let environment = app.string("environment", "prod", errs);
+    if !environment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || environment.is_empty()
+    {
+        errs.push(format!(
+            "app.environment: must be a word like prod, staging or dev, got {environment:?}"
+        ));
+    }
+    environment
+}
+
+/// `app.clickhouse`: where and as whom we talk to ClickHouse.
+fn clickhouse(mut ch: Section<'_>, errs: &mut Vec<String>) -> ClickHouseConfig {
+    let host = ch.string("host", "localhost", errs);
+    if !is_bare_host(&host) {
+        errs.push(format!(
+            "app.clickhouse.host: must be a bare host name or IP address (no scheme, port, user or path; set `secure: true` for https), got {host:?}"
+        ));
+    }
+    let port = ch.port("port", 8123, errs);
+    let secure = ch.boolean("secure", false, errs);
+    let database = ch.string("database", "maxaira", errs);
+    if !is_identifier(&database) {
+        errs.push(format!(
+            "app.clickhouse.database: must match [A-Za-z_][A-Za-z0-9_]* (max 64), got {database:?}"
+        ));
+    }
+    let username = ch.string("username", "default", errs);
+    if username.is_empty() {
+        errs.push("app.clickhouse.username: must not be empty".to_string());
+    }
+    let password = ch.secret("password", errs);
+    let timeout = ch.duration_in("timeout", Duration::from_secs(30), MIN_TIMEOUT, errs);
+    ch.finish(errs);
+    ClickHouseConfig {
+        host,
+        port,
+        secure,
+        database,
+        username,
+        password,
+        timeout,
+    }
+}
+
+/// `app.binance`: the endpoints of each market and the archive base.
+fn binance(mut bn: Section<'_>, errs: &mut Vec<String>) -> Option<BinanceConfig> {
+    let mut endpoints = Vec::new();
+    for (market, (ws_default, rest_default)) in Market::ALL.into_iter().zip(DEFAULT_ENDPOINTS) {
+        let mut m = bn.child(market.as_str(), errs);
+        let ws_url = m.url("ws_url", ws_default, &["ws", "wss"], errs);
+        let rest_url = m.url("rest_url", rest_default, &["http", "https"], errs);
+        if !rest_url.trim_end_matches('/').ends_with("/klines") {
+            errs.push(format!(
+                "app.binance.{market}.rest_url: must be the klines endpoint ending in /klines (exchangeInfo, time and ping are derived from it), got {rest_url:?}"
+            ));
+        }
+        let weight_limit = m
+            .opt_int("weight_limit", 1..=1_000_000, errs)
+            .and_then(|n| u32::try_from(n).ok());
+        m.finish(errs);
+        endpoints.push(MarketEndpoints {
+            ws_url,
+            rest_url,
+            weight_limit,
+        });
+    }
+    let archive_url = bn.url(
+        "archive_url",
+        "https://data.binance.vision",
+        &["http", "https"],
+        errs,
+    );
+    bn.finish(errs);
+    let [spot, um, cm]: [MarketEndpoints; 3] = endpoints.try_into().ok()?;
+    Some(BinanceConfig {
+        spot,
+        um,
+        cm,
+        archive_url,
+    })
+}
+
+/// `app.backfill`: historical backfill.
+fn backfill(mut bf: Section<'_>, errs: &mut Vec<String>) -> BackfillConfig {
+    let bdef = BackfillConfig::default();
+    let source = match bf.string("source", "auto", errs).as_str() {
+        "auto" => BackfillSource::Auto,
+        "archive" => BackfillSource::Archive,
+        "rest" => BackfillSource::Rest,
+        other => {
+            errs.push(format!(
+                "app.backfill.source: must be auto, archive or rest, got {other:?}"
+            ));
+            bdef.source
+        }
+    };
+    let weight_budget_ratio = bf.ratio("weight_budget_ratio", bdef.weight_budget_ratio, errs);
+    let backfill = BackfillConfig {
+        source,
+        weight_budget_ratio,
+        concurrency: bf.int("concurrency", bdef.concurrency as i64, 1..=64, errs) as usize,
+        max_retries: bf.int("max_retries", i64::from(bdef.max_retries), 1..=100, errs) as u32,
+        request_timeout: bf.duration_in("request_timeout", bdef.request_timeout, MIN_TIMEOUT, errs),
+    };
+    bf.finish(errs);
+    backfill
+}
+
+/// `app.logging`: level filter and optional log files.
+fn logging(mut lg: Section<'_>, errs: &mut Vec<String>) -> LoggingConfig {
+    let level = lg.string("level", "info", errs);
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.trim().is_empty() {
+        errs.push(format!(
+            "app.logging.level: must be trace, debug, info, warn, error or a tracing filter directive, got {level:?}"
+        ));
+    }
+    let dir = lg.opt_string("dir", errs).map(PathBuf::from);
+    let keep_days = lg.int("keep_days", 7, 1..=3650, errs) as u32;
+    lg.finish(errs);
+    LoggingConfig {
+        level,
+        dir,
+        keep_days,
+    }
+}
+
+/// `app.writer`: the batched ClickHouse writer.
+fn writer(mut wr: Section<'_>, errs: &mut Vec<String>) -> WriterConfig {
+    let defaults = WriterConfig::default();
+    let writer = WriterConfig {
+        batch_rows: wr.int(
+            "batch_rows",
+            defaults.batch_rows as i64,
+            1..=1_000_000,
+            errs,
+        ) as usize,
+        flush_interval: wr.duration_in(
+            "flush_interval",
+            defaults.flush_interval,
+            MIN_TIMEOUT,
+            errs,
+        ),
+        channel_capacity: wr.int(
+            "channel_capacity",
+            defaults.channel_capacity as i64,
+            1..=10_000_000,
+            errs,
+        ) as usize,
+        max_backoff: wr.duration_in("max_backoff", defaults.max_backoff, MIN_TIMEOUT, errs),
+        shutdown_timeout: wr.duration("shutdown_timeout", defaults.shutdown_timeout, errs),
+    };
+    wr.finish(errs);
+    writer
+}
+
+/// `app.operator`: the reconcile loop and the supervisor.
+fn operator(mut op: Section<'_>, errs: &mut Vec<String>) -> OperatorConfig {
+    let od = OperatorConfig::default();
+    let operator = OperatorConfig {
+        poll_interval: op.duration_in("poll_interval", od.poll_interval, MIN_TIMEOUT, errs),
+        stop_timeout: op.duration_in("stop_timeout", od.stop_timeout, MIN_TIMEOUT, errs),
+        restart_backoff: op.duration_in("restart_backoff", od.restart_backoff, MIN_TIMEOUT, errs),
+        max_restart_backoff: op.duration_in(
+            "max_restart_backoff",
+            od.max_restart_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+        healthy_after: op.duration_in("healthy_after", od.healthy_after, MIN_TIMEOUT, errs),
+        metrics_interval: op.duration_in(
+            "metrics_interval",
+            od.metrics_interval,
+            MIN_TIMEOUT,
+            errs,
+        ),
+    };
+    op.finish(errs);
+    operator
+}
+
+/// `app.streams`: the live WebSocket streams.
+fn streams(mut st: Section<'_>, errs: &mut Vec<String>) -> StreamsConfig {
+    let sd = StreamsConfig::default();
+    let streams = StreamsConfig {
+        idle_timeout: st.duration_in("idle_timeout", sd.idle_timeout, MIN_TIMEOUT, errs),
+        max_lifetime: st.duration_in(
+            "max_lifetime",
+            sd.max_lifetime,
+            Duration::from_secs(1),
+            errs,
+        ),
+        late_grace: st.duration("late_grace", sd.late_grace, errs),
+        reconnect_backoff: st.duration_in(
+            "reconnect_backoff",
+            sd.reconnect_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+        max_reconnect_backoff: st.duration_in(
+            "max_reconnect_backoff",
+            sd.max_reconnect_backoff,
+            MIN_TIMEOUT,
+            errs,
+        ),
+    };
+    st.finish(errs);
+    streams
+}
+
+/// `app.gap_scan`: the grace period and the cron schedules per period.
+fn gap_scan(mut gs: Section<'_>, errs: &mut Vec<String>) -> GapScanConfig {
+    let gd = GapScanConfig::default();
+    let grace = gs.duration("grace", gd.grace, errs);
+    let mut schedules = BTreeMap::new();
+    if let Some(v) = gs.get("schedules") {
+        match v.as_mapping() {
+            Some(m) => {
+                for (k, v) in m {
+                    let key = k.as_str().map_or_else(|| show(k), str::to_string);
+                    let path = format!("app.gap_scan.schedules.{key}");
+                    if !Period::ALL.iter().any(|p| p.as_str() == key) {
+                        errs.push(format!("{path}: unknown period (expected one of 1s, 1m, 3m, 5m, 15m, 30m, 1h, 2h, 4h, 6h, 8h, 12h, 1d, 3d, 1w, 1M)"));
+                        continue;
+                    }
+                    match v.as_str() {
+                        Some(expr) => match validate_cron(expr) {
+                            Ok(()) => {
+                                schedules.insert(key, expr.to_string());
+                            }
+                            Err(why) => errs.push(format!("{path}: {why}, got {expr:?}")),
+                        },
+                        None => errs.push(format!(
+                            "{path}: expected a cron expression with seconds like \"*/30 * * * * *\", got {}",
+                            show(v)
+                        )),
+                    }
+                }
+            }
+            None => errs.push(format!(
+                "app.gap_scan.schedules: expected a mapping of period to cron expression, got {}",
+                show(v)
+            )),
+        }
+    }
+    gs.finish(errs);
+    GapScanConfig { grace, schedules }
+}
+
+/// `app.proxy`: how the SOCKS5 pool is used.
+fn proxy(mut px: Section<'_>, errs: &mut Vec<String>) -> ProxyConfig {
+    let pd = ProxyConfig::default();
+    let mode = match px.string("mode", "auto", errs).as_str() {
+        "auto" => ProxyMode::Auto,
+        "always" => ProxyMode::Always,
+        "never" => ProxyMode::Never,
+        other => {
+            errs.push(format!(
+                "app.proxy.mode: must be auto, always or never, got {other:?}"
+            ));
+            pd.mode
+        }
+    };
+    let proxy = ProxyConfig {
+        mode,
+        allow_direct: px.boolean("allow_direct", pd.allow_direct, errs),
+        websocket: px.boolean("websocket", pd.websocket, errs),
+        health_interval: px.duration_in(
+            "health_interval",
+            pd.health_interval,
+            Duration::from_millis(100),
+            errs,
+        ),
+        max_wait: px.duration("max_wait", pd.max_wait, errs),
+    };
+    px.finish(errs);
+    proxy
+}
+
+/// Checks a six-field cron expression (seconds first), as the gap-scan scheduler reads it.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(
+            "expected six fields, seconds first (sec min hour day month weekday)".to_string(),
+        );
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| format!("not a valid cron expression ({e})"))
+}
+
+/// A host name or IP address with nothing else (no scheme, credentials, port or path), so
+/// that no credential can hide in it and end up in a printed URL.
+pub fn is_bare_host(host: &str) -> bool {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && !host.contains(['@', ':', '/', '?', '#', ' ', '[', ']'])
+        && url::Host::parse(host).is_ok()
+}
+
+/// A ClickHouse identifier we may interpolate into DDL (database names cannot be bound).
+pub fn is_identifier(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && s.len() <= 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_hosts() {
+        for ok in ["localhost", "127.0.0.1", "::1", "ch-1.example.com"] {
+            assert!(is_bare_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "u:pw@host",
+            "http://host",
+            "host:8123",
+            "host/x",
+            "a b",
+            "h?q",
+            "[::1]",
+        ] {
+            assert!(!is_bare_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("maxaira"));
+        assert!(is_identifier("_qs_test_1"));
+        for bad in ["", "1db", "a-b", "a;drop", "a b", "`x`"] {
+            assert!(!is_identifier(bad), "{bad:?}");
+        }
+    }
+}
