@@ -87,9 +87,8 @@ pub async fn ws_start(
         let governors = Arc::new(crate::exchange::governor::Governors::new(
             cfg.backfill.weight_budget_ratio,
         ));
-        let pool = Arc::new(crate::proxy::ProxyPool::new(&cfg, governors)?);
-        for p in pool
-            .load(&store)
+        let pool = Arc::new(crate::exchange::egress::ProxyPool::new(&cfg, governors)?);
+        for p in crate::operator::proxies::load(&store, &pool)
             .await
             .context("cannot read proxy_config")?
         {
@@ -266,9 +265,7 @@ pub async fn backfill_gap(
     }
     let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
     // The same egress pool as the daemon: the enabled proxy_config rows.
-    for p in rest
-        .pool()
-        .load(&store)
+    for p in crate::operator::proxies::load(&store, rest.pool())
         .await
         .context("cannot read proxy_config")?
     {

@@ -2,6 +2,7 @@
 //! through, and the bulk archive reader. Deciding what to fetch is not here (tasks do that).
 
 pub mod archive;
+pub mod egress;
 pub mod governor;
 pub mod rest;
 pub mod ws;

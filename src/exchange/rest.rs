@@ -13,14 +13,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::egress::{Egress, ProxyPool};
 use super::governor::{Budget, Governor, GovernorStats, Governors};
 use super::ExchangeError;
 use crate::config::Config;
 use crate::market::{now_ms, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
-use crate::proxy::ProxyPool;
 
-/// The egress name of direct connections (proxies get their own in a later issue).
-pub use crate::proxy::DIRECT;
+/// The egress name of direct connections (each proxy's is its `host:port`).
+pub use super::egress::DIRECT;
 
 /// How long a proxy that failed to connect (down, refused auth) stays out of rotation before
 /// it is tried again (its health checks may bring it back sooner).
@@ -390,7 +390,12 @@ impl RestClient {
         let mut limited: u32 = 0;
         let mut exclude: HashSet<String> = HashSet::new();
         loop {
-            let egress = self.pool.pick(market, &exclude).await?;
+            let egress = self
+                .pool
+                .pick(market, &exclude, |reason, wait| {
+                    warn!(%market, %reason, ?wait, "No usable egress; waiting.");
+                })
+                .await?;
             let gov = self.governors.get(market, &egress.name);
             let permit = match gov.acquire(weight).await {
                 Ok(p) => p,
@@ -415,7 +420,7 @@ impl RestClient {
                         egress.record(false, Some(&why));
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         crate::metrics::add(&crate::metrics::FAIL, 1);
-                        self.pool.quarantine(&egress, PROXY_QUARANTINE, &why);
+                        self.quarantine(&egress, PROXY_QUARANTINE, &why, false);
                         exclude.insert(egress.name.clone());
                         continue;
                     }
@@ -493,10 +498,11 @@ impl RestClient {
                         gov.on_418(until);
                         if egress.is_proxy() {
                             // Banned: out of rotation for the ban's length; others carry on.
-                            self.pool.ban(
+                            self.quarantine(
                                 &egress,
                                 until.unwrap_or(Duration::from_secs(120)),
                                 &format!("HTTP 418 (banned): {msg}"),
+                                true,
                             );
                             exclude.insert(egress.name.clone());
                         }
@@ -521,7 +527,7 @@ impl RestClient {
                     let why = format!("HTTP {status} through {}: {msg}", egress.name);
                     gov.on_blocked(status, block, msg);
                     if egress.is_proxy() {
-                        self.pool.quarantine(&egress, block, &why);
+                        self.quarantine(&egress, block, &why, false);
                     }
                     // Another egress may be allowed; if none is, `pick` says why.
                     exclude.insert(egress.name.clone());
@@ -552,6 +558,17 @@ impl RestClient {
                 }
             }
         }
+    }
+
+    /// Takes `egress` out of rotation for `for_` (`ban`: a 418, not even health-checked until
+    /// it ends) and logs it.
+    fn quarantine(&self, egress: &Egress, for_: Duration, reason: &str, ban: bool) {
+        if ban {
+            self.pool.ban(egress, for_, reason);
+        } else {
+            self.pool.quarantine(egress, for_, reason);
+        }
+        warn!(egress = %egress.name, ?for_, %reason, "Egress quarantined.");
     }
 
     /// Counts a transport failure; waits before the next attempt, or gives up after

@@ -24,9 +24,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::egress::{ProxyEndpoint, ProxyPool};
 use crate::config::StreamsConfig;
 use crate::market::{now_ms, Decimal, Kline, Market, PairKey, Period, Source, Symbol};
-use crate::proxy::{ProxyEndpoint, ProxyPool};
 
 /// Streams named in the connection URL; the rest are subscribed by message (long URLs fail).
 const URL_STREAMS: usize = 50;
@@ -717,9 +717,11 @@ impl ConnTask {
         // Through the pool when `app.proxy.websocket` is on (the pool may still say direct).
         let egress = match &self.pool {
             Some(pool) => Some(
-                pool.pick(self.market, &HashSet::new())
-                    .await
-                    .map_err(|e| e.to_string())?,
+                pool.pick(self.market, &HashSet::new(), |reason, wait| {
+                    warn!(market = %self.market, %reason, ?wait, "No usable egress; waiting.");
+                })
+                .await
+                .map_err(|e| e.to_string())?,
             ),
             None => None,
         };
@@ -734,7 +736,9 @@ impl ConnTask {
                 };
                 if let (Some(pool), Some(e)) = (&self.pool, &egress) {
                     if e.is_proxy() {
-                        pool.quarantine(e, Duration::from_secs(60), &why);
+                        let for_ = Duration::from_secs(60);
+                        pool.quarantine(e, for_, &why);
+                        warn!(egress = %e.name, ?for_, reason = %why, "Egress quarantined.");
                     }
                 }
                 return Err(why);

@@ -4,6 +4,7 @@
 
 pub mod desired;
 pub mod plan;
+pub mod proxies;
 pub mod runtime;
 pub mod status;
 pub mod supervisor;

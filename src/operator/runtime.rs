@@ -22,11 +22,11 @@ use super::status::{phase, StatusHub};
 use super::supervisor::{Factory, Policy, Supervisor};
 use crate::config::{Config, GapScanConfig};
 use crate::exchange::archive::ArchiveClient;
+use crate::exchange::egress::ProxyPool;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey, Period};
-use crate::proxy::ProxyPool;
 use crate::store::migrate;
 use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
 use crate::store::{Store, StoreError};
@@ -284,7 +284,7 @@ impl Generation {
         let pool = Arc::new(ProxyPool::new(&cfg, Arc::new(governors))?);
         // Proxies are known before the first request: a region that refuses direct
         // connections must not see one.
-        match pool.load(&store).await {
+        match super::proxies::load(&store, &pool).await {
             Ok(problems) => {
                 for p in problems {
                     warn!(problem = %p, "Skipping a proxy_config row.");
@@ -299,6 +299,7 @@ impl Generation {
         tokio::spawn(pool.clone().run_health(
             format!("{}/time", cfg.binance.spot.rest_base()),
             health_cancel,
+            super::proxies::log_health,
         ));
         let archive = Arc::new(ArchiveClient::new(
             &cfg.binance.archive_url,
@@ -493,7 +494,7 @@ impl Generation {
                 return;
             }
         };
-        match self.pool.load(&self.store).await {
+        match super::proxies::load(&self.store, &self.pool).await {
             Ok(problems) => {
                 if problems != self.proxy_problems {
                     for p in &problems {
@@ -626,7 +627,7 @@ async fn flush_status(
                 status.requeue(&rows);
             }
         }
-        let proxies = pool.status_rows(now);
+        let proxies = super::proxies::status_rows(&pool, now);
         let changed: Vec<_> = proxies
             .iter()
             .filter(|r| {
