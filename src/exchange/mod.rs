@@ -1,5 +1,8 @@
-//! Binance access: the REST client (klines, exchangeInfo, time), the rate governor it goes
-//! through, and the bulk archive reader. Deciding what to fetch is not here (tasks do that).
+//! The Binance transport: the REST client (klines, exchangeInfo, time) and its answer policy,
+//! the rate governor it goes through, the egress pool it sends through (direct and SOCKS5
+//! proxies), the bulk archive reader and the WebSocket kline streams. Not here: deciding what
+//! to fetch (tasks), storing anything or reading desired state (`store`, `operator`: no module
+//! of this one imports them; the operator feeds the egress pool its declared proxies).
 
 pub mod archive;
 pub mod egress;
@@ -54,13 +57,111 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
-    /// Whether trying again later may help (a later run, or another egress for `Blocked`).
+    /// Whether trying the same call again later may help: server errors (5xx, 429/418 beyond
+    /// the retry budget), network failures, no usable egress and a blocked egress (blocks and
+    /// quarantines end) may pass later; an unknown symbol or interval (a wrong or delisted
+    /// pair), any other rejection and a reply we cannot read will not.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             ExchangeError::Server { .. }
                 | ExchangeError::Network { .. }
                 | ExchangeError::NoEgress { .. }
+                | ExchangeError::Blocked(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Case {
+        name: &'static str,
+        error: ExchangeError,
+        retryable: bool,
+    }
+
+    #[test]
+    fn permanent_errors_are_not_retryable() {
+        let url = || "http://127.0.0.1/api/v3/klines".to_string();
+        let cases = vec![
+            Case {
+                name: "unknown (or delisted) symbol",
+                error: ExchangeError::InvalidSymbol {
+                    market: Market::Spot,
+                    symbol: "NOPEUSDT".into(),
+                    msg: "Invalid symbol.".into(),
+                },
+                retryable: false,
+            },
+            Case {
+                name: "unknown interval",
+                error: ExchangeError::InvalidInterval {
+                    market: Market::Cm,
+                    period: "1s".into(),
+                    msg: "Invalid interval.".into(),
+                },
+                retryable: false,
+            },
+            Case {
+                name: "other rejection",
+                error: ExchangeError::Rejected {
+                    url: url(),
+                    status: 400,
+                    code: -1100,
+                    msg: "Illegal characters".into(),
+                },
+                retryable: false,
+            },
+            Case {
+                name: "unreadable reply",
+                error: ExchangeError::Protocol {
+                    url: url(),
+                    msg: "invalid JSON".into(),
+                },
+                retryable: false,
+            },
+            Case {
+                name: "server error after retries",
+                error: ExchangeError::Server {
+                    url: url(),
+                    status: 503,
+                    attempts: 5,
+                    msg: "Service Unavailable".into(),
+                },
+                retryable: true,
+            },
+            Case {
+                name: "network failure after retries",
+                error: ExchangeError::Network {
+                    url: url(),
+                    attempts: 5,
+                    msg: "connection refused".into(),
+                },
+                retryable: true,
+            },
+            Case {
+                name: "no usable egress",
+                error: ExchangeError::NoEgress {
+                    market: Market::Um,
+                    reason: "127.0.0.1:1080 quarantined".into(),
+                },
+                retryable: true,
+            },
+            Case {
+                name: "blocked egress (403/451 for a while)",
+                error: ExchangeError::Blocked(GovernorError::Blocked {
+                    market: Market::Spot,
+                    egress: "direct".into(),
+                    status: 451,
+                    reason: "restricted location".into(),
+                }),
+                retryable: true,
+            },
+        ];
+        for c in cases {
+            assert_eq!(c.error.is_retryable(), c.retryable, "case: {}", c.name);
+        }
     }
 }
