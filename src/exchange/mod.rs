@@ -164,4 +164,46 @@ mod tests {
             assert_eq!(c.error.is_retryable(), c.retryable, "case: {}", c.name);
         }
     }
+
+    /// The `.rs` files under `src/<dir>`, with their text.
+    fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join(dir)];
+        while let Some(d) = todo.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    out.push((path, text));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn layers_have_no_cycle_between_exchange_and_store() {
+        let exchange = sources("exchange");
+        assert!(exchange.len() >= 10, "{} files", exchange.len());
+        // Built here so that this file does not name them itself.
+        let banned = ["store", "operator"].map(|m| format!("crate::{m}"));
+        for (path, text) in exchange {
+            for b in &banned {
+                assert!(!text.contains(b.as_str()), "{} uses {b}", path.display());
+            }
+        }
+        let store = sources("store");
+        assert!(!store.is_empty());
+        for (path, text) in store {
+            assert!(
+                !text.contains(&format!("crate::{}", "exchange")),
+                "{} uses the exchange layer",
+                path.display()
+            );
+        }
+    }
 }

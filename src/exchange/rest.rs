@@ -94,7 +94,8 @@ pub struct RestClient {
 }
 
 impl RestClient {
-    /// A client with its own egress pool (direct only until proxies are set on it).
+    /// A client with its own egress pool (direct only until declared proxies are applied to
+    /// it, see [`RestClient::pool`]).
     pub fn new(cfg: &Config, governors: Arc<Governors>) -> Result<RestClient, ExchangeError> {
         let pool = Arc::new(ProxyPool::new(cfg, governors)?);
         RestClient::with_pool(cfg, pool)
@@ -456,11 +457,18 @@ impl RestClient {
                     continue;
                 }
             };
-            let failed = match classify(status, &headers, &body) {
+            let answer = classify(status, &headers, &body);
+            if status != 200 {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::add(&crate::metrics::FAIL, 1);
+                egress.record(false, Some(&format!("HTTP {status}: {}", answer.msg())));
+            }
+            match answer {
                 Answer::Ok(v) => {
                     self.count_ok(&egress);
                     return Ok(v);
                 }
+                // A 200 counts as answered even when its body is unreadable.
                 Answer::Malformed(msg) => {
                     self.count_ok(&egress);
                     return Err(ExchangeError::Protocol {
@@ -468,13 +476,6 @@ impl RestClient {
                         msg,
                     });
                 }
-                failed => failed,
-            };
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::add(&crate::metrics::FAIL, 1);
-            egress.record(false, Some(&format!("HTTP {status}: {}", failed.msg())));
-            match failed {
-                Answer::Ok(_) | Answer::Malformed(_) => {}
                 Answer::RateLimited {
                     retry_after,
                     limit,
