@@ -95,9 +95,7 @@ pub async fn ws_start(
         governors = governors.with_override(m, cfg.binance.market(m).weight_limit);
     }
     let rest = crate::exchange::rest::RestClient::new(&cfg, Arc::new(governors))?;
-    for p in rest
-        .pool()
-        .load(&store)
+    for p in crate::operator::proxies::load(&store, rest.pool())
         .await
         .context("cannot read proxy_config")?
     {
@@ -310,9 +308,7 @@ pub async fn backfill_gap(
     }
     let rest = Arc::new(RestClient::new(&cfg, Arc::new(governors))?);
     // The same egress pool as the daemon: the enabled proxy_config rows.
-    for p in rest
-        .pool()
-        .load(&store)
+    for p in crate::operator::proxies::load(&store, rest.pool())
         .await
         .context("cannot read proxy_config")?
     {

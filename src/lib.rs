@@ -21,13 +21,16 @@
 //! - [`config_watch`]: live reload of `app.yaml` (watch, debounce, keep the last good config) and
 //!   the outcome of each edit.
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
-//! - [`store`]: ClickHouse client, migrations, the batched kline writer, desired/observed state.
+//! - [`store`]: ClickHouse client, migrations, the batched kline writer, desired/observed state
+//!   (it does not import `exchange`).
 //! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
-//! - [`exchange`]: Binance REST client, rate governor, bulk archive reader, WebSocket streams.
-//! - [`operator`]: `desired()`/`plan()`, the supervisor, `pair_status`, the reconcile runtime.
+//! - [`exchange`]: Binance transport: REST client, rate governor, egress pool (direct and
+//!   SOCKS5 proxies: selection by remaining weight, quarantine, health), bulk archive reader,
+//!   WebSocket streams. It imports neither `store` nor `operator`.
+//! - [`operator`]: `desired()`/`plan()`, the supervisor, `pair_status`, the reconcile runtime;
+//!   feeds `proxy_config` rows to the egress pool and writes its `proxy_status`.
 //! - [`tasks`]: backfill engine, a pair's history and gap scans, the live stream sink.
 //! - [`metrics`]: the counters of the `Metrics:` log line.
-//! - [`proxy`]: the SOCKS5 egress pool (selection by remaining weight, quarantine, health).
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
 //!   `ws-start`).
@@ -42,7 +45,6 @@ pub mod logging;
 pub use qs_core::market;
 pub mod metrics;
 pub mod operator;
-pub mod proxy;
 pub mod status;
 pub mod store;
 pub mod tasks;

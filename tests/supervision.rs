@@ -1,5 +1,6 @@
 //! Every long-lived task of the daemon is owned and watched: a panic injected into each kind
-//! (live sink, status flusher, a pair task, the writer) is noticed, counted,
+//! (live sink, status flusher, proxy health checks, a stream connection, a pair task, the
+//! writer) is noticed, counted,
 //! shown in observed state, and either repaired (restart with backoff, no candle lost) or, for
 //! the writer whose loss cannot be repaired in-process, ends the daemon loudly with an error.
 //! A pair whose symbol the exchange does not know is parked, not retried forever.
@@ -138,6 +139,37 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
         task(&db, "status_flusher").is_some_and(|t| t.1 >= 1)
     })
     .await;
+
+    // The proxy health checks: restarted.
+    faults::arm("proxy_health");
+    wait_for(10, "the health checks' restart in task_status", || async {
+        task(&db, "proxy_health").is_some_and(|t| t.1 >= 1 && t.0 == "running")
+    })
+    .await;
+
+    // A stream connection: noticed within a poll, its streams reopened on a new socket.
+    let opened = sim.ws_connections_opened(Market::Spot);
+    faults::arm("ws_connection");
+    wait_for(
+        10,
+        "the dead connection reported in task_status",
+        || async { task(&db, "streams_spot").is_some_and(|t| t.1 >= 1) },
+    )
+    .await;
+    assert!(
+        task(&db, "streams_spot")
+            .unwrap()
+            .2
+            .contains("injected fault at ws_connection"),
+        "{:?}",
+        task(&db, "streams_spot")
+    );
+    let before = ws_rows(&db, &p);
+    wait_for(10, "streamed candles on the new connection", || async {
+        ws_rows(&db, &p) >= before + 3
+    })
+    .await;
+    assert!(sim.ws_connections_opened(Market::Spot) > opened);
 
     // A pair task (in its gap-scan loop): restarted with backoff, counted in pair_status.
     faults::arm("pair_task");

@@ -1,8 +1,10 @@
 //! Binance REST client for spot, USD-M and COIN-M: klines with each market's own rules,
 //! `exchangeInfo` (symbol status, onboard dates, the REQUEST_WEIGHT budget), server time and
-//! the first available candle. Every request goes through the rate governor of its
-//! (market, egress); 5xx and network errors are retried with jittered backoff, 429/418 are
-//! waited out, 403/451 block the egress, -1121/-1120 are permanent.
+//! the first available candle. Every request goes out through an egress the pool picks and the
+//! rate governor of its (market, egress). What an answer means is the pure [`classify`]: 5xx
+//! and network errors are retried with jittered backoff, 429/418 are waited out, 403/451 block
+//! the egress, other rejections (-1121 unknown symbol, -1120 unknown interval) are permanent.
+//! Not here: choosing and health-checking egresses (`egress`), deciding what to fetch (tasks).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,14 +15,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::egress::{Egress, ProxyPool};
 use super::governor::{Budget, Governor, GovernorStats, Governors};
 use super::ExchangeError;
 use crate::config::Config;
 use crate::market::{now_ms, Kline, Market, PairKey, Period, Source, CM_MAX_RANGE_MS};
-use crate::proxy::ProxyPool;
 
-/// The egress name of direct connections (proxies get their own in a later issue).
-pub use crate::proxy::DIRECT;
+/// The egress name of direct connections (each proxy's is its `host:port`).
+pub use super::egress::DIRECT;
 
 /// How long a proxy that failed to connect (down, refused auth) stays out of rotation before
 /// it is tried again (its health checks may bring it back sooner).
@@ -92,7 +94,8 @@ pub struct RestClient {
 }
 
 impl RestClient {
-    /// A client with its own egress pool (direct only until proxies are set on it).
+    /// A client with its own egress pool (direct only until declared proxies are applied to
+    /// it, see [`RestClient::pool`]).
     pub fn new(cfg: &Config, governors: Arc<Governors>) -> Result<RestClient, ExchangeError> {
         let pool = Arc::new(ProxyPool::new(cfg, governors)?);
         RestClient::with_pool(cfg, pool)
@@ -390,7 +393,12 @@ impl RestClient {
         let mut limited: u32 = 0;
         let mut exclude: HashSet<String> = HashSet::new();
         loop {
-            let egress = self.pool.pick(market, &exclude).await?;
+            let egress = self
+                .pool
+                .pick(market, &exclude, |reason, wait| {
+                    warn!(%market, %reason, ?wait, "No usable egress; waiting.");
+                })
+                .await?;
             let gov = self.governors.get(market, &egress.name);
             let permit = match gov.acquire(weight).await {
                 Ok(p) => p,
@@ -415,7 +423,7 @@ impl RestClient {
                         egress.record(false, Some(&why));
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         crate::metrics::add(&crate::metrics::FAIL, 1);
-                        self.pool.quarantine(&egress, PROXY_QUARANTINE, &why);
+                        self.quarantine(&egress, PROXY_QUARANTINE, &why, false);
                         exclude.insert(egress.name.clone());
                         continue;
                     }
@@ -441,12 +449,6 @@ impl RestClient {
             if first_reply && used.is_none() {
                 gov.assume_used_up();
             }
-            let retry_after = headers
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| Duration::from_secs_f64(s.min(4.0 * 86_400.0)));
             let body = match read_capped(resp, MAX_BODY_BYTES).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -455,78 +457,72 @@ impl RestClient {
                     continue;
                 }
             };
-            if status == 200 {
-                egress.record(true, None);
-                self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                crate::metrics::add(&crate::metrics::OK, 1);
-                return serde_json::from_str(&body).map_err(|e| ExchangeError::Protocol {
-                    url: url.to_string(),
-                    msg: format!("invalid JSON: {e}"),
-                });
+            let answer = classify(status, &headers, &body);
+            if status != 200 {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::add(&crate::metrics::FAIL, 1);
+                egress.record(false, Some(&format!("HTTP {status}: {}", answer.msg())));
             }
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::add(&crate::metrics::FAIL, 1);
-            let (code, msg) = binance_error(&body);
-            egress.record(false, Some(&format!("HTTP {status}: {msg}")));
-            match status {
-                429 | 418 => {
-                    if status == 429 {
-                        // "current limit is N request weight per ..." teaches the budget
-                        // when exchangeInfo did not announce it.
-                        if let Some(limit) = current_limit(&msg) {
-                            let mut budget = gov.budget();
-                            if budget.limit > limit {
-                                budget.limit = limit;
-                                self.governors.adopt(market, budget);
-                            }
-                        }
-                        gov.on_429(retry_after);
-                    } else {
-                        // Without Retry-After, the body may say "IP banned until <ms>".
-                        let until = retry_after.or_else(|| {
-                            banned_until(&msg).map(|t| {
-                                Duration::from_millis(
-                                    u64::try_from(t - self.server_now(market)).unwrap_or(0),
-                                )
-                            })
-                        });
-                        gov.on_418(until);
-                        if egress.is_proxy() {
-                            // Banned: out of rotation for the ban's length; others carry on.
-                            self.pool.ban(
-                                &egress,
-                                until.unwrap_or(Duration::from_secs(120)),
-                                &format!("HTTP 418 (banned): {msg}"),
-                            );
-                            exclude.insert(egress.name.clone());
-                        }
-                    }
-                    limited += 1;
-                    if limited > self.max_retries.saturating_mul(4) {
-                        return Err(ExchangeError::Server {
-                            url: url.to_string(),
-                            status,
-                            attempts: limited,
-                            msg,
-                        });
-                    }
+            match answer {
+                Answer::Ok(v) => {
+                    self.count_ok(&egress);
+                    return Ok(v);
                 }
-                403 | 451 => {
-                    // 451: restricted location, lasting; 403: WAF, usually minutes.
-                    let block = if status == 451 {
-                        Duration::from_secs(3600)
-                    } else {
-                        Duration::from_secs(300)
+                // A 200 counts as answered even when its body is unreadable.
+                Answer::Malformed(msg) => {
+                    self.count_ok(&egress);
+                    return Err(ExchangeError::Protocol {
+                        url: url.to_string(),
+                        msg,
+                    });
+                }
+                Answer::RateLimited {
+                    retry_after,
+                    limit,
+                    msg,
+                } => {
+                    // The budget the message announced, when exchangeInfo did not.
+                    if let Some(limit) = limit {
+                        let mut budget = gov.budget();
+                        if budget.limit > limit {
+                            budget.limit = limit;
+                            self.governors.adopt(market, budget);
+                        }
+                    }
+                    gov.on_429(retry_after);
+                    self.limited(&mut limited, url, status, msg)?;
+                }
+                Answer::Banned { ban, msg } => {
+                    let until = match ban {
+                        Ban::For(d) => Some(d),
+                        Ban::UntilMs(t) => Some(Duration::from_millis(
+                            u64::try_from(t - self.server_now(market)).unwrap_or(0),
+                        )),
+                        Ban::Unknown => None,
                     };
+                    gov.on_418(until);
+                    if egress.is_proxy() {
+                        // Banned: out of rotation for the ban's length; others carry on.
+                        self.quarantine(
+                            &egress,
+                            until.unwrap_or(Duration::from_secs(120)),
+                            &format!("HTTP 418 (banned): {msg}"),
+                            true,
+                        );
+                        exclude.insert(egress.name.clone());
+                    }
+                    self.limited(&mut limited, url, status, msg)?;
+                }
+                Answer::Refused { block, msg } => {
                     let why = format!("HTTP {status} through {}: {msg}", egress.name);
                     gov.on_blocked(status, block, msg);
                     if egress.is_proxy() {
-                        self.pool.quarantine(&egress, block, &why);
+                        self.quarantine(&egress, block, &why, false);
                     }
                     // Another egress may be allowed; if none is, `pick` says why.
                     exclude.insert(egress.name.clone());
                 }
-                408 | 500..=599 => {
+                Answer::Retry { retry_after, msg } => {
                     failures += 1;
                     if failures >= self.max_retries {
                         return Err(ExchangeError::Server {
@@ -542,7 +538,7 @@ impl RestClient {
                     }
                     self.pause(failures, url, &msg).await;
                 }
-                _ => {
+                Answer::Rejected { code, msg } => {
                     return Err(ExchangeError::Rejected {
                         url: url.to_string(),
                         status,
@@ -552,6 +548,43 @@ impl RestClient {
                 }
             }
         }
+    }
+
+    fn count_ok(&self, egress: &Egress) {
+        egress.record(true, None);
+        self.stats.ok.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::add(&crate::metrics::OK, 1);
+    }
+
+    /// Counts one 429/418 answer; gives up after 4 × `max_retries` of them.
+    fn limited(
+        &self,
+        limited: &mut u32,
+        url: &str,
+        status: u16,
+        msg: String,
+    ) -> Result<(), ExchangeError> {
+        *limited += 1;
+        if *limited > self.max_retries.saturating_mul(4) {
+            return Err(ExchangeError::Server {
+                url: url.to_string(),
+                status,
+                attempts: *limited,
+                msg,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes `egress` out of rotation for `for_` (`ban`: a 418, not even health-checked until
+    /// it ends) and logs it.
+    fn quarantine(&self, egress: &Egress, for_: Duration, reason: &str, ban: bool) {
+        if ban {
+            self.pool.ban(egress, for_, reason);
+        } else {
+            self.pool.quarantine(egress, for_, reason);
+        }
+        warn!(egress = %egress.name, ?for_, %reason, "Egress quarantined.");
     }
 
     /// Counts a transport failure; waits before the next attempt, or gives up after
@@ -597,6 +630,110 @@ fn market_index(market: Market) -> usize {
         Market::Um => 1,
         Market::Cm => 2,
     }
+}
+
+/// What an HTTP answer from Binance means: the policy of [`RestClient::get_json`], as a pure
+/// function of the status, the headers and the body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// 200 with a JSON body.
+    Ok(Value),
+    /// 200 whose body is not JSON.
+    Malformed(String),
+    /// 429: too much weight; wait `retry_after` (if given). `limit` is the budget Binance's
+    /// -1003 message announced ("current limit is N request weight per ..."), if it did.
+    RateLimited {
+        retry_after: Option<Duration>,
+        limit: Option<u32>,
+        msg: String,
+    },
+    /// 418: this address is banned.
+    Banned { ban: Ban, msg: String },
+    /// 403 (Binance's firewall, usually minutes) or 451 (restricted location, lasting): this
+    /// egress is refused for `block`; another may be allowed.
+    Refused { block: Duration, msg: String },
+    /// 408 or 5xx: worth retrying, after `retry_after` if the server said (a 503 may).
+    Retry {
+        retry_after: Option<Duration>,
+        msg: String,
+    },
+    /// Anything else (other 4xx, other 2xx): permanent, with Binance's error code (0 if none),
+    /// e.g. -1121 invalid symbol, -1120 invalid interval.
+    Rejected { code: i64, msg: String },
+}
+
+/// How long a 418 ban lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ban {
+    /// `Retry-After`.
+    For(Duration),
+    /// Without `Retry-After`: the end in Binance's -1003 message ("IP banned until <ms>"),
+    /// server time.
+    UntilMs(i64),
+    /// Not said.
+    Unknown,
+}
+
+impl Answer {
+    /// Binance's message (or the start of the body); empty for [`Answer::Ok`].
+    pub fn msg(&self) -> &str {
+        match self {
+            Answer::Ok(_) => "",
+            Answer::Malformed(msg)
+            | Answer::RateLimited { msg, .. }
+            | Answer::Banned { msg, .. }
+            | Answer::Refused { msg, .. }
+            | Answer::Retry { msg, .. }
+            | Answer::Rejected { msg, .. } => msg,
+        }
+    }
+}
+
+/// Classifies one answer (see [`Answer`]).
+pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> Answer {
+    if status == 200 {
+        return match serde_json::from_str(body) {
+            Ok(v) => Answer::Ok(v),
+            Err(e) => Answer::Malformed(format!("invalid JSON: {e}")),
+        };
+    }
+    let retry_after = retry_after(headers);
+    let (code, msg) = binance_error(body);
+    match status {
+        429 => Answer::RateLimited {
+            retry_after,
+            limit: current_limit(&msg),
+            msg,
+        },
+        418 => {
+            let ban = match (retry_after, banned_until(&msg)) {
+                (Some(d), _) => Ban::For(d),
+                (None, Some(t)) => Ban::UntilMs(t),
+                (None, None) => Ban::Unknown,
+            };
+            Answer::Banned { ban, msg }
+        }
+        403 | 451 => Answer::Refused {
+            block: if status == 451 {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_secs(300)
+            },
+            msg,
+        },
+        408 | 500..=599 => Answer::Retry { retry_after, msg },
+        _ => Answer::Rejected { code, msg },
+    }
+}
+
+/// `Retry-After` in seconds (fractions allowed), capped at four days.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(4.0 * 86_400.0)))
 }
 
 /// `X-MBX-USED-WEIGHT-<n><unit>` or the legacy bare `X-MBX-USED-WEIGHT` (the one-minute
@@ -803,6 +940,225 @@ mod tests {
         assert_eq!(used_weight(&h), Some(17));
         h.insert("x-mbx-used-weight-1m", "21".parse().unwrap());
         assert_eq!(used_weight(&h), Some(21));
+    }
+
+    struct Case {
+        name: &'static str,
+        status: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: &'static str,
+        expected: Answer,
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let ban_msg = "Way too much request weight used; IP banned until 1712345678901. Please use WebSocket Streams for live updates to avoid bans.";
+        let limit_msg =
+            "Too much request weight used; current limit is 1200 request weight per 1 MINUTE.";
+        let cases = vec![
+            Case {
+                name: "200 with JSON is ok",
+                status: 200,
+                headers: vec![],
+                body: r#"{"serverTime":1}"#,
+                expected: Answer::Ok(serde_json::json!({"serverTime": 1})),
+            },
+            Case {
+                name: "200 with a body that is not JSON is malformed",
+                status: 200,
+                headers: vec![],
+                body: "<html>",
+                expected: Answer::Malformed(
+                    "invalid JSON: expected value at line 1 column 1".to_string(),
+                ),
+            },
+            Case {
+                name: "429 with Retry-After and the -1003 budget",
+                status: 429,
+                headers: vec![("retry-after", "7")],
+                body: r#"{"code":-1003,"msg":"Too much request weight used; current limit is 1200 request weight per 1 MINUTE."}"#,
+                expected: Answer::RateLimited {
+                    retry_after: Some(Duration::from_secs(7)),
+                    limit: Some(1200),
+                    msg: limit_msg.to_string(),
+                },
+            },
+            Case {
+                name: "429 without Retry-After or a budget in the message",
+                status: 429,
+                headers: vec![],
+                body: r#"{"code":-1003,"msg":"Too many requests"}"#,
+                expected: Answer::RateLimited {
+                    retry_after: None,
+                    limit: None,
+                    msg: "Too many requests".to_string(),
+                },
+            },
+            Case {
+                name: "429 with a fractional Retry-After",
+                status: 429,
+                headers: vec![("retry-after", " 0.5 ")],
+                body: "",
+                expected: Answer::RateLimited {
+                    retry_after: Some(Duration::from_millis(500)),
+                    limit: None,
+                    msg: String::new(),
+                },
+            },
+            Case {
+                name: "429 with a negative Retry-After: none",
+                status: 429,
+                headers: vec![("retry-after", "-3")],
+                body: "",
+                expected: Answer::RateLimited {
+                    retry_after: None,
+                    limit: None,
+                    msg: String::new(),
+                },
+            },
+            Case {
+                name: "418 with Retry-After: banned for it (capped at four days)",
+                status: 418,
+                headers: vec![("retry-after", "999999999")],
+                body: r#"{"code":-1003,"msg":"banned"}"#,
+                expected: Answer::Banned {
+                    ban: Ban::For(Duration::from_secs(4 * 86_400)),
+                    msg: "banned".to_string(),
+                },
+            },
+            Case {
+                name: "418 without Retry-After: banned until the -1003 message's time",
+                status: 418,
+                headers: vec![],
+                body: r#"{"code":-1003,"msg":"Way too much request weight used; IP banned until 1712345678901. Please use WebSocket Streams for live updates to avoid bans."}"#,
+                expected: Answer::Banned {
+                    ban: Ban::UntilMs(1_712_345_678_901),
+                    msg: ban_msg.to_string(),
+                },
+            },
+            Case {
+                name: "418 with Retry-After wins over the message's time",
+                status: 418,
+                headers: vec![("retry-after", "60")],
+                body: r#"{"code":-1003,"msg":"Way too much request weight used; IP banned until 1712345678901. Please use WebSocket Streams for live updates to avoid bans."}"#,
+                expected: Answer::Banned {
+                    ban: Ban::For(Duration::from_secs(60)),
+                    msg: ban_msg.to_string(),
+                },
+            },
+            Case {
+                name: "418 saying nothing: ban length unknown",
+                status: 418,
+                headers: vec![],
+                body: "I'm a teapot",
+                expected: Answer::Banned {
+                    ban: Ban::Unknown,
+                    msg: "I'm a teapot".to_string(),
+                },
+            },
+            Case {
+                name: "403 from the firewall refuses this egress for 5 minutes",
+                status: 403,
+                headers: vec![],
+                body: "<html>403 Forbidden</html>",
+                expected: Answer::Refused {
+                    block: Duration::from_secs(300),
+                    msg: "<html>403 Forbidden</html>".to_string(),
+                },
+            },
+            Case {
+                name: "451 (restricted location) refuses this egress for an hour",
+                status: 451,
+                headers: vec![],
+                body: r#"{"code":0,"msg":"Service unavailable from a restricted location"}"#,
+                expected: Answer::Refused {
+                    block: Duration::from_secs(3600),
+                    msg: "Service unavailable from a restricted location".to_string(),
+                },
+            },
+            Case {
+                name: "503 with Retry-After is retried after it",
+                status: 503,
+                headers: vec![("retry-after", "2")],
+                body: "Service Unavailable",
+                expected: Answer::Retry {
+                    retry_after: Some(Duration::from_secs(2)),
+                    msg: "Service Unavailable".to_string(),
+                },
+            },
+            Case {
+                name: "500 is retried",
+                status: 500,
+                headers: vec![],
+                body: r#"{"code":-1000,"msg":"An unknown error occurred"}"#,
+                expected: Answer::Retry {
+                    retry_after: None,
+                    msg: "An unknown error occurred".to_string(),
+                },
+            },
+            Case {
+                name: "408 is retried",
+                status: 408,
+                headers: vec![],
+                body: "",
+                expected: Answer::Retry {
+                    retry_after: None,
+                    msg: String::new(),
+                },
+            },
+            Case {
+                name: "-1121 invalid symbol is a permanent rejection with its code",
+                status: 400,
+                headers: vec![],
+                body: r#"{"code":-1121,"msg":"Invalid symbol."}"#,
+                expected: Answer::Rejected {
+                    code: -1121,
+                    msg: "Invalid symbol.".to_string(),
+                },
+            },
+            Case {
+                name: "-1120 invalid interval is a permanent rejection with its code",
+                status: 400,
+                headers: vec![],
+                body: r#"{"code":-1120,"msg":"Invalid interval."}"#,
+                expected: Answer::Rejected {
+                    code: -1120,
+                    msg: "Invalid interval.".to_string(),
+                },
+            },
+            Case {
+                name: "a 404 page is rejected with code 0 and the body's start",
+                status: 404,
+                headers: vec![],
+                body: "Not Found",
+                expected: Answer::Rejected {
+                    code: 0,
+                    msg: "Not Found".to_string(),
+                },
+            },
+            Case {
+                name: "a 2xx other than 200 is not ok",
+                status: 204,
+                headers: vec![],
+                body: "",
+                expected: Answer::Rejected {
+                    code: 0,
+                    msg: String::new(),
+                },
+            },
+        ];
+        for c in cases {
+            let mut h = reqwest::header::HeaderMap::new();
+            for (k, v) in &c.headers {
+                h.insert(*k, v.parse().unwrap());
+            }
+            assert_eq!(
+                classify(c.status, &h, c.body),
+                c.expected,
+                "case: {}",
+                c.name
+            );
+        }
     }
 
     #[test]

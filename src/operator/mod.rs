@@ -4,5 +4,6 @@
 
 pub mod desired;
 pub mod plan;
+pub mod proxies;
 pub mod runtime;
 pub mod supervisor;

@@ -21,11 +21,11 @@ use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Super
 use crate::config::Config;
 use crate::config_watch::Reloads;
 use crate::exchange::archive::ArchiveClient;
+use crate::exchange::egress::ProxyPool;
 use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey};
-use crate::proxy::ProxyPool;
 use crate::status::{phase, StatusHub};
 use crate::store::migrate;
 use crate::store::state::ProxyRow;
@@ -244,9 +244,9 @@ impl Generation {
         let pool = Arc::new(ProxyPool::new(&cfg, Arc::new(governors))?);
         // Proxies are known before the first request: a region that refuses direct
         // connections must not see one.
-        let (proxies, proxy_problems) = match store.proxies().await {
+        let (proxies, proxy_problems) = match store.proxy_config().await {
             Ok(rows) => {
-                let problems = apply_proxy_rows(&pool, &rows);
+                let problems = super::proxies::apply(&pool, &rows);
                 for p in &problems {
                     warn!(problem = %p, "Skipping a proxy_config row.");
                 }
@@ -347,7 +347,8 @@ impl Generation {
         let flusher: ServiceFactory = Arc::new(move |c| {
             let (s, st, p) = (s.clone(), st.clone(), p.clone());
             Box::pin(async move {
-                crate::status::flush(s, st, move |now| p.status_rows(now), c).await;
+                crate::status::flush(s, st, move |now| super::proxies::status_rows(&p, now), c)
+                    .await;
                 Ok(())
             })
         });
@@ -359,7 +360,7 @@ impl Generation {
         let health: ServiceFactory = Arc::new(move |c| {
             let (p, url) = (p.clone(), url.clone());
             Box::pin(async move {
-                p.run_health(url, c).await;
+                p.run_health(url, c, super::proxies::log_health).await;
                 Ok(())
             })
         });
@@ -449,11 +450,32 @@ impl Generation {
                     self.cfg = new;
                     self.reconcile().await;
                 }
-                _ = poll.tick() => self.reconcile().await,
+                _ = poll.tick() => {
+                    self.reap_connections().await;
+                    self.reconcile().await;
+                }
                 _ = metrics.tick() => {
                     let streams: usize = self.streams.values().map(|s| s.connections().iter().map(|c| c.1).sum::<usize>()).sum();
                     info!("{}", crate::metrics::line(streams));
                 }
+            }
+        }
+    }
+
+    /// Stream connection tasks are owned by their market's `MarketStreams`; a dead one (panic,
+    /// unexpected end) is replaced there and reported here: logged, counted and shown in
+    /// `task_status` as `streams_<market>`.
+    async fn reap_connections(&mut self) {
+        for (market, s) in self.streams.iter_mut() {
+            for (conn, why) in s.reap().await {
+                crate::metrics::add(&crate::metrics::TASK_FAILURES, 1);
+                warn!(%market, conn, error = %why, "A stream connection died; its streams reopen on a new one.");
+                let name = format!("streams_{market}");
+                self.status.update_task(&name, |r| {
+                    r.state = crate::status::task_state::RUNNING.into();
+                    r.restarts += 1;
+                    r.last_error = why.clone();
+                });
             }
         }
     }
@@ -499,7 +521,7 @@ impl Generation {
                 return;
             }
         };
-        let proxies = match self.store.proxies().await {
+        let proxies = match self.store.proxy_config().await {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!(error = %e, "Cannot read proxy_config; keeping the current pool.");
@@ -527,7 +549,7 @@ impl Generation {
             );
         }
         if let Some(rows) = p.proxies {
-            let problems = apply_proxy_rows(&self.pool, &rows);
+            let problems = super::proxies::apply(&self.pool, &rows);
             if problems != self.proxy_problems {
                 for p in &problems {
                     warn!(problem = %p, "Skipping a proxy_config row.");
@@ -622,14 +644,6 @@ async fn writer_ended(
         Some(t) => t.await,
         None => std::future::pending().await,
     }
-}
-
-/// Hands `proxy_config` rows to the pool (their passwords to the log scrubber); returns the
-/// problems with rows that were skipped.
-fn apply_proxy_rows(pool: &ProxyPool, rows: &[ProxyRow]) -> Vec<String> {
-    let (secrets, problems) = pool.set_rows(rows, |k| std::env::var(k).ok());
-    crate::logging::set_secrets(secrets);
-    problems
 }
 
 /// Names of a generation's services in logs and `task_status`.

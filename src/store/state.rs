@@ -17,7 +17,7 @@ pub struct PairRow {
     pub stream: u8,
 }
 
-/// One `proxy_config` row (the password is only ever handed to the proxy pool).
+/// One `proxy_config` row as stored (the password is only ever handed to the proxy pool).
 #[derive(Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
 pub struct ProxyRow {
     pub host: String,
@@ -107,7 +107,7 @@ impl Store {
     }
 
     /// The latest `proxy_config` row per (host, port).
-    pub async fn proxies(&self) -> Result<Vec<ProxyRow>, StoreError> {
+    pub async fn proxy_config(&self) -> Result<Vec<ProxyRow>, StoreError> {
         self.call(
             self.client()
                 .query(
