@@ -250,12 +250,11 @@ impl ChServer {
                 let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
                 let stderr =
                     std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                let text = format!(
-                    "{} exited with {status}:\n{stderr}\n{log}\n{hint}",
-                    bin.display()
-                );
+                let text = format!("{} exited with {status}:\n{stderr}\n{log}", bin.display());
                 return Err(if text.contains("Address already in use") {
                     LaunchError::PortTaken(text)
+                } else if self.engine == Engine::Chdb {
+                    LaunchError::Failed(format!("{text}\n{hint}"))
                 } else {
                     LaunchError::Failed(text)
                 });
