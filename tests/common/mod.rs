@@ -319,6 +319,37 @@ pub fn http(
     body: &str,
     auth: Option<(&str, &str)>,
 ) -> std::io::Result<(u16, String)> {
+    http_reply(host, port, method, path_query, body, auth).map(|r| (r.status, r.body))
+}
+
+/// An HTTP answer: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Like `http`, with the headers.
+pub fn http_reply(
+    host: &str,
+    port: u16,
+    method: &str,
+    path_query: &str,
+    body: &str,
+    auth: Option<(&str, &str)>,
+) -> std::io::Result<HttpReply> {
     use std::net::ToSocketAddrs;
     let addr = (host, port)
         .to_socket_addrs()?
@@ -337,19 +368,27 @@ pub fn http(
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes a URL query value.
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
