@@ -12,7 +12,7 @@ fn post(db: &TestDb, query: Option<&str>, body: &str, auth: Option<(&str, &str)>
     if let Some(q) = query {
         path.push_str(&format!("&query={}", percent_encode(q)));
     }
-    http_reply(&db.host, db.port, "POST", &path, body, auth).unwrap()
+    http_reply(&db.host, db.port, "POST", &path, body, auth).expect("ClickHouse answers HTTP")
 }
 
 #[test]
