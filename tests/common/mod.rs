@@ -83,6 +83,31 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The Python interpreter for `scripts/chdb-server`, checked to import chdb: `python3`'s real
+/// executable (not a version manager's shim, which may fork, so the pid we kill would not be
+/// the server's), or `QS_TEST_PYTHON`.
+fn chdb_python() -> Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let python = std::env::var_os("QS_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+            let out = Command::new(&python)
+                .args(["-c", "import sys, chdb; print(sys.executable)"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {python:?}: {e}"))?;
+            let exe = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() || exe.is_empty() {
+                return Err(format!(
+                    "{python:?} cannot import chdb: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(PathBuf::from(exe))
+        })
+        .clone()
+}
+
 /// The server command: `clickhouse-server` or `clickhouse server`.
 fn server_command() -> Option<(PathBuf, Vec<String>)> {
     if let Some(p) = find_in_path("clickhouse-server") {
@@ -190,8 +215,13 @@ impl ChServer {
                 (bin, args, INSTALL_HINT)
             }
             Engine::Chdb => (
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/chdb-server"),
+                chdb_python()
+                    .map_err(|e| LaunchError::Failed(format!("{CHDB_INSTALL_HINT} ({e})")))?,
                 vec![
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("scripts/chdb-server")
+                        .display()
+                        .to_string(),
                     format!("--port={}", self.http_port),
                     format!("--path={}", self.dir.join("data").display()),
                     format!("--users-file={}", self.dir.join("users.txt").display()),
@@ -250,7 +280,7 @@ impl ChServer {
                 let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
                 let stderr =
                     std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                let text = format!("{} exited with {status}:\n{stderr}\n{log}", bin.display());
+                let text = format!("{} exited with {status}:\n{stderr}\n{log}", self.name());
                 return Err(if text.contains("Address already in use") {
                     LaunchError::PortTaken(text)
                 } else if self.engine == Engine::Chdb {
@@ -263,9 +293,16 @@ impl ChServer {
         }
         Err(LaunchError::Failed(format!(
             "{} did not answer /ping within 60 s (logs in {})",
-            bin.display(),
+            self.name(),
             self.dir.display()
         )))
+    }
+
+    fn name(&self) -> &'static str {
+        match self.engine {
+            Engine::Server => "clickhouse-server",
+            Engine::Chdb => "scripts/chdb-server",
+        }
     }
 
     fn answers_as_us(&self) -> bool {
