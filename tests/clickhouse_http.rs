@@ -60,7 +60,7 @@ fn the_query_parameter_and_the_body_form_one_query_with_inline_data() {
 fn errors_carry_the_code_in_text_header_and_status() {
     let db = TestDb::new_private("http_errors");
     db.create();
-    let cases: [(&str, HttpReply, u32, u16); 4] = [
+    let cases: [(&str, HttpReply, u32, u16); 5] = [
         (
             "unknown table",
             post(&db, None, "SELECT * FROM no_such_table", None),
@@ -68,6 +68,12 @@ fn errors_carry_the_code_in_text_header_and_status() {
             404,
         ),
         ("syntax error", post(&db, None, "SELEC 1", None), 62, 400),
+        (
+            "multi-statements",
+            post(&db, None, "SELECT 1; SELECT 2", None),
+            62,
+            400,
+        ),
         (
             "wrong password",
             post(&db, None, "SELECT 1", Some((PW_USER, "not-the-password"))),
