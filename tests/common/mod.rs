@@ -1,6 +1,11 @@
 //! Test harness: a real ClickHouse server per test binary (private data dir, free ports) unless
 //! `QS_TEST_CLICKHOUSE_URL` names one, a database per test (dropped afterwards), and a tiny
 //! blocking HTTP client for verification queries. Never silently passes without ClickHouse.
+//!
+//! Two lanes (`QS_TEST_CLICKHOUSE_ENGINE`): unset (or `server`) starts `clickhouse-server`
+//! (18.16 from Debian here); `chdb` starts `scripts/chdb-server` instead, ClickHouse 26.x as the
+//! chDB library behind a small front speaking the ClickHouse HTTP interface. Tests see the same
+//! thing either way: a URL, ports, the `PW_USER` user, kill and restart on the same data.
 #![allow(dead_code, clippy::unwrap_used)] // shared by several test binaries; tests may unwrap
 
 use std::io::{Read, Write};
@@ -17,15 +22,39 @@ use quantservice::config::Config;
 pub const PW_USER: &str = "qs_pw";
 pub const PW_PASSWORD: &str = "Sup3r-s3cret-PW-4711";
 
+const CHDB_INSTALL_HINT: &str = "The chdb lane (QS_TEST_CLICKHOUSE_ENGINE=chdb) needs python3 \
+    with the chdb-core package: run scripts/install-deps (pip install --no-deps chdb-core).";
+
+/// Which engine private servers run (`QS_TEST_CLICKHOUSE_ENGINE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// `clickhouse-server` from the `PATH` (Debian's 18.16 in CI).
+    Server,
+    /// `scripts/chdb-server`: ClickHouse 26.x through chDB.
+    Chdb,
+}
+
+/// The lane this test process runs in.
+pub fn engine() -> Engine {
+    match std::env::var("QS_TEST_CLICKHOUSE_ENGINE").as_deref() {
+        Err(_) | Ok("") | Ok("server") | Ok("clickhouse-server") => Engine::Server,
+        Ok("chdb") => Engine::Chdb,
+        Ok(other) => panic!("QS_TEST_CLICKHOUSE_ENGINE must be `server` or `chdb`, not {other:?}"),
+    }
+}
+
 const INSTALL_HINT: &str = "ClickHouse is needed for the integration tests and none could be \
     started. Install it with `sudo apt-get install -y clickhouse-server clickhouse-client` (the \
     README's test command does this), or point QS_TEST_CLICKHOUSE_URL at a running server \
     (e.g. http://127.0.0.1:8123).";
 
-/// A private `clickhouse-server` process with its own data dir and ports. A watchdog shell
-/// kills it when the test process exits, and removes the data dir.
+/// A private `clickhouse-server` (or `scripts/chdb-server`, see `engine()`) process with its
+/// own data dir and ports. A watchdog shell kills it when the test process exits, and removes
+/// the data dir.
 pub struct ChServer {
+    pub engine: Engine,
     pub http_port: u16,
+    /// The native-protocol port (`clickhouse-server` only; chdb-server has none).
     pub tcp_port: u16,
     interserver_port: u16,
     dir: PathBuf,
@@ -52,6 +81,31 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// The Python interpreter for `scripts/chdb-server`, checked to import chdb: `python3`'s real
+/// executable (not a version manager's shim, which may fork, so the pid we kill would not be
+/// the server's), or `QS_TEST_PYTHON`.
+fn chdb_python() -> Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let python = std::env::var_os("QS_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+            let out = Command::new(&python)
+                .args(["-c", "import sys, chdb; print(sys.executable)"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {python:?}: {e}"))?;
+            let exe = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() || exe.is_empty() {
+                return Err(format!(
+                    "{python:?} cannot import chdb: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(PathBuf::from(exe))
+        })
+        .clone()
 }
 
 /// The server command: `clickhouse-server` or `clickhouse server`.
@@ -84,6 +138,7 @@ impl ChServer {
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(dir.join("tmp")).expect("create ClickHouse temp dir");
             let server = ChServer {
+                engine: engine(),
                 http_port: free_port(),
                 tcp_port: free_port(),
                 interserver_port: free_port(),
@@ -109,6 +164,15 @@ impl ChServer {
     }
 
     fn write_configs(&self) {
+        if self.engine == Engine::Chdb {
+            // Users for chdb-server, in a file: no password on a command line.
+            std::fs::write(
+                self.dir.join("users.txt"),
+                format!("{PW_USER}:{PW_PASSWORD}\n"),
+            )
+            .expect("write users.txt");
+            return;
+        }
         let d = self.dir.display().to_string();
         let config = include_str!("../../scripts/clickhouse/config.xml")
             .replace("@DIR@", &d)
@@ -139,8 +203,32 @@ impl ChServer {
 
     /// Starts the server process and waits until it answers `/ping` as this instance.
     fn launch(&self) -> Result<(), LaunchError> {
-        let Some((bin, pre)) = server_command() else {
-            return Err(LaunchError::Failed(INSTALL_HINT.to_string()));
+        let (bin, args, hint) = match self.engine {
+            Engine::Server => {
+                let Some((bin, mut args)) = server_command() else {
+                    return Err(LaunchError::Failed(INSTALL_HINT.to_string()));
+                };
+                args.push(format!(
+                    "--config-file={}",
+                    self.dir.join("config.xml").display()
+                ));
+                (bin, args, INSTALL_HINT)
+            }
+            Engine::Chdb => (
+                chdb_python()
+                    .map_err(|e| LaunchError::Failed(format!("{CHDB_INSTALL_HINT} ({e})")))?,
+                vec![
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("scripts/chdb-server")
+                        .display()
+                        .to_string(),
+                    format!("--port={}", self.http_port),
+                    format!("--path={}", self.dir.join("data").display()),
+                    format!("--users-file={}", self.dir.join("users.txt").display()),
+                    format!("--macro=qs_instance={}", self.instance),
+                ],
+                CHDB_INSTALL_HINT,
+            ),
         };
         let _ = std::fs::remove_file(self.pid_file());
         // The watchdog ends the server when this test process is gone.
@@ -156,11 +244,7 @@ impl ChServer {
             .arg(script)
             .arg("sh")
             .arg(&bin)
-            .args(&pre)
-            .arg(format!(
-                "--config-file={}",
-                self.dir.join("config.xml").display()
-            ))
+            .args(&args)
             .env("QS_WATCH_PID", std::process::id().to_string())
             .env("QS_CH_DIR", &self.dir)
             .stdin(Stdio::null())
@@ -172,7 +256,7 @@ impl ChServer {
             );
         let child = cmd
             .spawn()
-            .map_err(|e| LaunchError::Failed(format!("{INSTALL_HINT} ({e})")))?;
+            .map_err(|e| LaunchError::Failed(format!("{hint} ({e})")))?;
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
@@ -196,9 +280,11 @@ impl ChServer {
                 let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
                 let stderr =
                     std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                let text = format!("clickhouse-server exited with {status}:\n{stderr}\n{log}");
+                let text = format!("{} exited with {status}:\n{stderr}\n{log}", self.name());
                 return Err(if text.contains("Address already in use") {
                     LaunchError::PortTaken(text)
+                } else if self.engine == Engine::Chdb {
+                    LaunchError::Failed(format!("{text}\n{hint}"))
                 } else {
                     LaunchError::Failed(text)
                 });
@@ -206,9 +292,17 @@ impl ChServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(LaunchError::Failed(format!(
-            "clickhouse-server did not answer /ping within 60 s (logs in {})",
+            "{} did not answer /ping within 60 s (logs in {})",
+            self.name(),
             self.dir.display()
         )))
+    }
+
+    fn name(&self) -> &'static str {
+        match self.engine {
+            Engine::Server => "clickhouse-server",
+            Engine::Chdb => "scripts/chdb-server",
+        }
     }
 
     fn answers_as_us(&self) -> bool {
@@ -262,6 +356,37 @@ pub fn http(
     body: &str,
     auth: Option<(&str, &str)>,
 ) -> std::io::Result<(u16, String)> {
+    http_reply(host, port, method, path_query, body, auth).map(|r| (r.status, r.body))
+}
+
+/// An HTTP answer: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Like `http`, with the headers.
+pub fn http_reply(
+    host: &str,
+    port: u16,
+    method: &str,
+    path_query: &str,
+    body: &str,
+    auth: Option<(&str, &str)>,
+) -> std::io::Result<HttpReply> {
     use std::net::ToSocketAddrs;
     let addr = (host, port)
         .to_socket_addrs()?
@@ -280,19 +405,27 @@ pub fn http(
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes a URL query value.
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
@@ -312,9 +445,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// The native-protocol port, for `clickhouse-client` (private servers only).
+    /// The native-protocol port, for `clickhouse-client` (private `clickhouse-server`s only).
     pub fn tcp_port(&self) -> Option<u16> {
-        self.private.as_ref().map(|s| s.tcp_port)
+        self.private
+            .as_ref()
+            .filter(|s| s.engine == Engine::Server)
+            .map(|s| s.tcp_port)
     }
 
     fn private() -> Server {
@@ -677,4 +813,34 @@ pub fn binance_decimal(
         }
         _ => d.to_string(),
     }
+}
+
+/// Whether two fields of ClickHouse text output hold the same value: numbers compare as exact
+/// decimals (ClickHouse prints `Decimal(38, 8)` as `106.00000000` before 21.9 and as `106`
+/// since), anything else as text.
+pub fn same_value(a: &str, b: &str) -> bool {
+    use quantservice::market::Decimal;
+    match (a.parse::<Decimal>(), b.parse::<Decimal>()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Asserts that two tab-separated outputs have the same rows, fields compared by `same_value`.
+#[track_caller]
+pub fn assert_tsv_eq(actual: &str, expected: &str) {
+    let rows = |s: &str| -> Vec<Vec<String>> {
+        s.lines()
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect()
+    };
+    let (a, e) = (rows(actual), rows(expected));
+    let same = a.len() == e.len()
+        && a.iter()
+            .zip(&e)
+            .all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(f, g)| same_value(f, g)));
+    assert!(
+        same,
+        "ClickHouse output differs\n  actual: {actual:?}\nexpected: {expected:?}"
+    );
 }
