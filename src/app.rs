@@ -1,5 +1,6 @@
-//! The commands behind the CLI: the daemon, `--check-config` and `migrate`. Each returns a
-//! result the binary maps to an exit code; argument parsing lives in `main.rs`.
+//! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap` and
+//! `ws-start`, and the signal watcher. Each returns a result the binary maps to an exit code;
+//! argument parsing lives in `main.rs`.
 
 use std::io::Write;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! Jittered exponential backoff, shared by every retry loop (writer, REST client, daemon start).
+//! Jittered exponential backoff, shared by every retry loop (writer, REST client, daemon start,
+//! the supervisor's restarts, stream reconnects, catch-ups).
 
 use std::time::Duration;
 

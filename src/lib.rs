@@ -3,51 +3,60 @@
 //!
 //! It works like a Kubernetes operator: users declare desired state (rows in `trading_pairs`
 //! and `proxy_config`, and `app.yaml`), a reconcile loop converges running tasks to it, and
-//! observed state goes back to ClickHouse (`pair_status`).
+//! observed state goes back to ClickHouse (`pair_status`, `task_status`, `proxy_status`).
 //!
 //! ```text
 //!  app.yaml ──watch──► Config ─┐
 //!  trading_pairs  ──poll──►    ├─► desired() ─► plan(desired, running) ─► Supervisor ─► tasks
 //!  proxy_config   ──poll──►    ┘     (pure)          (pure)                  │
 //!                                                                            ▼
-//!    tasks: stream (WS) · backfill (archive + REST) · gap scan · indicators
-//!       │  exchange client (rate governor, proxy pool)
+//!    tasks: stream (WS) · live sink · backfill (archive + REST) · gap scan
+//!       │  exchange transport (rate governor, egress pool)
 //!       ▼
-//!    writer (batched ClickHouse inserts) ──► klines / indicators / pair_status
+//!    writer (batched ClickHouse inserts) ──► klines · status flusher ──► *_status
 //! ```
 //!
-//! Modules:
+//! Modules, in data-flow order (each uses only the ones above it, plus the cross-cutting
+//! ones at the end; `tests/layers.rs` checks there is no import cycle):
 //! - [`config`]: `app.yaml` loading, defaults, validation (all errors at once), redaction.
 //! - [`config_watch`]: live reload of `app.yaml` (watch, debounce, keep the last good config) and
 //!   the outcome of each edit.
-//! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation.
-//! - [`store`]: ClickHouse client, migrations, the batched kline writer, desired/observed state
-//!   (it does not import `exchange`).
-//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
-//! - [`exchange`]: Binance transport: REST client, rate governor, egress pool (direct and
-//!   SOCKS5 proxies: selection by remaining weight, quarantine, health), bulk archive reader,
-//!   WebSocket streams. It imports neither `store` nor `operator`.
-//! - [`operator`]: `desired()`/`plan()`, the supervisor, `pair_status`, the reconcile runtime;
-//!   feeds `proxy_config` rows to the egress pool and writes its `proxy_status`.
-//! - [`tasks`]: backfill engine, a pair's history and gap scans, the live stream sink.
-//! - [`metrics`]: the counters of the `Metrics:` log line.
-//! - [`backoff`]: jittered exponential backoff shared by every retry loop.
+//! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation (the pure
+//!   `qs-core` crate, re-exported).
+//! - [`store`]: ClickHouse client, migrations, the batched kline writer, the desired- and
+//!   observed-state tables (it does not import `exchange`).
+//! - [`exchange`]: Binance transport: REST client (with the pure answer policy `classify`),
+//!   rate governor, egress pool (direct and SOCKS5 proxies: pure selection, quarantine,
+//!   health), bulk archive reader, WebSocket streams (pure stream assignment). It imports
+//!   neither `store` nor `operator`.
+//! - [`status`]: observed state in memory (`pair_status`, `task_status`) and its flusher.
+//! - [`tasks`]: the task kinds, keys, specs and typed errors; backfill engine, a pair's history
+//!   and gap scans (and their schedule), the live stream sink.
+//! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime; feeds
+//!   `proxy_config` rows to the egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
 //!   `ws-start`).
+//!
+//! Cross-cutting:
+//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
+//! - [`metrics`]: the counters of the `Metrics:` log line.
+//! - [`backoff`]: jittered exponential backoff shared by every retry loop.
+//! - [`faults`]: fault points a test in the same process can arm (inert otherwise).
 
-pub mod app;
-pub mod backoff;
 pub mod config;
 pub mod config_watch;
-pub mod exchange;
-pub mod faults;
-pub mod logging;
 pub use qs_core::market;
-pub mod metrics;
-pub mod operator;
-pub mod status;
 pub mod store;
+pub mod exchange;
+pub mod status;
 pub mod tasks;
+pub mod operator;
+pub mod app;
+
+pub mod logging;
+pub mod metrics;
+pub mod backoff;
+pub mod faults;
 
 /// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
 /// 1712345678901`), as servers put them in their messages.

@@ -6,11 +6,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use common::{count, wait_for, wait_stored, TestDb};
 use qs_sim::{self as sim, synthetic, SimConfig, SimHandle};
 use quantservice::config_watch::{ReloadResult, Reloads};
 use quantservice::market::{Market, PairKey, Period};
@@ -113,26 +112,6 @@ impl Daemon {
             .unwrap();
         r.unwrap();
     }
-}
-
-/// Polls `cond` every 50 ms until it holds; panics with `what` after `secs`.
-async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn count(db: &TestDb, sql: &str) -> u64 {
-    db.try_sql(sql)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn where_pair(p: &PairKey) -> String {
@@ -300,16 +279,7 @@ async fn pairs_inserted_with_sql_backfill_and_stream_and_disabling_one_leaves_th
 
     // History and live meet without a hole or a duplicate.
     let upto = Period::S1.align(sim::now_ms()) - 4_000;
-    wait_for(15, "gap scans to settle", || async {
-        count(
-            &db,
-            &format!(
-                "SELECT count() FROM klines FINAL WHERE {} AND open_time >= {from} AND open_time < {upto}",
-                where_pair(&btc)
-            ),
-        ) == u64::try_from((upto - from) / 1000).unwrap()
-    })
-    .await;
+    wait_stored(&db, &btc, from, upto, 15).await;
     assert_complete(&db, &btc, from, upto);
     d.stop().await;
 }
@@ -671,16 +641,7 @@ async fn history_only_pairs_are_kept_complete_by_gap_scans() {
     .await;
     // No stream: candles closing from now on arrive only through the 1 s gap scans.
     let upto = Period::S1.align(sim::now_ms()) + 4_000;
-    wait_for(20, "gap scans to fill the candles after the backfill", || async {
-        count(
-            &db,
-            &format!(
-                "SELECT count() FROM klines FINAL WHERE {} AND open_time >= {from} AND open_time < {upto}",
-                where_pair(&p)
-            ),
-        ) == u64::try_from((upto - from) / 1000).unwrap()
-    })
-    .await;
+    wait_stored(&db, &p, from, upto, 20).await;
     assert_complete(&db, &p, from, upto);
     assert_eq!(ws_rows(&db, &p), 0);
     assert!(streams_of(&sim, Market::Spot).is_empty());
@@ -810,10 +771,7 @@ async fn the_binary_streams_prints_metrics_and_exits_cleanly_on_sigterm() {
 async fn a_pair_whose_stream_cannot_connect_is_reported_down_with_a_growing_lag() {
     let sim = start_sim(SimConfig::default()).await;
     let db = TestDb::new("op_down");
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let dead = common::dead_port();
     let endpoints = common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um)).replace(
         &sim.ws_url(Market::Spot),
         &format!("ws://127.0.0.1:{dead}/ws/"),
@@ -848,16 +806,7 @@ async fn a_pair_whose_stream_cannot_connect_is_reported_down_with_a_growing_lag(
     .await;
     // REST keeps the candles coming: everything closed more than a few seconds ago is stored.
     let upto = Period::S1.align(sim::now_ms()) - 4_000;
-    wait_for(15, "REST to keep the pair complete", || async {
-        count(
-            &db,
-            &format!(
-                "SELECT count() FROM klines FINAL WHERE {} AND open_time >= {from} AND open_time < {upto}",
-                where_pair(&p)
-            ),
-        ) == u64::try_from((upto - from) / 1000).unwrap()
-    })
-    .await;
+    wait_stored(&db, &p, from, upto, 15).await;
     assert_complete(&db, &p, from, upto);
     assert_eq!(ws_rows(&db, &p), 0);
     d.stop().await;

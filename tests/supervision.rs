@@ -10,10 +10,9 @@
 
 mod common;
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::TestDb;
+use common::{count, wait_for, wait_stored, TestDb};
 use qs_sim::{self as sim, SimConfig};
 use quantservice::faults;
 use quantservice::market::{Market, PairKey, Period};
@@ -21,26 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Fast settings: poll 200 ms, 1 s gap scans of 1s candles, short backoffs.
 const FAST: &str = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n    max_restart_backoff: 1s\n  streams:\n    idle_timeout: 3s\n    late_grace: 1s\n    reconnect_backoff: 200ms\n    max_reconnect_backoff: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
-
-/// Polls `cond` every 50 ms until it holds; panics with `what` after `secs`.
-async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn count(db: &TestDb, sql: &str) -> u64 {
-    db.try_sql(sql)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn ws_rows(db: &TestDb, p: &PairKey) -> u64 {
     count(
@@ -201,15 +180,7 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
 
     // Everything streamed so far is stored exactly once: no restart lost or doubled a candle.
     let upto = Period::S1.align(sim::now_ms()) - 4_000;
-    wait_for(20, "gap scans to settle", || async {
-        count(
-            &db,
-            &format!(
-                "SELECT count() FROM klines FINAL WHERE symbol = 'BTCUSDT' AND open_time >= {from} AND open_time < {upto}"
-            ),
-        ) == u64::try_from((upto - from) / 1000).unwrap()
-    })
-    .await;
+    wait_stored(&db, &p, from, upto, 20).await;
 
     // The writer: its queue cannot be rebuilt in-process, so the daemon ends with an error
     // (exit code 1 in the binary; systemd restarts it) — never a silent stop.

@@ -1,6 +1,6 @@
 //! The operator's tables: reading desired state (`trading_pairs`, `proxy_config`, latest row
-//! per key) and writing observed state (`pair_status`). Deciding what the rows mean is the
-//! operator's job (`operator::desired`), not this module's.
+//! per key) and writing observed state (`pair_status`, `proxy_status`, `task_status`). Deciding
+//! what the rows mean is the operator's job (`operator::desired`), not this module's.
 
 use serde::{Deserialize, Serialize};
 

@@ -844,3 +844,47 @@ pub fn assert_tsv_eq(actual: &str, expected: &str) {
         "ClickHouse output differs\n  actual: {actual:?}\nexpected: {expected:?}"
     );
 }
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `secs`.
+pub async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The number a `SELECT count() …` answers (0 while it fails, e.g. before the schema exists).
+pub fn count(db: &TestDb, sql: &str) -> u64 {
+    db.try_sql(sql)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until every candle of `pair` with open time in `[from, to)` is stored (`FINAL`).
+pub async fn wait_stored(
+    db: &TestDb,
+    pair: &quantservice::market::PairKey,
+    from: i64,
+    to: i64,
+    secs: u64,
+) {
+    let len = pair.period.fixed_ms().expect("a fixed-length period");
+    let want = u64::try_from((to - from) / len).expect("from <= to");
+    let sql = format!(
+        "SELECT count() FROM klines FINAL WHERE market = '{}' AND symbol = '{}' AND period = '{}' \
+         AND open_time >= {from} AND open_time < {to}",
+        pair.market, pair.symbol, pair.period
+    );
+    wait_for(
+        secs,
+        &format!("{want} candles of {pair} stored"),
+        || async { count(db, &sql) == want },
+    )
+    .await;
+}
