@@ -811,3 +811,69 @@ async fn a_pair_whose_stream_cannot_connect_is_reported_down_with_a_growing_lag(
     assert_eq!(ws_rows(&db, &p), 0);
     d.stop().await;
 }
+
+/// Only what an edit touches is rebuilt: new stream settings reconnect the streams, while the
+/// pair tasks, the REST client (no new `exchangeInfo`) and the writer carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_settings_edit_reconnects_only_the_streams() {
+    let sim = start_sim(SimConfig::default()).await;
+    let db = TestDb::new("op_streams_edit");
+    let yaml = |idle: &str| {
+        db.yaml(&format!(
+            "{}{}",
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um)),
+            FAST.replace("idle_timeout: 3s", &format!("idle_timeout: {idle}"))
+        ))
+    };
+    let d = Daemon::start(&yaml("3s")).await;
+    wait_for(30, "the schema", || async {
+        db.try_sql("SELECT count() FROM trading_pairs").is_ok()
+    })
+    .await;
+    let p = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
+    let from = Period::S1.align(sim::now_ms()) - 10_000;
+    insert_pair(&db, &p, 1, from);
+    wait_for(20, "the stream", || async {
+        ws_rows(&db, &p) >= 2 && status_of(&db, &p).is_some_and(|s| s.0 == "streaming")
+    })
+    .await;
+    let infos = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/exchangeInfo"))
+            .count()
+    };
+    let (infos_before, opened) = (infos(), sim.ws_connections_opened(Market::Spot));
+
+    let outcome = d.edit_and_wait(&yaml("4s")).await;
+    assert_eq!(
+        outcome,
+        ReloadResult::Applied {
+            changed: vec!["streams".to_string()]
+        }
+    );
+    wait_for(10, "a new socket", || async {
+        sim.ws_connections_opened(Market::Spot) > opened
+    })
+    .await;
+    let before = ws_rows(&db, &p);
+    wait_for(10, "candles on the new socket", || async {
+        ws_rows(&db, &p) >= before + 3
+    })
+    .await;
+    assert_eq!(
+        infos(),
+        infos_before,
+        "no new REST client, no pair task restarted"
+    );
+    assert_eq!(status_of(&db, &p).unwrap().0, "streaming");
+    let upto = Period::S1.align(sim::now_ms()) - 4_000;
+    wait_stored(&db, &p, from, upto, 15).await;
+    assert_complete(&db, &p, from, upto);
+    assert!(
+        !d.log.text().contains("Rebuilding clients"),
+        "{}",
+        d.log.text()
+    );
+    d.stop().await;
+}

@@ -167,6 +167,47 @@ fn needs_rebuild(old: &Config, new: &Config) -> bool {
         || old.proxy.websocket != new.proxy.websocket
 }
 
+/// Whether `old` and `new` differ only in how streams connect (`app.streams`, the markets'
+/// `ws_url`, `app.proxy.websocket`) among the settings that need new clients: then only the
+/// stream connections are rebuilt.
+fn only_streams_differ(old: &Config, new: &Config) -> bool {
+    let mut probe = old.clone();
+    probe.streams = new.streams.clone();
+    probe.proxy.websocket = new.proxy.websocket;
+    probe.binance.spot.ws_url = new.binance.spot.ws_url.clone();
+    probe.binance.um.ws_url = new.binance.um.ws_url.clone();
+    probe.binance.cm.ws_url = new.binance.cm.ws_url.clone();
+    !needs_rebuild(&probe, new)
+}
+
+/// One `MarketStreams` per market, sending to `ev_tx`, stopped with `cancel`.
+fn build_streams(
+    cfg: &Config,
+    ev_tx: &mpsc::Sender<LiveEvent>,
+    pool: &Arc<ProxyPool>,
+    cancel: &CancellationToken,
+) -> BTreeMap<Market, MarketStreams> {
+    Market::ALL
+        .into_iter()
+        .map(|m| {
+            let s = MarketStreams::new(
+                m,
+                &cfg.binance.market(m).ws_url,
+                cfg.streams.clone(),
+                ev_tx.clone(),
+                cancel.child_token(),
+            )
+            .with_pool(cfg.proxy.websocket.then(|| pool.clone()));
+            (m, s)
+        })
+        .collect()
+}
+
+/// The live sink as a service: each run works from a copy of `live`.
+fn live_sink(live: Live) -> ServiceFactory {
+    Arc::new(move |c| Box::pin(live.clone().run(c)))
+}
+
 fn policy(cfg: &Config) -> Policy {
     Policy {
         stop_timeout: cfg.operator.stop_timeout,
@@ -212,6 +253,11 @@ struct Generation {
     grace: Arc<std::sync::atomic::AtomicU64>,
     pool: Arc<ProxyPool>,
     proxy_problems: Vec<String>,
+    /// Where stream connections send their events (kept so that new streams can be built
+    /// without touching the rest of the generation).
+    ev_tx: mpsc::Sender<LiveEvent>,
+    /// What the live sink runs with (a changed `late_grace` restarts it with a new one).
+    live: Live,
 }
 
 impl Generation {
@@ -271,19 +317,7 @@ impl Generation {
         ));
 
         let (ev_tx, ev_rx) = mpsc::channel::<LiveEvent>(16_384);
-        let mut streams = BTreeMap::new();
-        for m in Market::ALL {
-            let s = MarketStreams::new(
-                m,
-                &cfg.binance.market(m).ws_url,
-                cfg.streams.clone(),
-                ev_tx.clone(),
-                cancel.child_token(),
-            )
-            .with_pool(cfg.proxy.websocket.then(|| pool.clone()));
-            streams.insert(m, s);
-        }
-        drop(ev_tx);
+        let streams = build_streams(&cfg, &ev_tx, &pool, &cancel);
         let (streamed, streamed_rx) = watch::channel(BTreeSet::new());
         let live = Live {
             events: Arc::new(tokio::sync::Mutex::new(ev_rx)),
@@ -341,8 +375,7 @@ impl Generation {
             cancel.child_token(),
             fatal.clone(),
         );
-        let live_sink: ServiceFactory = Arc::new(move |c| Box::pin(live.clone().run(c)));
-        supervisor.start_service(LIVE_SINK, OnFailure::Restart, live_sink);
+        supervisor.start_service(LIVE_SINK, OnFailure::Restart, live_sink(live.clone()));
         let (s, st, p) = (store.clone(), status.clone(), pool.clone());
         let flusher: ServiceFactory = Arc::new(move |c| {
             let (s, st, p) = (s.clone(), st.clone(), p.clone());
@@ -383,6 +416,8 @@ impl Generation {
             grace,
             pool,
             proxy_problems,
+            ev_tx,
+            live,
         }))
     }
 
@@ -427,7 +462,12 @@ impl Generation {
                     let new = cfg_rx.borrow_and_update().clone();
                     crate::logging::set_secrets(new.secrets());
                     if needs_rebuild(&self.cfg, &new) {
-                        return Exit::Rebuild(new);
+                        if !only_streams_differ(&self.cfg, &new) {
+                            return Exit::Rebuild(new);
+                        }
+                        // Only what the edit touches is rebuilt: new sockets, and the pair
+                        // tasks, writer and clients carry on.
+                        self.rebuild_streams(&new).await;
                     }
                     if let Err(e) = self.apply_in_place(&new).await {
                         error!(error = %format!("{e:#}"), "Cannot apply the new config in place; rebuilding.");
@@ -477,6 +517,32 @@ impl Generation {
                     r.last_error = why.clone();
                 });
             }
+        }
+    }
+
+    /// Replaces the stream connections (and the live sink, if its `late_grace` changed) for
+    /// new stream settings, WebSocket URLs or `proxy.websocket`; they subscribe the streamed
+    /// pairs at once, and the live sink heals what the switch made them miss.
+    async fn rebuild_streams(&mut self, new: &Config) {
+        info!(
+            "Reconnecting the streams for the new stream settings; everything else keeps running."
+        );
+        for (_, s) in std::mem::take(&mut self.streams) {
+            s.shutdown(Duration::from_secs(1)).await;
+        }
+        self.streams = build_streams(new, &self.ev_tx, &self.pool, &self.cancel);
+        let wanted = self.streamed.borrow().clone();
+        for s in self.streams.values_mut() {
+            s.apply(&wanted);
+        }
+        if new.streams.late_grace != self.live.late_grace {
+            self.supervisor.stop_services(&[LIVE_SINK]).await;
+            self.live.late_grace = new.streams.late_grace;
+            self.supervisor.start_service(
+                LIVE_SINK,
+                OnFailure::Restart,
+                live_sink(self.live.clone()),
+            );
         }
     }
 
@@ -650,3 +716,79 @@ async fn writer_ended(
 const LIVE_SINK: &str = "live_sink";
 const STATUS_FLUSHER: &str = "status_flusher";
 const PROXY_HEALTH: &str = "proxy_health";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_an_edit_rebuilds() {
+        struct Case {
+            name: &'static str,
+            edit: fn(&mut Config),
+            rebuild: bool,
+            streams_only: bool,
+        }
+        let cases = [
+            Case {
+                name: "operator settings apply in place",
+                edit: |c| c.operator.poll_interval = Duration::from_secs(9),
+                rebuild: false,
+                streams_only: true,
+            },
+            Case {
+                name: "stream settings: the streams only",
+                edit: |c| c.streams.idle_timeout = Duration::from_secs(9),
+                rebuild: true,
+                streams_only: true,
+            },
+            Case {
+                name: "a WebSocket URL: the streams only",
+                edit: |c| c.binance.um.ws_url = "ws://127.0.0.1:1/ws/".into(),
+                rebuild: true,
+                streams_only: true,
+            },
+            Case {
+                name: "streams through the proxies: the streams only",
+                edit: |c| c.proxy.websocket = !c.proxy.websocket,
+                rebuild: true,
+                streams_only: true,
+            },
+            Case {
+                name: "a REST URL: everything",
+                edit: |c| c.binance.spot.rest_url = "http://127.0.0.1:1/api/v3".into(),
+                rebuild: true,
+                streams_only: false,
+            },
+            Case {
+                name: "ClickHouse: everything",
+                edit: |c| c.clickhouse.port = c.clickhouse.port.wrapping_add(1),
+                rebuild: true,
+                streams_only: false,
+            },
+            Case {
+                name: "streams and the writer: everything",
+                edit: |c| {
+                    c.streams.idle_timeout = Duration::from_secs(9);
+                    c.writer.batch_rows = 7;
+                },
+                rebuild: true,
+                streams_only: false,
+            },
+        ];
+        let old =
+            Config::from_yaml_with_env("app: {}\n", std::path::Path::new("app.yaml"), |_| None)
+                .expect("the defaults");
+        for c in cases {
+            let mut new = old.clone();
+            (c.edit)(&mut new);
+            assert_eq!(needs_rebuild(&old, &new), c.rebuild, "{}", c.name);
+            assert_eq!(
+                only_streams_differ(&old, &new),
+                c.streams_only,
+                "{}",
+                c.name
+            );
+        }
+    }
+}
