@@ -172,27 +172,38 @@ pub async fn ws_start(
 }
 
 /// Resolves on SIGTERM or SIGINT.
+/// Set when the signal watcher died (it panicked) instead of seeing a signal.
+static SIGNAL_WATCHER_DIED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the signal watcher died: the binary then exits non-zero even if the command it ran
+/// ended cleanly, so the service manager restarts QuantService.
+pub fn signal_watcher_died() -> bool {
+    SIGNAL_WATCHER_DIED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Spawns the owner of the process's shutdown signals: SIGTERM or Ctrl-C (`signal`) cancels
-/// `trigger`. If the watcher ends any other way (it panics), `trigger` is cancelled too, with an
-/// error in the log: a process that could no longer be stopped cleanly shuts down now (and is
-/// restarted by systemd) rather than ignoring SIGTERM later.
+/// `trigger`. If the watcher dies instead (it panics), `trigger` is cancelled too, with an
+/// error in the log, and [`signal_watcher_died`] says so: a process that could no longer be
+/// stopped cleanly shuts down now, exiting 1 so systemd restarts it, rather than ignoring
+/// SIGTERM later. (The watcher merely dropped at the end of the process is no death.)
 pub fn watch_signals<F>(signal: F, trigger: CancellationToken) -> tokio::task::JoinHandle<()>
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    struct Guard(Option<CancellationToken>);
+    struct Guard(CancellationToken);
     impl Drop for Guard {
         fn drop(&mut self) {
-            if let Some(t) = self.0.take() {
-                tracing::error!("The signal watcher stopped unexpectedly; shutting down.");
-                t.cancel();
+            if std::thread::panicking() {
+                SIGNAL_WATCHER_DIED.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::error!("The signal watcher died; shutting down (exit code 1).");
+                self.0.cancel();
             }
         }
     }
     tokio::spawn(async move {
-        let mut guard = Guard(Some(trigger.clone()));
+        let _guard = Guard(trigger.clone());
         signal.await;
-        guard.0 = None;
         trigger.cancel();
     })
 }
@@ -361,9 +372,11 @@ mod tests {
     #[tokio::test]
     async fn a_signal_watcher_that_dies_shuts_the_process_down() {
         let trigger = CancellationToken::new();
+        assert!(!signal_watcher_died());
         let h = watch_signals(async { panic!("injected") }, trigger.clone());
         assert!(h.await.unwrap_err().is_panic());
         assert!(trigger.is_cancelled());
+        assert!(signal_watcher_died(), "the binary will exit 1");
     }
 
     #[tokio::test]

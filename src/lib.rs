@@ -91,3 +91,19 @@ pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     t
 }
+
+/// What a task that did not finish normally says: `the task panicked: <message>` (a `panic!`
+/// payload is a `&str` or a `String`), or that it was aborted.
+pub fn join_error_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text payload".to_string());
+            format!("the task panicked: {msg}")
+        }
+        Err(_) => "the task was aborted".to_string(),
+    }
+}

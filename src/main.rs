@@ -240,6 +240,12 @@ async fn run(cli: Cli) -> ExitCode {
                 .map(|outcome| println!("{outcome}"))
         }
     };
+    let result = match result {
+        Ok(()) if app::signal_watcher_died() => Err(anyhow::anyhow!(
+            "the signal watcher died; exiting with an error so that the service manager restarts QuantService"
+        )),
+        other => other,
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -116,6 +116,15 @@ impl StatusHub {
         }
     }
 
+    /// Marks every row (pairs and tasks) to be written again.
+    pub fn mark_all_dirty(&self) {
+        let mut inner = self.lock();
+        let keys: Vec<Key> = inner.rows.keys().cloned().collect();
+        inner.dirty.extend(keys);
+        let tasks: Vec<String> = inner.tasks.keys().cloned().collect();
+        inner.tasks_dirty.extend(tasks);
+    }
+
     /// Changes a daemon task's row; it is written only if something changed.
     pub fn update_task(&self, task: &str, f: impl FnOnce(&mut TaskStatusRow)) {
         let mut inner = self.lock();
@@ -177,6 +186,9 @@ pub async fn flush(
 ) {
     let mut tick = crate::ticker(Duration::from_secs(1));
     let mut last_proxies: Vec<ProxyStatusRow> = Vec::new();
+    // A run that died mid-write (its rows taken, never written) is followed by one that
+    // writes everything once.
+    status.mark_all_dirty();
     loop {
         let stop = tokio::select! {
             biased;

@@ -96,11 +96,13 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
             let text = std::fs::read_to_string(&f).unwrap();
             // Unit tests may reach anywhere; only the module's own code counts.
             let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            let grouped = grouped_imports(code);
             for other in &modules {
                 if other != m
                     && (code.contains(&format!("crate::{other}::"))
                         || code.contains(&format!("crate::{other};"))
-                        || code.contains(&format!("crate::{other}}}")))
+                        || code.contains(&format!("crate::{other}}}"))
+                        || grouped.contains(other))
                 {
                     uses.insert(other.clone());
                 }
@@ -109,6 +111,62 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
         graph.insert(m.clone(), uses);
     }
     graph
+}
+
+/// The first path segments inside `crate::{…}` groups (`use crate::{store::Store, tasks};`
+/// names `store` and `tasks`), nested braces and line breaks included.
+fn grouped_imports(code: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = code;
+    while let Some(i) = rest.find("crate::{") {
+        rest = &rest[i + "crate::{".len()..];
+        let (mut depth, mut item, mut end) = (0usize, String::new(), rest.len());
+        for (j, c) in rest.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    end = j;
+                    break;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.extend(first_segment(&item));
+                    item.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            if depth == 0 {
+                item.push(c);
+            }
+        }
+        out.extend(first_segment(&item));
+        rest = &rest[end..];
+    }
+    out
+}
+
+fn first_segment(item: &str) -> Option<String> {
+    let seg: String = item
+        .trim()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!seg.is_empty()).then_some(seg)
+}
+
+#[test]
+fn grouped_imports_are_read() {
+    let code =
+        "use crate::{operator::X, store::{Store, state::Row},\n    tasks};\nuse crate::config::Y;";
+    assert_eq!(
+        grouped_imports(code),
+        BTreeSet::from([
+            "operator".to_string(),
+            "store".to_string(),
+            "tasks".to_string()
+        ])
+    );
 }
 
 /// A cycle in `graph`, if there is one.

@@ -1,6 +1,6 @@
 //! Every long-lived task of the daemon is owned and watched: a panic injected into each kind
-//! (live sink, status flusher, proxy health checks, a stream connection, a pair task, the
-//! writer) is noticed, counted,
+//! (live sink, status flusher, proxy health checks, a stream connection, a socket reader, a
+//! REST catch-up, a pair task, the writer) is noticed, counted,
 //! shown in observed state, and either repaired (restart with backoff, no candle lost) or, for
 //! the writer whose loss cannot be repaired in-process, ends the daemon loudly with an error.
 //! A pair whose symbol the exchange does not know is parked, not retried forever.
@@ -93,12 +93,22 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
     })
     .await;
 
+    let failures =
+        || quantservice::metrics::TASK_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+    // Each fault fired (no longer armed), was counted, and the row says which it was.
+    let fired = |point: &str, since: u64| {
+        assert!(!faults::is_armed(point), "{point} never fired");
+        assert!(failures() > since, "{point}: task_failures not counted");
+    };
+
     // The live sink: restarted, and candles keep reaching ClickHouse from the stream.
+    let n = failures();
     faults::arm("live_sink");
     wait_for(10, "the live sink's restart in task_status", || async {
         task(&db, "live_sink").is_some_and(|t| t.1 >= 1 && t.0 == "running")
     })
     .await;
+    fired("live_sink", n);
     let t = task(&db, "live_sink").unwrap();
     assert!(
         t.2.contains("injected fault at live_sink"),
@@ -112,37 +122,34 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
     )
     .await;
 
-    // The status flusher: restarted; the row saying so is written by its next run.
-    faults::arm("status_flusher");
-    wait_for(10, "the flusher's restart in task_status", || async {
-        task(&db, "status_flusher").is_some_and(|t| t.1 >= 1)
-    })
-    .await;
-
-    // The proxy health checks: restarted.
-    faults::arm("proxy_health");
-    wait_for(10, "the health checks' restart in task_status", || async {
-        task(&db, "proxy_health").is_some_and(|t| t.1 >= 1 && t.0 == "running")
-    })
-    .await;
+    // The status flusher and the proxy health checks: restarted; the row saying so is written
+    // by the flusher's next run.
+    for point in ["status_flusher", "proxy_health"] {
+        let n = failures();
+        faults::arm(point);
+        wait_for(10, &format!("{point}'s restart in task_status"), || async {
+            task(&db, point).is_some_and(|t| {
+                t.1 >= 1 && t.0 == "running" && t.2.contains(&format!("injected fault at {point}"))
+            })
+        })
+        .await;
+        fired(point, n);
+    }
 
     // A stream connection: noticed within a poll, its streams reopened on a new socket.
     let opened = sim.ws_connections_opened(Market::Spot);
+    let n = failures();
     faults::arm("ws_connection");
     wait_for(
         10,
         "the dead connection reported in task_status",
-        || async { task(&db, "streams_spot").is_some_and(|t| t.1 >= 1) },
+        || async {
+            task(&db, "streams_spot")
+                .is_some_and(|t| t.1 >= 1 && t.2.contains("injected fault at ws_connection"))
+        },
     )
     .await;
-    assert!(
-        task(&db, "streams_spot")
-            .unwrap()
-            .2
-            .contains("injected fault at ws_connection"),
-        "{:?}",
-        task(&db, "streams_spot")
-    );
+    fired("ws_connection", n);
     let before = ws_rows(&db, &p);
     wait_for(10, "streamed candles on the new connection", || async {
         ws_rows(&db, &p) >= before + 3
@@ -150,23 +157,79 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
     .await;
     assert!(sim.ws_connections_opened(Market::Spot) > opened);
 
+    // A socket's reader: its connection hears at once and opens a new socket.
+    let opened = sim.ws_connections_opened(Market::Spot);
+    let n = failures();
+    faults::arm("ws_reader");
+    wait_for(10, "a new socket after the reader's panic", || async {
+        sim.ws_connections_opened(Market::Spot) > opened
+    })
+    .await;
+    fired("ws_reader", n);
+    let before = ws_rows(&db, &p);
+    wait_for(10, "streamed candles on the new socket", || async {
+        ws_rows(&db, &p) >= before + 3
+    })
+    .await;
+
+    // A REST catch-up (finals withheld, so the late check fetches them): the failed one is
+    // reported and retried, and the candles arrive.
+    let n = failures();
+    faults::arm("catch_up");
+    sim.set_ws_skip_finals(true);
+    wait_for(15, "the catch-up's panic in pair_status", || async {
+        pair(&db, &p).is_some_and(|s| s.2.contains("injected fault at catch_up"))
+    })
+    .await;
+    fired("catch_up", n);
+    let skipped_from = Period::S1.align(sim::now_ms());
+    wait_for(15, "candles fetched by REST while the stream withholds them", || async {
+        count(
+            &db,
+            &format!(
+                "SELECT count() FROM klines FINAL WHERE symbol = 'BTCUSDT' AND source = 'rest' AND open_time >= {skipped_from}"
+            ),
+        ) >= 3
+    })
+    .await;
+    sim.set_ws_skip_finals(false);
+
     // A pair task (in its gap-scan loop): restarted with backoff, counted in pair_status.
+    let n = failures();
     faults::arm("pair_task");
     wait_for(10, "the pair task's restart", || async {
         pair(&db, &p).is_some_and(|s| s.1 >= 1 && s.0 == "streaming")
     })
     .await;
+    fired("pair_task", n);
 
-    // A pair Binance does not know: parked after one try, reported, never retried.
+    // A pair Binance does not know, declared streamed (the default): parked after one try,
+    // reported, its stream dropped, and no request for it again.
     let bad = PairKey::parse("spot", "NOSUCHCOIN", "1s").unwrap();
-    db.sql("INSERT INTO trading_pairs (market, symbol, period, stream) VALUES ('spot', 'NOSUCHCOIN', '1s', 0)");
+    db.sql(
+        "INSERT INTO trading_pairs (market, symbol, period) VALUES ('spot', 'NOSUCHCOIN', '1s')",
+    );
     wait_for(10, "the unknown pair parked", || async {
         pair(&db, &bad).is_some_and(|s| s.0 == "parked")
     })
     .await;
     let s = pair(&db, &bad).unwrap();
     assert!(s.2.contains("NOSUCHCOIN"), "{s:?}");
-    // Several seconds of gap scans (of the good pair) later: still parked, never restarted.
+    wait_for(10, "the parked pair's stream dropped", || async {
+        !sim.ws_open_connections()
+            .iter()
+            .any(|c| c.subscriptions.iter().any(|s| s.starts_with("nosuchcoin@")))
+    })
+    .await;
+    let asked = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.query.contains("NOSUCHCOIN"))
+            .count()
+    };
+    let asked_before = asked();
+    // Several seconds of streaming and gap scans (of the good pair) later: still parked,
+    // never restarted, never asked for again.
     let scans_before = ws_rows(&db, &p);
     wait_for(15, "more candles meanwhile", || async {
         ws_rows(&db, &p) >= scans_before + 5
@@ -177,8 +240,9 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
         0,
         "a parked task is not restarted"
     );
+    assert_eq!(asked(), asked_before, "no request for a parked pair");
 
-    // Everything streamed so far is stored exactly once: no restart lost or doubled a candle.
+    // The stored series is complete: whatever a failure dropped was fetched again.
     let upto = Period::S1.align(sim::now_ms()) - 4_000;
     wait_stored(&db, &p, from, upto, 20).await;
 
@@ -195,5 +259,9 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
         err.contains("fatal task failure") && err.contains("writer"),
         "{err}"
     );
+    // The flusher, stopped last, wrote why.
+    let w = task(&db, "writer").expect("a task_status row for the writer");
+    assert_eq!(w.0, "failed", "{w:?}");
+    assert!(w.2.contains("injected fault at writer"), "{w:?}");
     shutdown.cancel();
 }

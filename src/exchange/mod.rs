@@ -59,19 +59,21 @@ pub enum ExchangeError {
 impl ExchangeError {
     /// Whether trying the same call again later may help: server errors (5xx, 429/418 beyond
     /// the retry budget), network failures, no usable egress, a blocked egress (blocks and
-    /// quarantines end) and a garbled reply (a proxy's error page) may pass later; an unknown
-    /// symbol or interval (a wrong or delisted pair) and any other rejection will not.
+    /// quarantines end), a garbled reply or a 4xx without a Binance error code (a proxy's or
+    /// CDN's error page) and Binance's -10xx server errors may pass later; an unknown symbol
+    /// or interval (a wrong or delisted pair) and Binance's other -11xx request errors will not.
     pub fn is_retryable(&self) -> bool {
         // Binance said the request itself is wrong (an unknown or delisted symbol, an interval
-        // it does not offer, another 4xx with its error code): the same request will never
-        // work. Everything else — bans and budgets, 5xx, network, no usable egress, a garbled
-        // reply — may pass later.
-        !matches!(
-            self,
-            ExchangeError::InvalidSymbol { .. }
-                | ExchangeError::InvalidInterval { .. }
-                | ExchangeError::Rejected { .. }
-        )
+        // it does not offer, another request error): the same request will never work.
+        // Everything else — bans and budgets, 5xx, network, no usable egress, a garbled reply,
+        // a 4xx page without a Binance code — may pass later.
+        match self {
+            ExchangeError::InvalidSymbol { .. } | ExchangeError::InvalidInterval { .. } => false,
+            // Binance's -11xx codes say the request itself is malformed; -10xx are server or
+            // network trouble, and a 4xx without a Binance code is somebody's error page.
+            ExchangeError::Rejected { code, .. } => !(-1199..=-1100).contains(code),
+            _ => true,
+        }
     }
 }
 
@@ -116,6 +118,26 @@ mod tests {
                     msg: "Illegal characters".into(),
                 },
                 retryable: false,
+            },
+            Case {
+                name: "a 404 page without a Binance code",
+                error: ExchangeError::Rejected {
+                    url: url(),
+                    status: 404,
+                    code: 0,
+                    msg: "<html>Not Found</html>".into(),
+                },
+                retryable: true,
+            },
+            Case {
+                name: "a -10xx server-side error",
+                error: ExchangeError::Rejected {
+                    url: url(),
+                    status: 400,
+                    code: -1007,
+                    msg: "Timeout waiting for response from backend server.".into(),
+                },
+                retryable: true,
             },
             Case {
                 name: "unreadable reply (a proxy's error page, a truncated body)",

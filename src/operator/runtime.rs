@@ -368,11 +368,13 @@ impl Generation {
             })
         });
         let fatal = Fatal::default();
+        // Its own root: `stop()` stops its children in order (the flusher last), which the
+        // generation's token, cancelled half way, must not cut short.
         let mut supervisor = Supervisor::new(
             factory,
             policy(&cfg),
             status.clone(),
-            cancel.child_token(),
+            CancellationToken::new(),
             fatal.clone(),
         );
         supervisor.start_service(LIVE_SINK, OnFailure::Restart, live_sink(live.clone()));
@@ -449,6 +451,10 @@ impl Generation {
                         Ok(Err(e)) => crate::error_chain(&e),
                         Err(e) => format!("it panicked: {e}"),
                     };
+                    self.status.update_task("writer", |r| {
+                        r.state = crate::status::task_state::FAILED.into();
+                        r.last_error = why.clone();
+                    });
                     return Exit::Fatal(format!("the ClickHouse writer stopped: {why}"));
                 }
                 changed = cfg_rx.changed() => {
@@ -457,6 +463,10 @@ impl Generation {
                             return Exit::Shutdown;
                         }
                         // The watcher is gone: edits would silently stop applying. Loud.
+                        self.status.update_task("config_watcher", |r| {
+                            r.state = crate::status::task_state::FAILED.into();
+                            r.last_error = "the app.yaml watcher stopped".into();
+                        });
                         return Exit::Fatal("the app.yaml watcher stopped".into());
                     }
                     let new = cfg_rx.borrow_and_update().clone();
@@ -601,7 +611,12 @@ impl Generation {
             streams: self.streamed.borrow().clone(),
             proxies: self.proxies.clone(),
         };
-        let want = d.state(proxies);
+        let mut want = d.state(proxies);
+        // A parked pair (Binance does not know it) keeps no stream: no subscription, and no
+        // REST catch-up spending weight on it, until its row changes.
+        let parked = self.supervisor.parked();
+        want.streams
+            .retain(|p| !parked.contains(&TaskKey::Pair(p.clone())));
         let p = plan(&want, &running);
         if !p.add.is_empty() || !p.change.is_empty() || !p.remove.is_empty() || p.streams_changed()
         {

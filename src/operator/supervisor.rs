@@ -17,12 +17,12 @@
 //! supervisor's. Failures are logged, counted (`task_failures` in the metrics line) and
 //! reflected in observed state. What to run is decided by `plan()`, not here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::task::{JoinError, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -100,8 +100,12 @@ struct ServiceSlot {
 /// A child being stopped: its name in the log, its token and its handle.
 type Stopping = (String, CancellationToken, JoinHandle<()>);
 
+/// Keyed tasks parked by a permanent error (until their spec changes).
+type Parked = Arc<Mutex<BTreeSet<TaskKey>>>;
+
 pub struct Supervisor {
     slots: BTreeMap<TaskKey, Slot>,
+    parked: Parked,
     services: BTreeMap<&'static str, ServiceSlot>,
     factory: Factory,
     policy: Arc<std::sync::RwLock<Policy>>,
@@ -136,6 +140,7 @@ impl Supervisor {
     ) -> Self {
         Supervisor {
             slots: BTreeMap::new(),
+            parked: Parked::default(),
             services: BTreeMap::new(),
             factory,
             policy: Arc::new(std::sync::RwLock::new(policy)),
@@ -169,6 +174,15 @@ impl Supervisor {
             .collect()
     }
 
+    /// The keyed tasks parked by a permanent error: they run nothing, and what they would
+    /// have needed (a stream, say) must not be kept up for them either.
+    pub fn parked(&self) -> BTreeSet<TaskKey> {
+        self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn start(&mut self, key: TaskKey, spec: TaskSpec) {
         if self.slots.contains_key(&key) {
             return;
@@ -183,6 +197,7 @@ impl Supervisor {
             self.policy.clone(),
             self.status.clone(),
             self.fatal.clone(),
+            self.parked.clone(),
             cancel.clone(),
         ));
         info!(task = %key, "Task started.");
@@ -211,6 +226,7 @@ impl Supervisor {
             self.policy.clone(),
             self.status.clone(),
             self.fatal.clone(),
+            self.parked.clone(),
             cancel.clone(),
         ));
         self.services.insert(name, ServiceSlot { cancel, handle });
@@ -227,6 +243,10 @@ impl Supervisor {
             })
             .collect();
         self.stop_slots(slots).await;
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in keys {
+            parked.remove(k);
+        }
     }
 
     /// Stops everything: keyed tasks and services.
@@ -241,6 +261,10 @@ impl Supervisor {
                 .map(|(k, s)| (format!("task {k}"), s.cancel, s.handle)),
         );
         self.stop_slots(slots).await;
+        self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Stops only the services named (the others keep running).
@@ -286,21 +310,6 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// The text of a panic's payload (`panic!("…")` gives a `&str` or a `String`).
-fn panic_text(e: JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-text payload".to_string());
-            format!("the task panicked: {msg}")
-        }
-        Err(_) => "the task was aborted".to_string(),
-    }
-}
-
 /// Runs one child again and again until cancelled; see the module comment for the policy.
 async fn keep_running(
     owner: Owner,
@@ -308,6 +317,7 @@ async fn keep_running(
     policy: Arc<std::sync::RwLock<Policy>>,
     status: StatusHub,
     fatal: Fatal,
+    parked: Parked,
     cancel: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
@@ -327,12 +337,17 @@ async fn keep_running(
             }
         };
         if cancel.is_cancelled() {
+            if let Err(e) = result {
+                if e.is_panic() {
+                    warn!(task = %owner, error = %crate::join_error_text(e), "Task panicked while stopping.");
+                }
+            }
             return;
         }
         let error = match result {
             Ok(Ok(())) => TaskError::Retryable("the task ended without being asked to".into()),
             Ok(Err(e)) => e,
-            Err(e) => TaskError::Retryable(panic_text(e)),
+            Err(e) => TaskError::Retryable(crate::join_error_text(e)),
         };
         crate::metrics::add(&crate::metrics::TASK_FAILURES, 1);
         let fatal_loss = match &owner {
@@ -355,6 +370,10 @@ async fn keep_running(
         if !error.is_retryable() {
             error!(task = %owner, %error, "Task failed permanently; parked until its spec changes.");
             if let Owner::Keyed(k) = &owner {
+                parked
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(k.clone());
                 if let Some(pair) = k.pair() {
                     status.update(pair, |r| {
                         r.phase = phase::PARKED.into();
@@ -580,7 +599,12 @@ mod tests {
         );
         // Still "running" its spec, so plan() leaves it alone until the spec changes.
         assert_eq!(sup.running().get(&key()), Some(&spec(0)));
+        assert_eq!(sup.parked(), BTreeSet::from([key()]));
         sup.stop(&[key()]).await;
+        assert!(
+            sup.parked().is_empty(),
+            "a stopped task is no longer parked"
+        );
         sup.start(key(), spec(5));
         wait_for_starts(&starts, 2).await;
         sup.stop_all().await;

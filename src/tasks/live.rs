@@ -81,6 +81,24 @@ impl Live {
                 biased;
                 _ = cancel.cancelled() => {
                     jobs.shutdown().await;
+                    // Closed candles already queued go to the writer, not to waste: the
+                    // owner stops the sockets first and the writer after this.
+                    let mut drained = 0u64;
+                    while let Ok(ev) = events.try_recv() {
+                        let LiveEvent::Final { kline, .. } = ev else { continue };
+                        let fresh = pairs
+                            .get(&kline.pair)
+                            .is_some_and(|p| !p.recent.contains(&kline.open_time));
+                        if fresh {
+                            if self.writer.send(kline).await.is_err() {
+                                break;
+                            }
+                            drained += 1;
+                        }
+                    }
+                    if drained > 0 {
+                        debug!(drained, "Queued closed candles handed to the writer.");
+                    }
                     return Ok(());
                 }
                 ev = events.recv() => {
@@ -108,7 +126,7 @@ impl Live {
                             }
                             p.last_final = p.last_final.max(kline.open_time);
                             p.last_ws_final = p.last_ws_final.max(kline.open_time);
-                            let was_down = std::mem::take(&mut p.down);
+                            p.down = false;
                             crate::metrics::add(&crate::metrics::WS_FINALS, 1);
                             let (pair, open, close) = (kline.pair.clone(), kline.open_time, kline.close_time);
                             if self.writer.send(kline).await.is_err() {
@@ -119,7 +137,8 @@ impl Live {
                             self.status.update(&pair, |r| {
                                 r.last_closed_open_time = r.last_closed_open_time.max(open);
                                 r.lag_ms = lag;
-                                if was_down && r.phase == phase::STREAM_DOWN {
+                                // Whoever marked it down (this run, or one before a restart).
+                                if r.phase == phase::STREAM_DOWN {
                                     r.phase = phase::STREAMING.into();
                                 }
                             });
@@ -143,8 +162,14 @@ impl Live {
                 done = jobs.join_next_with_id(), if !jobs.is_empty() => {
                     let (id, outcome) = match done {
                         Some(Ok((id, (upto, result)))) => (id, Some((upto, result))),
-                        // A panicked job is a failed one; its pair must not stay "catching up".
-                        Some(Err(e)) => (e.id(), None),
+                        // A panicked job is a failed one (counted); its pair must not stay
+                        // "catching up".
+                        Some(Err(e)) => {
+                            crate::metrics::add(&crate::metrics::TASK_FAILURES, 1);
+                            let id = e.id();
+                            let text = crate::join_error_text(e);
+                            (id, Some((0, Err(format!("catch-up: {text}")))))
+                        }
                         None => continue,
                     };
                     let Some(pair) = job_pairs.remove(&id) else { continue };
@@ -159,7 +184,7 @@ impl Live {
                             failed => {
                                 let e = match failed {
                                     Some((_, Err(e))) => e,
-                                    _ => "the catch-up task panicked".to_string(),
+                                    _ => "the catch-up task ended unexpectedly".to_string(),
                                 };
                                 let delay = crate::backoff::delay(
                                     p.failures,

@@ -49,11 +49,13 @@ pub(super) struct Shared {
     pub pool: Option<Arc<ProxyPool>>,
 }
 
-/// Starts connection `id` carrying `streams`; returns its command sender and its task.
+/// Starts connection `id` carrying `streams`, connecting after `delay` (a connection that
+/// replaces a dead one backs off); returns its command sender and its task.
 pub(super) fn spawn(
     id: u64,
     shared: Shared,
     streams: BTreeMap<String, PairKey>,
+    delay: Duration,
     cancel: CancellationToken,
 ) -> (mpsc::UnboundedSender<Cmd>, JoinHandle<()>) {
     let (cmd_tx, cmd) = mpsc::unbounded_channel();
@@ -67,7 +69,7 @@ pub(super) fn spawn(
         next_msg_id: 1,
         gen: 0,
     };
-    (cmd_tx, tokio::spawn(task.run(events, cancel)))
+    (cmd_tx, tokio::spawn(task.run(events, delay, cancel)))
 }
 
 /// What a handler tells the serving loop.
@@ -113,8 +115,16 @@ impl ConnTask {
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<SockEvent>,
+        delay: Duration,
         cancel: CancellationToken,
     ) {
+        if !delay.is_zero() {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
         let market = self.shared.market;
         let mut attempt = 0u32;
         let mut reconnect = false;

@@ -79,6 +79,11 @@ pub struct MarketStreams {
     conns: Vec<Conn>,
     next_id: u64,
     cancel: CancellationToken,
+    /// Connections found dead in a row (reset after a quiet minute), and when the last was:
+    /// their replacements back off like reconnects, so a connection that keeps dying cannot
+    /// hammer Binance's connection limit.
+    deaths: u32,
+    last_death: Option<Instant>,
 }
 
 impl MarketStreams {
@@ -110,6 +115,8 @@ impl MarketStreams {
             conns: Vec::new(),
             next_id: 1,
             cancel,
+            deaths: 0,
+            last_death: None,
         }
     }
 
@@ -158,17 +165,17 @@ impl MarketStreams {
                 .into_iter()
                 .filter_map(|n| wanted.get(&n).map(|p| (n, p.clone())))
                 .collect();
-            self.open(streams);
+            self.open(streams, Duration::ZERO);
         }
     }
 
-    fn open(&mut self, streams: BTreeMap<String, PairKey>) {
+    fn open(&mut self, streams: BTreeMap<String, PairKey>, delay: Duration) {
         let id = self.next_id;
         self.next_id += 1;
         let cancel = self.cancel.child_token();
         info!(market = %self.shared.market, conn = id, streams = streams.len(), "Opening a stream connection.");
         let names = streams.keys().cloned().collect();
-        let (cmd, task) = conn::spawn(id, self.shared.clone(), streams, cancel.clone());
+        let (cmd, task) = conn::spawn(id, self.shared.clone(), streams, delay, cancel.clone());
         self.conns.push(Conn {
             id,
             streams: names,
@@ -194,26 +201,30 @@ impl MarketStreams {
             let c = self.conns.remove(i);
             let why = match c.task.await {
                 Ok(()) => "the connection task ended without being asked to".to_string(),
-                Err(e) if e.is_panic() => match e.try_into_panic() {
-                    Ok(p) => format!(
-                        "the connection task panicked: {}",
-                        p.downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_default()
-                    ),
-                    Err(_) => "the connection task panicked".to_string(),
-                },
-                Err(_) => "the connection task was aborted".to_string(),
+                Err(e) => format!("connection: {}", crate::join_error_text(e)),
             };
             dead.push((c.id, why));
+            if self
+                .last_death
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+            {
+                self.deaths = 0;
+            }
+            let delay = crate::backoff::delay(
+                self.deaths,
+                self.shared.cfg.reconnect_backoff,
+                self.shared.cfg.max_reconnect_backoff,
+                &mut rand::rng(),
+            );
+            self.deaths = self.deaths.saturating_add(1);
+            self.last_death = Some(Instant::now());
             let streams: BTreeMap<String, PairKey> = c
                 .streams
                 .iter()
                 .filter_map(|n| pair_of(self.shared.market, n).map(|p| (n.clone(), p)))
                 .collect();
             if !streams.is_empty() {
-                self.open(streams);
+                self.open(streams, delay);
             }
         }
         dead

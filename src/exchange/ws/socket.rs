@@ -204,6 +204,27 @@ async fn read_loop(
     out: mpsc::Sender<LiveEvent>,
     last_data: Arc<AtomicI64>,
 ) {
+    // The connection owns this reader: if it panics, the connection hears at once (the
+    // socket is closed and replaced) instead of waiting for its idle watchdog.
+    struct OnPanic {
+        gen: u64,
+        ev_tx: mpsc::UnboundedSender<SockEvent>,
+    }
+    impl Drop for OnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                crate::metrics::add(&crate::metrics::TASK_FAILURES, 1);
+                let _ = self.ev_tx.send(SockEvent::Closed {
+                    gen: self.gen,
+                    why: "the socket reader panicked".to_string(),
+                });
+            }
+        }
+    }
+    let _on_panic = OnPanic {
+        gen,
+        ev_tx: ev_tx.clone(),
+    };
     let why = loop {
         let Some(msg) = read.next().await else {
             break "closed by the server".to_string();
@@ -221,6 +242,7 @@ async fn read_loop(
             Err(e) => break format!("read error: {e}"),
         };
         last_data.store(now_ms(), Ordering::Relaxed);
+        crate::faults::hit("ws_reader");
         match parse_frame(market, text.as_str()) {
             // Only closed candles leave; in-progress updates just keep the watchdog calm.
             Ok(Incoming::Kline { kline, event_ms }) if kline.is_final => {
