@@ -364,10 +364,12 @@ impl Decimal {
     pub const ZERO: Decimal = Decimal(0);
 
     /// The raw value scaled by 10^8 (what ClickHouse stores).
+    #[inline]
     pub fn mantissa(self) -> i128 {
         self.0
     }
 
+    #[inline]
     pub fn from_mantissa(m: i128) -> Decimal {
         Decimal(m)
     }
@@ -375,6 +377,8 @@ impl Decimal {
 
 impl FromStr for Decimal {
     type Err = InputError;
+    // Hot in every decode path (archives, REST, WebSocket): inlinable across the crate line.
+    #[inline]
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why| InputError::Decimal(s.to_string(), why);
         let (neg, body) = match s.strip_prefix('-') {
@@ -489,6 +493,7 @@ impl Kline {
     /// Parses one row of Binance's 12-column kline layout (archive CSV or REST array as
     /// strings): open_time, open, high, low, close, volume, close_time, quote_volume, trades,
     /// taker_buy_volume, taker_buy_quote_volume, ignore. Microsecond times are normalised to ms.
+    #[inline]
     pub fn from_fields(
         pair: PairKey,
         fields: &[&str],

@@ -90,6 +90,7 @@ pub fn day_label(t: i64) -> String {
 
 /// Binance's spot archives switched to microseconds on 2025-01-01: any timestamp past the year
 /// 5138 in ms is taken as µs and divided down.
+#[inline]
 pub fn normalize_ms(t: i64) -> i64 {
     const MS_LIMIT: u64 = 100_000_000_000_000; // 1e14 ms ≈ year 5138
     if t.unsigned_abs() >= MS_LIMIT {
