@@ -41,12 +41,50 @@ pub mod task_state {
 
 type Key = (String, String, String);
 
+/// Rows by key, and the keys changed since they were last taken for writing.
+struct Table<K, R> {
+    rows: BTreeMap<K, R>,
+    dirty: BTreeSet<K>,
+}
+
+impl<K, R> Default for Table<K, R> {
+    fn default() -> Self {
+        Table {
+            rows: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, R: Clone + PartialEq> Table<K, R> {
+    /// Changes `key`'s row (made by `new` if absent); marks it dirty only if it changed.
+    fn update(&mut self, key: K, new: impl FnOnce() -> R, f: impl FnOnce(&mut R)) {
+        let row = self.rows.entry(key.clone()).or_insert_with(new);
+        let before = row.clone();
+        f(row);
+        if *row != before {
+            self.dirty.insert(key);
+        }
+    }
+
+    /// The dirty rows, each passed through `stamp`; none is dirty afterwards.
+    fn take_dirty(&mut self, stamp: impl Fn(&R) -> R) -> Vec<R> {
+        std::mem::take(&mut self.dirty)
+            .iter()
+            .filter_map(|k| self.rows.get(k))
+            .map(stamp)
+            .collect()
+    }
+
+    fn mark_all_dirty(&mut self) {
+        self.dirty.extend(self.rows.keys().cloned());
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    rows: BTreeMap<Key, StatusRow>,
-    dirty: BTreeSet<Key>,
-    tasks: BTreeMap<String, TaskStatusRow>,
-    tasks_dirty: BTreeSet<String>,
+    pairs: Table<Key, StatusRow>,
+    tasks: Table<String, TaskStatusRow>,
 }
 
 /// Shared, cheap to clone.
@@ -75,35 +113,25 @@ impl StatusHub {
 
     /// Same, for rows that are not valid pairs (reported bad `trading_pairs` rows).
     pub fn update_raw(&self, key: (String, String, String), f: impl FnOnce(&mut StatusRow)) {
-        let mut inner = self.lock();
-        let row = inner.rows.entry(key.clone()).or_insert_with(|| StatusRow {
+        let new = || StatusRow {
             market: key.0.clone(),
             symbol: key.1.clone(),
             period: key.2.clone(),
             ..StatusRow::default()
-        });
-        let before = row.clone();
-        f(row);
-        if *row != before {
-            inner.dirty.insert(key);
-        }
+        };
+        self.lock().pairs.update(key.clone(), new, f);
     }
 
     pub fn get(&self, pair: &PairKey) -> Option<StatusRow> {
-        self.lock().rows.get(&key_of(pair)).cloned()
+        self.lock().pairs.rows.get(&key_of(pair)).cloned()
     }
 
     /// Rows changed since the last call, stamped with `now_s`.
     pub fn take_dirty(&self, now_s: u32) -> Vec<StatusRow> {
-        let mut inner = self.lock();
-        let keys: Vec<Key> = std::mem::take(&mut inner.dirty).into_iter().collect();
-        keys.iter()
-            .filter_map(|k| inner.rows.get(k))
-            .map(|r| StatusRow {
-                updated_at: now_s,
-                ..r.clone()
-            })
-            .collect()
+        self.lock().pairs.take_dirty(|r| StatusRow {
+            updated_at: now_s,
+            ..r.clone()
+        })
     }
 
     /// Puts rows whose write failed back in the queue.
@@ -111,6 +139,7 @@ impl StatusHub {
         let mut inner = self.lock();
         for r in rows {
             inner
+                .pairs
                 .dirty
                 .insert((r.market.clone(), r.symbol.clone(), r.period.clone()));
         }
@@ -119,51 +148,36 @@ impl StatusHub {
     /// Marks every row (pairs and tasks) to be written again.
     pub fn mark_all_dirty(&self) {
         let mut inner = self.lock();
-        let keys: Vec<Key> = inner.rows.keys().cloned().collect();
-        inner.dirty.extend(keys);
-        let tasks: Vec<String> = inner.tasks.keys().cloned().collect();
-        inner.tasks_dirty.extend(tasks);
+        inner.pairs.mark_all_dirty();
+        inner.tasks.mark_all_dirty();
     }
 
     /// Changes a daemon task's row; it is written only if something changed.
     pub fn update_task(&self, task: &str, f: impl FnOnce(&mut TaskStatusRow)) {
-        let mut inner = self.lock();
-        let row = inner
-            .tasks
-            .entry(task.to_string())
-            .or_insert_with(|| TaskStatusRow {
-                task: task.to_string(),
-                ..TaskStatusRow::default()
-            });
-        let before = row.clone();
-        f(row);
-        if *row != before {
-            inner.tasks_dirty.insert(task.to_string());
-        }
+        let new = || TaskStatusRow {
+            task: task.to_string(),
+            ..TaskStatusRow::default()
+        };
+        self.lock().tasks.update(task.to_string(), new, f);
     }
 
     pub fn task(&self, task: &str) -> Option<TaskStatusRow> {
-        self.lock().tasks.get(task).cloned()
+        self.lock().tasks.rows.get(task).cloned()
     }
 
     /// Task rows changed since the last call, stamped with `now_s`.
     pub fn take_dirty_tasks(&self, now_s: u32) -> Vec<TaskStatusRow> {
-        let mut inner = self.lock();
-        let keys: Vec<String> = std::mem::take(&mut inner.tasks_dirty).into_iter().collect();
-        keys.iter()
-            .filter_map(|k| inner.tasks.get(k))
-            .map(|r| TaskStatusRow {
-                updated_at: now_s,
-                ..r.clone()
-            })
-            .collect()
+        self.lock().tasks.take_dirty(|r| TaskStatusRow {
+            updated_at: now_s,
+            ..r.clone()
+        })
     }
 
     /// Puts task rows whose write failed back in the queue.
     pub fn requeue_tasks(&self, rows: &[TaskStatusRow]) {
         let mut inner = self.lock();
         for r in rows {
-            inner.tasks_dirty.insert(r.task.clone());
+            inner.tasks.dirty.insert(r.task.clone());
         }
     }
 
@@ -171,8 +185,8 @@ impl StatusHub {
     pub fn forget(&self, pair: &PairKey) {
         let mut inner = self.lock();
         let k = key_of(pair);
-        inner.rows.remove(&k);
-        inner.dirty.remove(&k);
+        inner.pairs.rows.remove(&k);
+        inner.pairs.dirty.remove(&k);
     }
 }
 

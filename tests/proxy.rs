@@ -199,18 +199,11 @@ async fn the_daemon_skips_dead_and_misconfigured_proxies_and_follows_rows_at_run
     let mut dead = Socks::start("127.0.0.5");
     dead.stop();
     let db = TestDb::new("px_daemon");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.yaml");
-    std::fs::write(
-        &path,
-        config_yaml(
-            &db,
-            &sim,
-            "  operator:\n    poll_interval: 200ms\n  proxy:\n    health_interval: 300ms\n    allow_direct: false\n",
-        ),
-    )
-    .unwrap();
-    let cfg = quantservice::config::Config::load(&path).unwrap();
+    let (_dir, path, cfg) = common::write_config(&config_yaml(
+        &db,
+        &sim,
+        "  operator:\n    poll_interval: 200ms\n  proxy:\n    health_interval: 300ms\n    allow_direct: false\n",
+    ));
     quantservice::app::migrate(&cfg).await.unwrap();
     add_proxy(&db, good.port, SOCKS_USER, SOCKS_PASSWORD, 1);
     add_proxy(&db, wrong_pw.port, SOCKS_USER, "not-the-password", 1);
@@ -219,13 +212,7 @@ async fn the_daemon_skips_dead_and_misconfigured_proxies_and_follows_rows_at_run
     db.sql(&format!(
         "INSERT INTO trading_pairs (market, symbol, period, backfill_from, stream) VALUES ('um', 'BTCUSDT', '1m', {from}, 0)"
     ));
-    let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(quantservice::app::run_daemon(
-        cfg,
-        path.clone(),
-        quantservice::config_watch::Reloads::new(),
-        shutdown.clone(),
-    ));
+    let (daemon, shutdown) = common::spawn_daemon(cfg, &path);
     let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
     let upto = from + 2 * HOUR;
     wait_for(30, "the backfill through the good proxy", || {
@@ -287,27 +274,17 @@ async fn streams_go_through_the_proxy_when_asked() {
     sim.set_ws_update_interval(Some(Duration::from_millis(100)));
     let socks = Socks::start("127.0.0.2");
     let db = TestDb::new("px_ws");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.yaml");
-    let yaml = db.yaml(&format!(
+    let (_dir, path, cfg) = common::write_config(&db.yaml(&format!(
         "{}  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n  proxy:\n    websocket: true\n    allow_direct: false\n",
         common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
-    ));
-    std::fs::write(&path, yaml).unwrap();
-    let cfg = quantservice::config::Config::load(&path).unwrap();
+    )));
     quantservice::app::migrate(&cfg).await.unwrap();
     add_proxy(&db, socks.port, SOCKS_USER, SOCKS_PASSWORD, 1);
     db.sql(&format!(
         "INSERT INTO trading_pairs (market, symbol, period, backfill_from) VALUES ('spot', 'BTCUSDT', '1s', {})",
         Period::S1.align(sim::now_ms()) - 5_000
     ));
-    let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(quantservice::app::run_daemon(
-        cfg,
-        path.clone(),
-        quantservice::config_watch::Reloads::new(),
-        shutdown.clone(),
-    ));
+    let (daemon, shutdown) = common::spawn_daemon(cfg, &path);
     wait_for(30, "candles from the proxied stream", || {
         db.try_sql("SELECT count() FROM klines WHERE symbol = 'BTCUSDT' AND source = 'ws'")
             .is_ok_and(|s| s.trim().parse::<u64>().unwrap_or(0) >= 3)

@@ -16,7 +16,6 @@ use common::{count, wait_for, wait_stored, TestDb};
 use qs_sim::{self as sim, SimConfig};
 use quantservice::faults;
 use quantservice::market::{Market, PairKey, Period};
-use tokio_util::sync::CancellationToken;
 
 /// Fast settings: poll 200 ms, 1 s gap scans of 1s candles, short backoffs.
 const FAST: &str = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n    max_restart_backoff: 1s\n  streams:\n    idle_timeout: 3s\n    late_grace: 1s\n    reconnect_backoff: 200ms\n    max_reconnect_backoff: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
@@ -63,21 +62,11 @@ async fn every_kind_of_task_that_panics_is_restarted_or_ends_the_daemon_loudly()
         .unwrap();
     sim.set_ws_update_interval(Some(Duration::from_millis(100)));
     let db = TestDb::new("supervision");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.yaml");
-    let yaml = db.yaml(&format!(
+    let (_dir, path, cfg) = common::write_config(&db.yaml(&format!(
         "{}{FAST}",
         common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
-    ));
-    std::fs::write(&path, yaml).unwrap();
-    let cfg = quantservice::config::Config::load(&path).unwrap();
-    let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(quantservice::app::run_daemon(
-        cfg,
-        path.clone(),
-        quantservice::config_watch::Reloads::new(),
-        shutdown.clone(),
-    ));
+    )));
+    let (daemon, shutdown) = common::spawn_daemon(cfg, &path);
     wait_for(30, "the schema", || async {
         db.try_sql("SELECT count() FROM task_status").is_ok()
     })

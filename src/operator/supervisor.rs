@@ -187,19 +187,10 @@ impl Supervisor {
         if self.slots.contains_key(&key) {
             return;
         }
-        let cancel = self.root.child_token();
         let factory = self.factory.clone();
         let (k, s) = (key.clone(), spec.clone());
         let make: ServiceFactory = Arc::new(move |c| factory(k.clone(), s.clone(), c));
-        let handle = tokio::spawn(keep_running(
-            Owner::Keyed(key.clone()),
-            make,
-            self.policy.clone(),
-            self.status.clone(),
-            self.fatal.clone(),
-            self.parked.clone(),
-            cancel.clone(),
-        ));
+        let (cancel, handle) = self.spawn_child(Owner::Keyed(key.clone()), make);
         info!(task = %key, "Task started.");
         self.slots.insert(
             key,
@@ -216,20 +207,30 @@ impl Supervisor {
         if self.services.contains_key(name) {
             return;
         }
-        let cancel = self.root.child_token();
         self.status.update_task(name, |r| {
             r.state = task_state::RUNNING.into();
         });
+        let (cancel, handle) = self.spawn_child(Owner::Service(name, on_failure), f);
+        self.services.insert(name, ServiceSlot { cancel, handle });
+    }
+
+    /// Runs `make` under `owner`'s policy until its token (returned) is cancelled.
+    fn spawn_child(
+        &self,
+        owner: Owner,
+        make: ServiceFactory,
+    ) -> (CancellationToken, JoinHandle<()>) {
+        let cancel = self.root.child_token();
         let handle = tokio::spawn(keep_running(
-            Owner::Service(name, on_failure),
-            f,
+            owner,
+            make,
             self.policy.clone(),
             self.status.clone(),
             self.fatal.clone(),
             self.parked.clone(),
             cancel.clone(),
         ));
-        self.services.insert(name, ServiceSlot { cancel, handle });
+        (cancel, handle)
     }
 
     /// Stops these keyed tasks (all cancelled at once, then each awaited up to the deadline).

@@ -36,13 +36,6 @@ impl TaskKey {
             TaskKey::Pair(p) => Some(p),
         }
     }
-
-    /// The kind, as logged (`pair`).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TaskKey::Pair(_) => "pair",
-        }
-    }
 }
 
 impl fmt::Display for TaskKey {

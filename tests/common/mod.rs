@@ -888,3 +888,31 @@ pub async fn wait_stored(
     )
     .await;
 }
+
+/// `yaml` written as `app.yaml` in a new temporary directory (keep it alive while the daemon
+/// runs), and the config loaded from it.
+pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf, Config) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("app.yaml");
+    std::fs::write(&path, yaml).expect("app.yaml written");
+    let cfg = Config::load(&path).expect("a valid app.yaml");
+    (dir, path, cfg)
+}
+
+/// The daemon in-process on `cfg` (watching `path`), and the token that stops it.
+pub fn spawn_daemon(
+    cfg: Config,
+    path: &Path,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio_util::sync::CancellationToken,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(quantservice::app::run_daemon(
+        cfg,
+        path.to_path_buf(),
+        quantservice::config_watch::Reloads::new(),
+        shutdown.clone(),
+    ));
+    (task, shutdown)
+}
