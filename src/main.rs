@@ -11,10 +11,21 @@ use quantservice::app;
 use quantservice::config::{Config, ENV_CONFIG_PATH};
 use quantservice::logging::{self, Console};
 
+/// `--version`: the crate version, the git commit (`-dirty` when built from modified sources,
+/// `unknown` without git) and the UTC build date, all set by build.rs.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("QS_GIT_COMMIT"),
+    ", built ",
+    env!("QS_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "quantservice",
-    version,
+    version = VERSION,
     about = "Keeps ClickHouse full of correct, complete Binance candlestick data.",
     long_about = "Without a command, runs the daemon: applies migrations, then converges to the \
                   desired state until SIGTERM or Ctrl-C."

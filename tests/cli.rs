@@ -314,3 +314,118 @@ fn usage_errors_exit_2() {
     );
     assert!(ran.stderr.contains("--period"), "{}", ran.stderr);
 }
+
+/// build.rs itself, to test how it names the commit and formats the date.
+#[allow(dead_code)]
+#[path = "../build.rs"]
+mod build_script;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=qs", "-c", "user.email=qs@example.invalid"])
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `--version` names the version, the commit this checkout is at (`-dirty` exactly when the
+/// binary's sources differ from it) and a UTC build date ($SOURCE_DATE_EPOCH when it was set).
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let ran = Ran::of(bin().arg("--version")).expect(0, "");
+    let line = ran.stdout.trim();
+    let prefix = format!("quantservice {} (commit ", env!("CARGO_PKG_VERSION"));
+    let rest = line
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let (commit, rest) = rest.split_once(", built ").unwrap();
+    let date = rest.strip_suffix(')').unwrap();
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let is_checkout = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rev-parse", "--show-toplevel"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && Path::new(String::from_utf8_lossy(&o.stdout).trim()) == root
+        });
+    if is_checkout {
+        let head = git(root, &["rev-parse", "--short", "HEAD"]);
+        let mut args = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+        args.extend_from_slice(build_script::SOURCES);
+        let dirty = !git(root, &args).is_empty();
+        let want = if dirty { format!("{head}-dirty") } else { head };
+        assert_eq!(commit, want, "{line}");
+    } else {
+        assert_eq!(commit, "unknown", "{line}");
+    }
+
+    // YYYY-MM-DDTHH:MM:SSZ, not in the future.
+    assert_eq!(date.len(), 20, "{date}");
+    assert!(date.ends_with('Z') && date.as_bytes()[10] == b'T', "{date}");
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(epoch) => assert_eq!(date, build_script::format_utc(epoch.parse().unwrap())),
+        Err(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            assert!(date <= build_script::format_utc(now).as_str(), "{date}");
+        }
+    }
+}
+
+#[test]
+fn build_date_format() {
+    for (secs, want) in [
+        (0, "1970-01-01T00:00:00Z"),
+        (951_782_400, "2000-02-29T00:00:00Z"),
+        (1_709_251_199, "2024-02-29T23:59:59Z"),
+        (1_735_689_600, "2025-01-01T00:00:00Z"),
+        (4_107_542_400, "2100-03-01T00:00:00Z"),
+    ] {
+        assert_eq!(build_script::format_utc(secs), want);
+    }
+}
+
+/// The commit as build.rs names it: the short hash, `-dirty` only when a source file (not,
+/// say, the README) differs, and `unknown` outside a repository or in a directory that is not
+/// the repository's top (a source tarball unpacked inside another checkout).
+#[test]
+fn build_script_names_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path();
+    assert_eq!(build_script::git_commit(repo), None, "not a repository");
+
+    git(repo, &["init", "-q"]);
+    std::fs::create_dir(repo.join("src")).unwrap();
+    std::fs::write(repo.join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(repo.join("README.md"), "readme\n").unwrap();
+    assert_eq!(build_script::git_commit(repo), None, "no commit yet");
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-q", "-m", "one"]);
+    let head = git(repo, &["rev-parse", "--short", "HEAD"]);
+    assert_eq!(build_script::git_commit(repo), Some(head.clone()));
+
+    std::fs::write(repo.join("README.md"), "edited\n").unwrap();
+    std::fs::write(repo.join("src/new.rs"), "// untracked\n").unwrap();
+    assert_eq!(build_script::git_commit(repo), Some(head.clone()));
+    std::fs::write(repo.join("src/main.rs"), "fn main() { }\n").unwrap();
+    assert_eq!(
+        build_script::git_commit(repo),
+        Some(format!("{head}-dirty"))
+    );
+
+    let unpacked = repo.join("quantservice-0.1.0");
+    std::fs::create_dir(&unpacked).unwrap();
+    assert_eq!(
+        build_script::git_commit(&unpacked),
+        None,
+        "inside another repository"
+    );
+}
