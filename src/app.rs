@@ -1,5 +1,5 @@
-//! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap` and
-//! `ws-start`, and the signal watcher. Each returns a result the binary maps to an exit code;
+//! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap`,
+//! `ws-start` and `ready`, and the signal watcher. Each returns a result the binary maps to an exit code;
 //! argument parsing lives in `main.rs`.
 
 use std::io::Write;
@@ -71,6 +71,12 @@ pub async fn run_daemon(
     result?;
     info!("QuantService stopped.");
     Ok(())
+}
+
+/// `ready`: polls the running daemon's `/readyz` (on `app.http.listen`, a wildcard address
+/// reached on loopback) until it answers 200, for at most `timeout`.
+pub async fn ready(cfg: &Config, timeout: Duration) -> Result<(), crate::server::ops::ReadyError> {
+    crate::server::ops::wait_ready(&cfg.http.listen, timeout).await
 }
 
 /// `ws-start`: a temporary live stream of one pair that prints each closed candle and writes

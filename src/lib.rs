@@ -32,10 +32,13 @@
 //! - [`status`]: observed state in memory (`pair_status`, `task_status`) and its flusher.
 //! - [`tasks`]: the task kinds, keys, specs and typed errors; backfill engine, a pair's history
 //!   and gap scans (and their schedule), the live stream sink.
-//! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime; feeds
-//!   `proxy_config` rows to the egress pool and writes its `proxy_status`.
+//! - [`server`]: the daemon's HTTP servers: the ops endpoint (`/healthz`, `/readyz`) and the
+//!   client of `quantservice ready`.
+//! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime, the daemon's own
+//!   services that outlive generations (the ops endpoint); feeds `proxy_config` rows to the
+//!   egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
-//!   `ws-start`).
+//!   `ws-start`, `ready`).
 //!
 //! Cross-cutting:
 //! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
@@ -50,6 +53,7 @@ pub mod store;
 pub mod exchange;
 pub mod status;
 pub mod tasks;
+pub mod server;
 pub mod operator;
 pub mod app;
 

@@ -21,7 +21,7 @@ use yaml_serde::Value;
 use crate::market::Market;
 
 pub use duration::{format_duration, parse_duration, MAX_DURATION};
-pub use sections::{is_bare_host, is_identifier, validate_cron};
+pub use sections::{is_bare_host, is_identifier, validate_cron, validate_listen};
 
 /// Env var that names the config file (the systemd unit sets it).
 pub const ENV_CONFIG_PATH: &str = "QS_CONFIG_PATH";
@@ -114,6 +114,25 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub gap_scan: GapScanConfig,
     pub proxy: ProxyConfig,
+    pub http: HttpConfig,
+}
+
+/// `app.http`: the ops endpoint (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpConfig {
+    /// `HOST:PORT` to listen on (validated); empty disables the endpoint.
+    pub listen: String,
+}
+
+/// Where the ops endpoint listens unless `app.http.listen` says otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9108";
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: DEFAULT_HTTP_LISTEN.to_string(),
+        }
+    }
 }
 
 /// `app.proxy`: the SOCKS5 pool declared in `proxy_config`.
@@ -502,6 +521,7 @@ impl Config {
             streams,
             gap_scan,
             proxy,
+            http,
         } = self;
         let differs = [
             ("environment", *environment != other.environment),
@@ -514,6 +534,7 @@ impl Config {
             ("streams", *streams != other.streams),
             ("gap_scan", *gap_scan != other.gap_scan),
             ("proxy", *proxy != other.proxy),
+            ("http", *http != other.http),
         ];
         differs
             .into_iter()

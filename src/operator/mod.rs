@@ -2,6 +2,7 @@
 //! the plan and has the supervisor and the stream managers converge to it, level-triggered,
 //! every poll or config change. See `run` for the daemon's runtime around it.
 
+pub mod daemon;
 pub mod desired;
 pub mod plan;
 pub mod proxies;

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::daemon::Services;
 use super::desired::{desired, Desired};
 use super::plan::{plan, State};
 use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
@@ -26,6 +27,7 @@ use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey};
+use crate::server::ops::OpsState;
 use crate::status::{phase, StatusHub};
 use crate::store::migrate;
 use crate::store::state::ProxyRow;
@@ -47,15 +49,33 @@ enum Exit {
 }
 
 /// Runs the operator until `shutdown`: migrate, reconcile, follow config edits (reporting
-/// whether each was applied or refused on `reloads`).
+/// whether each was applied or refused on `reloads`). The daemon's own services (the ops
+/// endpoint) run beside the generations from the start to the very end.
 pub async fn run(
     mut cfg_rx: watch::Receiver<Arc<Config>>,
     reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let status = StatusHub::default();
-    let mut cfg = cfg_rx.borrow_and_update().clone();
-    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &shutdown).await? else {
+    let cfg = cfg_rx.borrow_and_update().clone();
+    let mut services = Services::start(&cfg, status.clone(), policy(&cfg));
+    let result = run_generations(cfg, cfg_rx, reloads, status, &mut services, shutdown).await;
+    services.ops().stopping();
+    services.stop().await;
+    result
+}
+
+async fn run_generations(
+    mut cfg: Arc<Config>,
+    mut cfg_rx: watch::Receiver<Arc<Config>>,
+    reloads: Reloads,
+    status: StatusHub,
+    services: &mut Services,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ops = services.ops().clone();
+    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await?
+    else {
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
     };
@@ -64,15 +84,17 @@ pub async fn run(
     let mut announce = true;
     loop {
         let new = match gen
-            .reconcile_loop(&mut cfg_rx, &reloads, announce, &shutdown)
+            .reconcile_loop(&mut cfg_rx, &reloads, announce, services, &shutdown)
             .await
         {
             Exit::Shutdown => {
+                ops.stopping();
                 log_flushed(gen.stop().await);
                 return Ok(());
             }
             Exit::Fatal(reason) => {
                 error!(%reason, "Shutting down after a fatal task failure (exit code 1; systemd restarts the service).");
+                ops.stopping();
                 log_flushed(gen.stop().await);
                 anyhow::bail!("fatal task failure: {reason}");
             }
@@ -98,9 +120,10 @@ pub async fn run(
         info!(%changed, "Rebuilding clients and tasks for the new config.");
         log_flushed(gen.stop().await);
         announce = true;
-        gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
+        gen = match Generation::start(new.clone(), status.clone(), &ops, &shutdown).await {
             Ok(Some(g)) => {
                 info!(%changed, "New config applied.");
+                services.apply(&new, policy(&new)).await;
                 reloads.applied(&cfg, &new);
                 g
             }
@@ -111,7 +134,7 @@ pub async fn run(
                     &format!("cannot start with the edited config: {e:#}"),
                     &[&new, &cfg],
                 );
-                match Generation::start(cfg.clone(), status.clone(), &shutdown).await? {
+                match Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await? {
                     Some(g) => g,
                     None => return Ok(()),
                 }
@@ -258,6 +281,8 @@ struct Generation {
     ev_tx: mpsc::Sender<LiveEvent>,
     /// What the live sink runs with (a changed `late_grace` restarts it with a new one).
     live: Live,
+    /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
+    ops: OpsState,
 }
 
 impl Generation {
@@ -265,6 +290,7 @@ impl Generation {
     async fn start(
         cfg: Arc<Config>,
         status: StatusHub,
+        ops: &OpsState,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Generation>> {
         info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
@@ -278,6 +304,7 @@ impl Generation {
             .map_or_else(|| "unknown".to_string(), |v| v.to_string());
         info!(%server, applied = report.applied.len(), skipped = report.skipped.len(),
             "Schema up to date.");
+        ops.set_store(store.clone());
         let cancel = CancellationToken::new();
         let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
         let writer_cancel = CancellationToken::new();
@@ -420,6 +447,7 @@ impl Generation {
             proxy_problems,
             ev_tx,
             live,
+            ops: ops.clone(),
         }))
     }
 
@@ -430,8 +458,10 @@ impl Generation {
         cfg_rx: &mut watch::Receiver<Arc<Config>>,
         reloads: &Reloads,
         announce: bool,
+        services: &mut Services,
         shutdown: &CancellationToken,
     ) -> Exit {
+        let services_fatal = services.fatal().clone();
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
@@ -444,6 +474,7 @@ impl Generation {
                 biased;
                 _ = shutdown.cancelled() => return Exit::Shutdown,
                 reason = self.fatal.raised() => return Exit::Fatal(reason),
+                reason = services_fatal.raised() => return Exit::Fatal(reason),
                 done = writer_ended(&mut self.writer_task) => {
                     self.writer_task = None;
                     let why = match done {
@@ -483,6 +514,7 @@ impl Generation {
                         error!(error = %format!("{e:#}"), "Cannot apply the new config in place; rebuilding.");
                         return Exit::Rebuild(new);
                     }
+                    services.apply(&new, policy(&new)).await;
                     if new.operator.poll_interval != self.cfg.operator.poll_interval {
                         poll = crate::ticker(new.operator.poll_interval);
                     }
@@ -659,6 +691,7 @@ impl Generation {
             }
             self.streamed.send_replace(want.streams);
         }
+        self.ops.reconciled();
     }
 
     /// Bad and disabled rows go to `pair_status` (and the log, once per change).
@@ -748,6 +781,12 @@ mod tests {
             Case {
                 name: "operator settings apply in place",
                 edit: |c| c.operator.poll_interval = Duration::from_secs(9),
+                rebuild: false,
+                streams_only: true,
+            },
+            Case {
+                name: "the ops endpoint applies in place",
+                edit: |c| c.http.listen = "127.0.0.1:9".into(),
                 rebuild: false,
                 streams_only: true,
             },

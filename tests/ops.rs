@@ -1,0 +1,316 @@
+//! The ops endpoint end to end: `/healthz`, `/readyz` and unknown paths over real HTTP, the
+//! `quantservice ready` contract (exit 0 ready, 1 not ready in time with the reason, 3
+//! disabled) against the binary, readiness following ClickHouse going away and coming back,
+//! and `app.http.listen` edits applied live (rebind, a taken port retried, "" stops it) without
+//! touching the streams. Every wait has a deadline and waits on something observable.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{count, wait_for, ChServer, KillOnDrop, TestDb};
+use qs_sim::{self as sim, SimConfig};
+use quantservice::config_watch::{ReloadResult, Reloads};
+use quantservice::market::{Market, PairKey, Period};
+use tokio_util::sync::CancellationToken;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_quantservice"))
+}
+
+fn free_port() -> u16 {
+    common::dead_port()
+}
+
+/// GET `path` on 127.0.0.1:`port`: (status, body), or the connection error's text.
+fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    common::http("127.0.0.1", port, "GET", path, "", None).map_err(|e| e.to_string())
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ready(config: &Path, timeout: &str) -> Output {
+    bin()
+        .args(["ready", "--timeout", timeout, "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn ready_says_disabled_with_exit_3_when_the_endpoint_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.yaml");
+    std::fs::write(&path, "app:\n  http:\n    listen: \"\"\n").unwrap();
+    let out = ready(&path, "5s");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "ops endpoint disabled (app.http.listen is empty)"
+    );
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[test]
+fn ready_gives_up_with_exit_1_and_the_reason_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.yaml");
+    let port = free_port();
+    std::fs::write(
+        &path,
+        format!("app:\n  http:\n    listen: \"0.0.0.0:{port}\"\n"),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = ready(&path, "1s");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    // 0.0.0.0 is polled on loopback.
+    assert!(
+        err.contains(&format!("http://127.0.0.1:{port}/readyz")),
+        "{err}"
+    );
+    assert!(err.contains("Connection refused"), "{err}");
+    assert_eq!(text(&out.stdout), "");
+}
+
+/// The binary with its own ClickHouse, down at first: alive but not ready, with the reason;
+/// ready (and `ready` exits 0) once ClickHouse is up and the schema is in; not ready again
+/// while ClickHouse is gone, ready again when it is back; SIGTERM ends it cleanly.
+#[test]
+fn readiness_follows_clickhouse_and_the_reconcile_loop() {
+    let server = ChServer::start();
+    let db = TestDb::on_server(&server, "ops_ready");
+    server.kill();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.yaml");
+    let dead = common::dead_port();
+    std::fs::write(
+        &path,
+        db.yaml(&format!(
+            "  http:\n    listen: \"127.0.0.1:{port}\"\n  operator:\n    poll_interval: 200ms\n  binance:\n    spot:\n      rest_url: \"http://127.0.0.1:{dead}/api/v3/klines\"\n"
+        )),
+    )
+    .unwrap();
+    let mut daemon = KillOnDrop(
+        bin()
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(30, "/healthz", || get(port, "/healthz").is_ok());
+    assert_eq!(get(port, "/healthz").unwrap(), (200, "ok\n".to_string()));
+    let (status, body) = get(port, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("not ready: ClickHouse unreachable: "),
+        "{body}"
+    );
+    assert_eq!(get(port, "/nothing-here").unwrap().0, 404);
+    let out = ready(&path, "1s");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("HTTP 503 not ready: ClickHouse unreachable"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    server.restart();
+    let out = ready(&path, "60s");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(text(&out.stdout), "ready\n");
+    assert!(
+        count(&db, "SELECT count() FROM schema_migrations") >= 1,
+        "ready before the migrations were applied"
+    );
+    assert_eq!(get(port, "/readyz").unwrap(), (200, "ready\n".to_string()));
+
+    server.kill();
+    wait_until(30, "/readyz to turn 503", || {
+        get(port, "/readyz").is_ok_and(|(s, b)| s == 503 && b.starts_with("not ready: "))
+    });
+    assert_eq!(get(port, "/healthz").unwrap().0, 200, "still alive");
+    server.restart();
+    wait_until(60, "/readyz to turn 200 again", || {
+        get(port, "/readyz").is_ok_and(|(s, _)| s == 200)
+    });
+
+    Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit within 15 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        get(port, "/healthz").is_err(),
+        "the endpoint closed with the process"
+    );
+}
+
+fn task_row(db: &TestDb, task: &str) -> Option<(String, String)> {
+    let out = db
+        .try_sql(&format!(
+            "SELECT state, last_error FROM task_status FINAL WHERE task = '{task}' FORMAT TSV"
+        ))
+        .ok()?;
+    let line = out.lines().next()?;
+    let (state, err) = line.split_once('\t')?;
+    Some((state.to_string(), err.to_string()))
+}
+
+async fn get_async(port: u16, path: &str) -> Result<(u16, String), String> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || get(port, &path))
+        .await
+        .unwrap()
+}
+
+/// `app.http.listen` edits apply live: the endpoint moves to a new port, a port someone else
+/// holds is reported in `task_status` and retried until it is free, and "" stops it — while
+/// the stream of a declared pair keeps flowing on its one socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_edits_rebind_retry_and_disable_without_touching_the_streams() {
+    let sim = sim::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    sim.set_ws_update_interval(Some(Duration::from_millis(100)));
+    let db = TestDb::new("ops_edit");
+    let yaml = |listen: &str| {
+        db.yaml(&format!(
+            "  http:\n    listen: \"{listen}\"\n{}  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    restart_backoff: 200ms\n    max_restart_backoff: 1s\n",
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
+        ))
+    };
+    let (a, b) = (free_port(), free_port());
+    let (_dir, path, cfg) = common::write_config(&yaml(&format!("127.0.0.1:{a}")));
+    let reloads = Reloads::new();
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(quantservice::app::run_daemon(
+        cfg,
+        path.clone(),
+        reloads.clone(),
+        shutdown.clone(),
+    ));
+    wait_for(30, "/readyz on the first port", || async {
+        get_async(a, "/readyz").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    let pair = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
+    db.sql(&format!(
+        "INSERT INTO trading_pairs (market, symbol, period, backfill_from) VALUES ('spot', 'BTCUSDT', '1s', {})",
+        Period::S1.align(sim::now_ms()) - 5_000
+    ));
+    let ws_rows = || {
+        count(
+            &db,
+            &format!(
+                "SELECT count() FROM klines WHERE symbol = '{}' AND source = 'ws'",
+                pair.symbol
+            ),
+        )
+    };
+    wait_for(20, "the stream", || async { ws_rows() >= 1 }).await;
+    let sockets = sim.ws_connections_opened(Market::Spot);
+
+    let edit = |yaml: String| {
+        let reloads = reloads.clone();
+        let path = path.clone();
+        async move {
+            let seq = reloads.latest().seq;
+            let tmp = path.with_extension("yaml.tmp");
+            std::fs::write(&tmp, yaml).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), reloads.next_after(seq))
+                .await
+                .expect("a reload outcome within 30 s")
+                .unwrap()
+                .result
+        }
+    };
+    let http_only = ReloadResult::Applied {
+        changed: vec!["http".to_string()],
+    };
+
+    // A new port: the endpoint moves.
+    assert_eq!(edit(yaml(&format!("127.0.0.1:{b}"))).await, http_only);
+    wait_for(10, "/healthz on the new port", || async {
+        get_async(b, "/healthz").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    assert!(
+        get_async(a, "/healthz").await.is_err(),
+        "the old port is closed"
+    );
+
+    // A port someone else holds: reported and retried, nothing else disturbed.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = holder.local_addr().unwrap().port();
+    assert_eq!(edit(yaml(&format!("127.0.0.1:{c}"))).await, http_only);
+    wait_for(10, "the bind failure in task_status", || async {
+        task_row(&db, "ops_endpoint").is_some_and(|(state, err)| {
+            state == "restarting" && err.contains(&format!("cannot listen on 127.0.0.1:{c}"))
+        })
+    })
+    .await;
+    assert!(!daemon.is_finished(), "a bind failure is not fatal");
+    drop(holder);
+    wait_for(10, "/readyz on the freed port", || async {
+        get_async(c, "/readyz").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+
+    // "": stopped.
+    assert_eq!(edit(yaml("")).await, http_only);
+    wait_for(10, "the endpoint to close", || async {
+        get_async(c, "/healthz").await.is_err()
+    })
+    .await;
+    wait_for(10, "ops_endpoint disabled in task_status", || async {
+        task_row(&db, "ops_endpoint").is_some_and(|(state, _)| state == "disabled")
+    })
+    .await;
+
+    // The stream went on, on the same socket.
+    let before = ws_rows();
+    wait_for(10, "the stream still flowing", || async {
+        ws_rows() >= before + 2
+    })
+    .await;
+    assert_eq!(
+        sim.ws_connections_opened(Market::Spot),
+        sockets,
+        "no reconnect"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), daemon)
+        .await
+        .expect("the daemon stops")
+        .unwrap()
+        .unwrap();
+}
