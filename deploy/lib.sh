@@ -59,6 +59,14 @@ ctl() {
     "${cmd[@]}" "$1" "$SERVICE" 9<&-
 }
 
+# reset_start_limit: under systemd, forgets the failed starts of the version being replaced, so
+# that StartLimitBurst= does not refuse the start of the restored one.
+reset_start_limit() {
+    if [ -z "${QS_SERVICE_CTL:-}" ]; then
+        systemctl reset-failed "$SERVICE" 9<&- 2>/dev/null || true
+    fi
+}
+
 # Owner of the installed binary: the service user when --user is not given.
 installed_user() {
     stat -c %U "$PREFIX/bin/quantservice" 2>/dev/null || printf '%s\n' "$DEFAULT_USER"
@@ -134,7 +142,9 @@ wait_ready() {
             return 0
             ;;
         *)
-            REASON="not ready within ${secs}s: $(printf '%s' "$out" | tail -n 5)"
+            # `ready` says why: "error: not ready within 1m; last answer from …".
+            REASON="$(printf '%s' "$out" | tail -n 5 | sed 's/^error: //')"
+            [ -n "$REASON" ] || REASON="not ready within ${secs}s"
             if ! ctl is-active >/dev/null 2>&1; then
                 REASON="$REASON (the service is not running)"
             fi
@@ -160,5 +170,23 @@ restore_backup() {
     if [ -f "$PREFIX/config/app.yaml.bak" ]; then
         replace_atomically "$PREFIX/config/app.yaml.bak" "$PREFIX/config/app.yaml"
         say "restored $PREFIX/config/app.yaml from app.yaml.bak"
+    fi
+}
+
+# show_service_output: the service's last output, to show why a start failed: the journal
+# since this script started when the service manager is systemd, else the file
+# $QS_SERVICE_LOG (default PREFIX/logs/supervisor-stderr.log, the Supervisor program's stderr).
+START_EPOCH="$(date +%s)"
+show_service_output() {
+    local f="${QS_SERVICE_LOG:-}"
+    if [ -z "$f" ] && [ -z "${QS_SERVICE_CTL:-}" ] && command -v journalctl >/dev/null 2>&1; then
+        say "its last output (journalctl -u $SERVICE):"
+        journalctl -u "$SERVICE" --since "@$START_EPOCH" -n 30 --no-pager -q 2>/dev/null | indent || true
+        return 0
+    fi
+    [ -n "$f" ] || f="$PREFIX/logs/supervisor-stderr.log"
+    if [ -f "$f" ]; then
+        say "its last output ($f):"
+        tail -n 30 "$f" | indent
     fi
 }

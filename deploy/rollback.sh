@@ -57,8 +57,12 @@ step "1/4 Stopping $SERVICE"
 ctl stop || warn "'${QS_SERVICE_CTL:-systemctl} stop $SERVICE' failed (it may not be running); going on"
 step "2/4 Restoring the backup"
 restore_backup
+reset_start_limit
 step "3/4 Starting $SERVICE"
 ctl start || die "'${QS_SERVICE_CTL:-systemctl} start $SERVICE' failed after restoring the backup"
 step "4/4 Waiting up to ${TIMEOUT}s for $SERVICE to be ready"
-wait_ready "$TIMEOUT" || die "rolled back to ${BACKUP:-the backup}, but it is not ready: $REASON"
+wait_ready "$TIMEOUT" || {
+    show_service_output
+    die "rolled back to ${BACKUP:-the backup}, but it is not ready: $REASON"
+}
 step "Rolled back: ${BACKUP:-the backup} is running (ready)"

@@ -24,7 +24,9 @@ Before anything is stopped, the new binary checks DIR/config/app.yaml as the ser
   2/5 stop the service          3/5 swap the binary (atomic rename)
   4/5 start the service         5/5 wait until it is ready ('quantservice ready')
 If it does not become ready, the .bak binary and config are restored and started again.
-The service is driven by \${QS_SERVICE_CTL:-systemctl} start|stop|is-active quantservice.
+The service is driven by \${QS_SERVICE_CTL:-systemctl} start|stop|is-active quantservice; on a
+failure its last output is shown (the journal under systemd, else the file \$QS_SERVICE_LOG,
+default DIR/logs/supervisor-stderr.log).
 
 Exit codes: 0 upgraded and ready; 1 nothing changed (bad arguments, the new binary refused the
 config, or the service could not be stopped); 2 the new version failed and the old one was
@@ -114,12 +116,15 @@ say "$PREFIX/config/app.yaml.bak"
 # rollback WHY: restores the .bak files, starts them and exits 2 (old version ready) or 3.
 rollback() {
     step "The new version failed: $1"
+    show_service_output
     step "Rolling back to ${OLD_VERSION:-the previous version}"
     ctl stop || warn "stopping the failed version failed (it may not be running)"
     restore_backup
+    reset_start_limit
     if ! ctl start; then
         die "UPGRADE FAILED and the ROLLBACK FAILED: the previous version did not start ('${QS_SERVICE_CTL:-systemctl} start $SERVICE' failed). The new version failed because: $1" 3
     fi
+    step "Waiting up to ${TIMEOUT}s for the previous version to be ready"
     if ! wait_ready "$TIMEOUT"; then
         die "UPGRADE FAILED and the ROLLBACK FAILED: the previous version started but is not ready: $REASON. The new version failed because: $1" 3
     fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A stand-in for systemctl in tests/deploy.rs (QS_SERVICE_CTL): runs QS_FAKE_PREFIX/bin/quantservice
 # in the background as the owner of QS_FAKE_PREFIX, like the unit does (working directory the
-# prefix, QS_CONFIG_PATH set), with its pid in QS_FAKE_STATE/quantservice.pid and its output
+# prefix, QS_CONFIG_PATH and QS_ENV_FILE's variables set, as EnvironmentFile= does), with its pid in QS_FAKE_STATE/quantservice.pid and its output
 # appended to QS_FAKE_STATE/console.log. Every start is logged in QS_FAKE_STATE/starts.log.
 #
 # Usage: fake-ctl.sh start|stop|restart|is-active quantservice
@@ -10,6 +10,9 @@ set -euo pipefail
 : "${QS_FAKE_STATE:?QS_FAKE_STATE must name a directory for the pid file and the log}"
 [ "${2:-}" = quantservice ] || { echo "fake-ctl: unknown service '${2:-}'" >&2; exit 5; }
 pidfile="$QS_FAKE_STATE/quantservice.pid"
+PROG=fake-ctl
+# shellcheck source=deploy/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../deploy/lib.sh"
 
 # alive PID: the process exists and is not a zombie (an orphan's parent may not reap it).
 alive() {
@@ -30,11 +33,13 @@ start() {
         return 0
     fi
     local user
+    load_env_file
     user="$(stat -c %U "$QS_FAKE_PREFIX/bin/quantservice")"
     cd "$QS_FAKE_PREFIX"
     # setpriv execs (no intermediate process): $! is the daemon's pid.
     setpriv --reuid="$user" --regid="$user" --init-groups --reset-env \
-        env QS_CONFIG_PATH="$QS_FAKE_PREFIX/config/app.yaml" "$QS_FAKE_PREFIX/bin/quantservice" \
+        env QS_CONFIG_PATH="$QS_FAKE_PREFIX/config/app.yaml" ${ENV_ARGS[@]+"${ENV_ARGS[@]}"} \
+        "$QS_FAKE_PREFIX/bin/quantservice" \
         </dev/null >>"$QS_FAKE_STATE/console.log" 2>&1 &
     echo "$!" >"$pidfile"
     echo "$!" >>"$QS_FAKE_STATE/starts.log"
