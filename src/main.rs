@@ -259,8 +259,7 @@ async fn run(cli: Cli) -> ExitCode {
 async fn run_sim(args: qs_sim::cli::SimArgs) -> ExitCode {
     let logging = quantservice::config::LoggingConfig {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
-        dir: None,
-        keep_days: 1,
+        ..Default::default()
     };
     let _guard = logging::init(&logging, Console::Stderr, Vec::new());
     match qs_sim::cli::run(args).await {

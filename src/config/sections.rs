@@ -185,20 +185,30 @@ fn backfill(mut bf: Section<'_>, errs: &mut Vec<String>) -> BackfillConfig {
     backfill
 }
 
-/// `app.logging`: level filter and optional log files.
+/// `app.logging`: level filter, log files and their rotation.
 fn logging(mut lg: Section<'_>, errs: &mut Vec<String>) -> LoggingConfig {
-    let level = lg.string("level", "info", errs);
+    let defaults = LoggingConfig::default();
+    let level = lg.string("level", &defaults.level, errs);
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.trim().is_empty() {
         errs.push(format!(
             "app.logging.level: must be trace, debug, info, warn, error or a tracing filter directive, got {level:?}"
         ));
     }
-    let dir = lg.opt_string("dir", errs).map(PathBuf::from);
-    let keep_days = lg.int("keep_days", 7, 1..=3650, errs) as u32;
+    // Absent: the install layout's `logs/` (if there is one); "": no files.
+    let dir = match lg.get("dir") {
+        None => super::install_logs_dir_of_current_exe(),
+        Some(_) => lg
+            .opt_string("dir", errs)
+            .filter(|d| !d.trim().is_empty())
+            .map(PathBuf::from),
+    };
+    let max_size = lg.size("max_size", defaults.max_size, errs);
+    let keep_days = lg.int("keep_days", i64::from(defaults.keep_days), 1..=3650, errs) as u32;
     lg.finish(errs);
     LoggingConfig {
         level,
         dir,
+        max_size,
         keep_days,
     }
 }

@@ -100,6 +100,7 @@ pub async fn run(
         announce = true;
         gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
             Ok(Some(g)) => {
+                apply_logging(&cfg.logging, &new.logging);
                 info!(%changed, "New config applied.");
                 reloads.applied(&cfg, &new);
                 g
@@ -165,6 +166,31 @@ fn needs_rebuild(old: &Config, new: &Config) -> bool {
         || old.backfill != new.backfill
         || old.streams != new.streams
         || old.proxy.websocket != new.proxy.websocket
+}
+
+/// Applies an edit of `app.logging` to the running logger: the level, `max_size` and
+/// `keep_days` at once; `dir` only at the next start, which the warning says.
+fn apply_logging(old: &crate::config::LoggingConfig, new: &crate::config::LoggingConfig) {
+    if new.level != old.level {
+        match crate::logging::set_level(&new.level) {
+            Ok(()) => info!(level = %new.level, "Log level changed."),
+            Err(e) => warn!(error = %e, "Cannot change the log level."),
+        }
+    }
+    if (new.max_size, new.keep_days) != (old.max_size, old.keep_days)
+        && crate::logging::set_file_limits(new.max_size, new.keep_days)
+    {
+        info!(max_size = %crate::config::format_size(new.max_size), keep_days = new.keep_days,
+            "Log file limits changed.");
+    }
+    if new.dir != old.dir {
+        let shown = |d: &Option<std::path::PathBuf>| {
+            d.as_ref()
+                .map_or_else(|| "none".to_string(), |d| d.display().to_string())
+        };
+        warn!(running = %shown(&old.dir), configured = %shown(&new.dir),
+            "app.logging.dir takes effect at the next start; until then the log files stay where they are.");
+    }
 }
 
 /// Whether `old` and `new` differ only in how streams connect (`app.streams`, the markets'
@@ -558,17 +584,7 @@ impl Generation {
 
     /// Applies the settings that need no new clients.
     async fn apply_in_place(&mut self, new: &Config) -> anyhow::Result<()> {
-        if new.logging.level != self.cfg.logging.level {
-            match crate::logging::set_level(&new.logging.level) {
-                Ok(()) => info!(level = %new.logging.level, "Log level changed."),
-                Err(e) => warn!(error = %e, "Cannot change the log level."),
-            }
-        }
-        if new.logging.dir != self.cfg.logging.dir
-            || new.logging.keep_days != self.cfg.logging.keep_days
-        {
-            warn!("app.logging.dir and keep_days take effect at the next start; the level applies now.");
-        }
+        apply_logging(&self.cfg.logging, &new.logging);
         self.supervisor.set_policy(policy(new));
         if new.proxy != self.cfg.proxy {
             self.pool.set_config(&new.proxy);
