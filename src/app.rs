@@ -21,6 +21,7 @@ pub async fn check_config(cfg: &Config, path: &str, out: &mut impl Write) -> Vec
     let _ = writeln!(out, "# config file: {path}");
     let _ = writeln!(out, "# effective configuration (secrets shown as ***):");
     let _ = write!(out, "{}", cfg.redacted_yaml());
+    let _ = writeln!(out, "# logs: {}", logs_summary(&cfg.logging));
     match Store::new(&cfg.clickhouse) {
         Ok(store) => match store.server_version().await {
             Ok(v) => {
@@ -36,6 +37,20 @@ pub async fn check_config(cfg: &Config, path: &str, out: &mut impl Write) -> Vec
         Err(e) => problems.push(format!("app.clickhouse: {e}")),
     }
     problems
+}
+
+/// Where the logs go, in one line for `--check-config`.
+fn logs_summary(lg: &crate::config::LoggingConfig) -> String {
+    match &lg.dir {
+        Some(dir) => format!(
+            "stdout and {} (rotated at {} and at midnight UTC into {}/quantservice-YYYY-MM-DD[.N].log.gz, kept {} days)",
+            dir.join("quantservice.log").display(),
+            crate::config::format_size(lg.max_size),
+            dir.join("archived").display(),
+            lg.keep_days
+        ),
+        None => "stdout only (app.logging.dir is not set and the binary is not in an install layout PREFIX/bin with PREFIX/logs)".to_string(),
+    }
 }
 
 /// `migrate`: create the database and apply pending migrations.
