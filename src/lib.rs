@@ -38,7 +38,8 @@
 //!   `ws-start`).
 //!
 //! Cross-cutting:
-//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
+//! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;
+//!   live level, `max_size` and `keep_days`.
 //! - [`metrics`]: the counters of the `Metrics:` log line.
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`faults`]: fault points a test in the same process can arm (inert otherwise).

@@ -105,10 +105,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let mut log_guard = None;
+    let code = runtime.block_on(run(cli, &mut log_guard));
+    // Tasks still alive log while the runtime shuts down: the log file gets those lines too,
+    // then the guard writes what is queued.
+    drop(runtime);
+    drop(log_guard);
+    code
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     let cli = match cli.command {
         Some(Command::SimExchange(args)) => return run_sim(args).await,
         command => Cli { command, ..cli },
@@ -156,8 +162,8 @@ async fn run(cli: Cli) -> ExitCode {
     } else {
         Console::Stdout
     };
-    let _guard = match logging::init(&cfg.logging, console, cfg.secrets()) {
-        Ok(g) => g,
+    *log_guard = match logging::init(&cfg.logging, console, cfg.secrets()) {
+        Ok(g) => Some(g),
         Err(e) => {
             eprintln!("error: {}", scrub(format!("{e:#}")));
             return ExitCode::FAILURE;

@@ -2,8 +2,8 @@
 //! `PREFIX/bin/quantservice` next to `PREFIX/logs`, with no `app.logging.dir` in app.yaml, it
 //! writes `PREFIX/logs/quantservice.log` and rotates it by size into gzip'd archives of whole
 //! lines in `PREFIX/logs/archived/`, while stdout/stderr keep every line too. And the daemon
-//! applies an edit of `max_size` and `keep_days` live, and says that a new `dir` waits for a
-//! restart.
+//! applies an edit of `max_size` and `keep_days` live, says that a new `dir` waits for a
+//! restart, and keeps its directory to itself while a command runs beside it.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 mod common;
@@ -244,6 +244,25 @@ fn a_reload_applies_max_size_and_keep_days_live_and_says_a_new_dir_needs_a_resta
     // Written before the edit, so it must still be there: keep_days 7 holds.
     assert!(old.exists());
     assert_eq!(archives().len(), 1, "{:?}", archives());
+
+    // A command run by hand meanwhile leaves the daemon's file alone.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_quantservice"))
+        .args(["--check-config", "--config"])
+        .arg(&config)
+        .env_remove("QS_CONFIG_PATH")
+        .env_remove("QS_CLICKHOUSE_PASSWORD")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "quantservice: log directory {} is in use by another quantservice process; this process logs to the console only",
+            logs.display()
+        )),
+        "{stderr}"
+    );
 
     // The edit: a smaller max_size, a shorter keep_days, another dir. Written whole (rename).
     let next = tmp.path().join("app.yaml.new");

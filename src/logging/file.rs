@@ -92,6 +92,12 @@ pub enum LogFileError {
     },
     #[error("cannot start the log file threads: {0}")]
     Thread(io::Error),
+    /// Another process (a running daemon, when a command is run by hand) owns the directory:
+    /// two processes rotating one file would lose each other's lines.
+    #[error("log directory {dir} is in use by another quantservice process")]
+    InUse { dir: PathBuf },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
 }
 
 /// The UTC day (days since 1970-01-01) of `ms`.
@@ -106,6 +112,8 @@ fn label(day: i64) -> String {
 /// `quantservice.log` and its rotation. Every `write_event` is one whole event (one or more
 /// whole lines); rotation happens only between them.
 pub struct RotatingFile {
+    /// `DIR/quantservice.lock`, locked while this value lives (the lock goes with the process).
+    _lock: File,
     path: PathBuf,
     archived: PathBuf,
     file: File,
@@ -128,7 +136,9 @@ pub struct RotatingFile {
 }
 
 impl RotatingFile {
-    /// Opens (appending to) `dir/quantservice.log`, creating `dir` and `dir/archived`, finishes
+    /// Takes the directory's lock (`dir/quantservice.lock`: one process at a time rotates the
+    /// file; [`LogFileError::InUse`] when another holds it),
+    /// opens (appending to) `dir/quantservice.log`, creating `dir` and `dir/archived`, finishes
     /// what a previous process left half archived, deletes archives older than `keep_days`,
     /// and rotates at once if the file holds lines of an earlier day (by its mtime: the day
     /// of its last line, and so of all of them, since each day's first line rotates).
@@ -144,6 +154,7 @@ impl RotatingFile {
             })
         };
         create(dir)?;
+        let lock = lock_dir(dir)?;
         let archived = dir.join("archived");
         create(&archived)?;
         let path = dir.join(format!("{STEM}.log"));
@@ -184,6 +195,7 @@ impl RotatingFile {
         }
         let pruned_with = limits.keep_days();
         let mut f = RotatingFile {
+            _lock: lock,
             path,
             archived,
             file,
@@ -326,6 +338,30 @@ impl RotatingFile {
         let before = label(today - i64::from(keep));
         self.highest.retain(|day, _| *day >= before);
         self.archiver.submit(Job::Prune { before });
+    }
+}
+
+/// `File::try_lock` is Rust 1.89, above the workspace's `rust-version` (1.85); zip 9 and
+/// clickhouse 0.15 already need 1.89 to build, so the build floor is 1.89 in fact.
+#[allow(clippy::incompatible_msrv)]
+fn lock_dir(dir: &Path) -> Result<File, LogFileError> {
+    let path = dir.join(format!("{STEM}.lock"));
+    let lock_err = |source| LogFileError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(LogFileError::InUse {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(lock_err(e)),
     }
 }
 
@@ -841,6 +877,21 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_process_at_a_time_owns_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = FakeClock::at(MAY10);
+        let first = open(tmp.path(), 1024, 7, &clock);
+        let second = RotatingFile::open(tmp.path(), FileLimits::new(1024, 7), clock.clone());
+        assert!(
+            matches!(&second, Err(LogFileError::InUse { dir }) if dir == tmp.path()),
+            "{:?}",
+            second.err()
+        );
+        close(first);
+        close(open(tmp.path(), 1024, 7, &clock));
     }
 
     #[test]

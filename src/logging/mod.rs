@@ -72,16 +72,24 @@ pub fn init(
     let file_layer = match &cfg.dir {
         Some(dir) => {
             let limits = FileLimits::new(cfg.max_size, cfg.keep_days);
-            let (writer, g) = file::spawn(dir, limits.clone(), Arc::new(SystemClock))
-                .map_err(|e| anyhow::anyhow!("app.logging.dir: {e}"))?;
-            let _ = LIMITS.set(limits);
-            guard = Some(g);
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Scrubbing::new(writer, secrets))
-                    .with_filter(filter()),
-            )
+            match file::spawn(dir, limits.clone(), Arc::new(SystemClock)) {
+                Ok((writer, g)) => {
+                    let _ = LIMITS.set(limits);
+                    guard = Some(g);
+                    Some(
+                        tracing_subscriber::fmt::layer()
+                            .with_ansi(false)
+                            .with_writer(Scrubbing::new(writer, secrets))
+                            .with_filter(filter()),
+                    )
+                }
+                // A command run by hand next to the running daemon: the daemon keeps the file.
+                Err(e @ LogFileError::InUse { .. }) => {
+                    eprintln!("quantservice: {e}; this process logs to the console only");
+                    None
+                }
+                Err(e) => return Err(anyhow::anyhow!("app.logging.dir: {e}")),
+            }
         }
         None => None,
     };
