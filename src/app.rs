@@ -43,13 +43,13 @@ pub async fn check_config(cfg: &Config, path: &str, out: &mut impl Write) -> Vec
 fn logs_summary(lg: &crate::config::LoggingConfig) -> String {
     match &lg.dir {
         Some(dir) => format!(
-            "stdout and {} (rotated at {} and at midnight UTC into {}/quantservice-YYYY-MM-DD[.N].log.gz, kept {} days)",
+            "the console and {} (rotated at {} and at midnight UTC into {}/quantservice-YYYY-MM-DD[.N].log.gz, kept {} days)",
             dir.join("quantservice.log").display(),
             crate::config::format_size(lg.max_size),
             dir.join("archived").display(),
             lg.keep_days
         ),
-        None => "stdout only (app.logging.dir is not set and the binary is not in an install layout PREFIX/bin with PREFIX/logs)".to_string(),
+        None => "the console only (app.logging.dir is not set and the binary is not in an install layout PREFIX/bin with PREFIX/logs)".to_string(),
     }
 }
 

@@ -96,7 +96,7 @@ async fn the_installed_binary_rotates_its_log_into_gzipped_archives_of_whole_lin
     assert!(out.contains("max_size: 10KB"), "{out}");
     assert!(
         out.contains(&format!(
-            "# logs: stdout and {}/quantservice.log (rotated at 10KB and at midnight UTC into {}/archived/",
+            "# logs: the console and {}/quantservice.log (rotated at 10KB and at midnight UTC into {}/archived/",
             logs.display(),
             logs.display()
         )),

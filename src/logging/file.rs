@@ -136,12 +136,12 @@ pub struct RotatingFile {
 }
 
 impl RotatingFile {
-    /// Takes the directory's lock (`dir/quantservice.lock`: one process at a time rotates the
-    /// file; [`LogFileError::InUse`] when another holds it),
-    /// opens (appending to) `dir/quantservice.log`, creating `dir` and `dir/archived`, finishes
-    /// what a previous process left half archived, deletes archives older than `keep_days`,
-    /// and rotates at once if the file holds lines of an earlier day (by its mtime: the day
-    /// of its last line, and so of all of them, since each day's first line rotates).
+    /// Creates `dir` and `dir/archived`, takes the directory's lock (`dir/quantservice.lock`:
+    /// one process at a time rotates the file; [`LogFileError::InUse`] when another holds it),
+    /// opens `dir/quantservice.log` for appending, finishes what a previous process left half
+    /// archived, deletes archives older than `keep_days`, and rotates at once if the file holds
+    /// lines of an earlier day (by its mtime: the day of its last line, and so of all of them,
+    /// since each day's first line rotates).
     pub fn open(
         dir: &Path,
         limits: FileLimits,

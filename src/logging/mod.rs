@@ -10,10 +10,7 @@ mod archive;
 mod file;
 
 pub use archive::{ArchiveName, Stage};
-pub use file::{
-    spawn as spawn_file, Clock, FileGuard, FileLimits, FileLog, LogFileError, RotatingFile,
-    SystemClock,
-};
+pub use file::{Clock, FileLimits, LogFileError, RotatingFile, SystemClock};
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -24,6 +21,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LoggingConfig;
+use file::FileGuard;
 
 /// Keeps the file writer's thread alive; drop it last: dropping it writes the lines still
 /// queued and lets the archiver finish (each bounded in time).
