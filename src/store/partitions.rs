@@ -295,7 +295,7 @@ struct DirtyRow<'a> {
 
 /// Partition IDs are letters, digits, `_` and `-` (ClickHouse writes integers, dates and hex
 /// hashes); anything else is refused before it reaches SQL.
-fn check_partition_id(id: &str) -> Result<(), StoreError> {
+pub fn check_partition_id(id: &str) -> Result<(), StoreError> {
     if !id.is_empty()
         && id.len() <= 128
         && id

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::MaintenanceConfig;
 use crate::status::{task_state, StatusHub};
-use crate::store::partitions::{DirtyPartition, TrackedTable, TRACKED};
+use crate::store::partitions::{check_partition_id, DirtyPartition, TrackedTable, TRACKED};
 use crate::store::{Store, StoreError};
 use crate::tasks::TaskError;
 use qs_core::time::UnixMs;
@@ -361,6 +361,8 @@ async fn optimize_steps(
     t: &Target,
     report: &mut PartitionReport,
 ) -> Result<Outcome, StoreError> {
+    // A mark someone else wrote may name anything; only a real partition ID reaches SQL.
+    check_partition_id(&t.partition_id)?;
     let before = store.active_parts(t.table, &t.partition_id).await?;
     report.parts_before = before.len();
     report.rows = before.iter().map(|p| p.rows).sum();
@@ -368,7 +370,7 @@ async fn optimize_steps(
     if opts.dry_run {
         return Ok(Outcome::Planned);
     }
-    let started_at = store.server_now().await?;
+    let started_at = start_after_mark(store, t.dirty_at).await?;
     let clock = Instant::now();
     if !before.is_empty() {
         store
@@ -417,6 +419,22 @@ async fn optimize_steps(
     } else {
         Outcome::Done
     })
+}
+
+/// The server's clock (Unix s) once it has moved past `dirty_at`, the partition's last mark
+/// when the pass listed it. Marks are compared with an optimize's start by the second, and a
+/// mark in the start's own second counts as newer (it may be): waiting for the next second
+/// (at most about one) keeps a mark made just before the start from leaving the partition
+/// dirty after its optimize.
+async fn start_after_mark(store: &Store, dirty_at: Option<u32>) -> Result<u32, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = store.server_now().await?;
+        if dirty_at.is_none_or(|d| now > d) || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The wall clock the schedule follows, in Unix ms (injected so tests can run it on tokio's
