@@ -121,6 +121,13 @@ impl std::fmt::Display for PartitionReport {
                 None => write!(f, ", not tracked as dirty"),
             };
         }
+        if let Outcome::Failed(why) = &self.outcome {
+            return write!(
+                f,
+                "{kind}, parts {}, seconds={:.2}: FAILED: {why}",
+                self.parts_before, self.seconds
+            );
+        }
         write!(
             f,
             "{kind}, parts {} -> {}, rows {}, seconds={:.2}: ",
@@ -129,8 +136,7 @@ impl std::fmt::Display for PartitionReport {
         match &self.outcome {
             Outcome::Done => write!(f, "done"),
             Outcome::StillDirty(why) => write!(f, "still dirty ({why})"),
-            Outcome::Failed(why) => write!(f, "FAILED: {why}"),
-            Outcome::Planned => Ok(()),
+            Outcome::Failed(_) | Outcome::Planned => Ok(()),
         }
     }
 }
@@ -678,19 +684,26 @@ mod tests {
         }
     }
 
+    /// A running schedule under test: its config sender, the (start, end) wall times of its
+    /// passes, how often it was told it is disabled, and how to stop it.
+    struct Scheduled {
+        tx: watch::Sender<MaintenanceConfig>,
+        passes: Arc<Mutex<Vec<(i64, i64)>>>,
+        disabled: Arc<Mutex<u32>>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Scheduled {
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
     /// Runs the schedule with a pass that records its start and end wall times and takes
     /// `pass_takes`.
-    fn start_schedule(
-        expr: &str,
-        start: &str,
-        pass_takes: Duration,
-    ) -> (
-        watch::Sender<MaintenanceConfig>,
-        Arc<Mutex<Vec<(i64, i64)>>>,
-        Arc<Mutex<u32>>,
-        CancellationToken,
-        tokio::task::JoinHandle<()>,
-    ) {
+    fn start_schedule(expr: &str, start: &str, pass_takes: Duration) -> Scheduled {
         let (tx, rx) = watch::channel(cfg(expr));
         let clock = virtual_clock(ms(start));
         let passes = Arc::new(Mutex::new(Vec::new()));
@@ -711,7 +724,13 @@ mod tests {
                 }
             },
         ));
-        (tx, passes, disabled, cancel, task)
+        Scheduled {
+            tx,
+            passes,
+            disabled,
+            cancel,
+            task,
+        }
     }
 
     async fn wait_passes(passes: &Arc<Mutex<Vec<(i64, i64)>>>, n: usize) {
@@ -722,31 +741,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_daily_run_fires_at_its_time_and_again_a_day_later() {
-        let (_tx, passes, _, cancel, task) = start_schedule(
+        let s = start_schedule(
             "0 30 3 * * *",
             "2026-12-02T03:29:00Z",
             Duration::from_secs(120),
         );
-        wait_passes(&passes, 2).await;
-        let p = passes.lock().unwrap().clone();
+        wait_passes(&s.passes, 2).await;
+        let p = s.passes.lock().unwrap().clone();
         assert_eq!(p[0].0, ms("2026-12-02T03:30:00Z"));
         assert_eq!(p[0].1, ms("2026-12-02T03:32:00Z"));
         assert_eq!(p[1].0, ms("2026-12-03T03:30:00Z"));
-        cancel.cancel();
-        task.await.unwrap();
+        s.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn passes_never_overlap_and_overrun_times_are_skipped_not_queued() {
         // Every 10 s, but a pass takes 25 s: passes start at :10, then :40 (the first time
         // after :35), then 1:10, ... each after the previous one ended.
-        let (_tx, passes, _, cancel, task) = start_schedule(
+        let s = start_schedule(
             "*/10 * * * * *",
             "2026-12-02T03:00:00Z",
             Duration::from_secs(25),
         );
-        wait_passes(&passes, 4).await;
-        let p = passes.lock().unwrap().clone();
+        wait_passes(&s.passes, 4).await;
+        let p = s.passes.lock().unwrap().clone();
         let starts: Vec<i64> = p
             .iter()
             .map(|(b, _)| (b - ms("2026-12-02T03:00:00Z")) / 1000)
@@ -758,21 +776,21 @@ mod tests {
                 "a pass started before the previous one ended: {p:?}"
             );
         }
-        cancel.cancel();
-        task.await.unwrap();
+        s.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_edit_reschedules_and_an_empty_schedule_disables() {
-        let (tx, passes, disabled, cancel, task) = start_schedule(
+        let s = start_schedule(
             "0 30 3 * * *",
             "2026-12-02T03:00:00Z",
             Duration::from_secs(1),
         );
+        let (tx, passes, disabled) = (&s.tx, &s.passes, &s.disabled);
         // Before 03:30 the schedule is set to every 10 s: it applies at once.
         tokio::time::sleep(Duration::from_secs(5)).await;
         tx.send_replace(cfg("*/10 * * * * *"));
-        wait_passes(&passes, 1).await;
+        wait_passes(passes, 1).await;
         assert_eq!(
             passes.lock().unwrap()[0].0,
             ms("2026-12-02T03:00:10Z"),
@@ -791,9 +809,8 @@ mod tests {
         );
         // Enabled again.
         tx.send_replace(cfg("*/10 * * * * *"));
-        wait_passes(&passes, n + 1).await;
-        cancel.cancel();
-        task.await.unwrap();
+        wait_passes(passes, n + 1).await;
+        s.stop().await;
     }
 
     fn report(id: &str, outcome: Outcome) -> PartitionReport {
@@ -925,6 +942,10 @@ mod tests {
         assert_eq!(
             report("2026", Outcome::StillDirty("late rows arrived while it ran".into())).to_string(),
             "optimize klines 2026: FINAL, parts 2 -> 1, rows 10, seconds=1.00: still dirty (late rows arrived while it ran)"
+        );
+        assert_eq!(
+            report("2020", Outcome::Failed("ClickHouse error 236: Cancelled merging parts".into())).to_string(),
+            "optimize klines 2020: FINAL, parts 2, seconds=1.00: FAILED: ClickHouse error 236: Cancelled merging parts"
         );
         assert_eq!(
             report("2024", Outcome::Planned).to_string(),
