@@ -1,6 +1,6 @@
 //! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap`,
-//! `ws-start` and `optimize`, and the signal watcher. Each returns a result the binary maps to an exit code;
-//! argument parsing lives in `main.rs`.
+//! `ws-start` and `optimize`, and the signal watcher. Each returns a result the binary maps to
+//! an exit code; argument parsing lives in `main.rs`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -171,7 +171,7 @@ pub async fn ws_start(
     Ok(count)
 }
 
-/// What `optimize` was asked to do (strings as typed; validated here).
+/// What `optimize` was asked to do (the table name as typed; checked here).
 #[derive(Debug, Clone, Default)]
 pub struct OptimizeRequest {
     /// `OPTIMIZE … FINAL` rather than a plain `OPTIMIZE`.
@@ -186,7 +186,7 @@ pub struct OptimizeRequest {
 /// `optimize`: `OPTIMIZE` the partitions that received late or replaced rows (every partition
 /// with `all`), one at a time, printing a line per partition and a summary on `out`. An error
 /// (exit 1) when a partition failed or ClickHouse cannot be reached; Ctrl-C (`cancel`) stops
-/// between partitions.
+/// the pass (the partition in flight stays dirty).
 pub async fn optimize(
     cfg: &Config,
     req: OptimizeRequest,
