@@ -1,6 +1,6 @@
-//! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap` and
-//! `ws-start`, and the signal watcher. Each returns a result the binary maps to an exit code;
-//! argument parsing lives in `main.rs`.
+//! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap`,
+//! `ws-start` and `optimize`, and the signal watcher. Each returns a result the binary maps to
+//! an exit code; argument parsing lives in `main.rs`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -184,6 +184,64 @@ pub async fn ws_start(
         "Stream stopped."
     );
     Ok(count)
+}
+
+/// What `optimize` was asked to do (the table name as typed; checked here).
+#[derive(Debug, Clone, Default)]
+pub struct OptimizeRequest {
+    /// `OPTIMIZE … FINAL` rather than a plain `OPTIMIZE`.
+    pub with_final: bool,
+    /// Every partition with parts, not only the dirty ones.
+    pub all: bool,
+    /// Only this tracked table.
+    pub table: Option<String>,
+    pub dry_run: bool,
+}
+
+/// `optimize`: `OPTIMIZE` the partitions that received late or replaced rows (every partition
+/// with `all`), one at a time, printing a line per partition and a summary on `out`. An error
+/// (exit 1) when a partition failed or ClickHouse cannot be reached; Ctrl-C (`cancel`) stops
+/// the pass (the partition in flight stays dirty).
+pub async fn optimize(
+    cfg: &Config,
+    req: OptimizeRequest,
+    out: &mut (impl Write + Send),
+    cancel: CancellationToken,
+) -> anyhow::Result<crate::tasks::maintenance::Summary> {
+    use crate::store::partitions::{tracked, TRACKED};
+    use crate::tasks::maintenance;
+    let table = match req.table.as_deref() {
+        None => None,
+        Some(name) => Some(tracked(name).with_context(|| {
+            let names: Vec<&str> = TRACKED.iter().map(|t| t.name).collect();
+            format!(
+                "unknown table {name:?} (tables whose partitions are tracked: {})",
+                names.join(", ")
+            )
+        })?),
+    };
+    let store = Store::new(&cfg.clickhouse)?;
+    migrate::run(&store)
+        .await
+        .context("cannot prepare ClickHouse")?;
+    let opts = maintenance::Options {
+        with_final: req.with_final,
+        all: req.all,
+        table,
+        dry_run: req.dry_run,
+        timeout: cfg.maintenance.timeout,
+    };
+    let summary = maintenance::optimize(&store, &opts, &cancel, &mut |r| {
+        let _ = writeln!(out, "{r}");
+        let _ = out.flush();
+    })
+    .await?;
+    let _ = writeln!(out, "{summary}");
+    let _ = out.flush();
+    summary
+        .result()
+        .map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+    Ok(summary)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -24,18 +24,20 @@
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation (the pure
 //!   `qs-core` crate, re-exported).
 //! - [`store`]: ClickHouse client, migrations, the batched kline writer, the desired- and
-//!   observed-state tables (it does not import `exchange`).
+//!   observed-state tables, the partitions that need an `OPTIMIZE` (it does not import
+//!   `exchange`).
 //! - [`exchange`]: Binance transport: REST client (with the pure answer policy `classify`),
 //!   rate governor, egress pool (direct and SOCKS5 proxies: pure selection, quarantine,
 //!   health), bulk archive reader, WebSocket streams (pure stream assignment). It imports
 //!   neither `store` nor `operator`.
 //! - [`status`]: observed state in memory (`pair_status`, `task_status`) and its flusher.
 //! - [`tasks`]: the task kinds, keys, specs and typed errors; backfill engine, a pair's history
-//!   and gap scans (and their schedule), the live stream sink.
+//!   and gap scans (and their schedule), the live stream sink, maintenance (`optimize` and its
+//!   schedule).
 //! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime; feeds
 //!   `proxy_config` rows to the egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
-//!   `ws-start`).
+//!   `ws-start`, `optimize`).
 //!
 //! Cross-cutting:
 //! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;

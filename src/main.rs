@@ -46,8 +46,29 @@ enum Command {
     BackfillGap(BackfillArgs),
     /// Stream one pair live: print each closed candle and write it to ClickHouse until Ctrl-C.
     WsStart(WsStartArgs),
+    /// OPTIMIZE, one partition at a time, the partitions that received late or replaced rows
+    /// since their last optimize (tracked by the writer), and mark them done.
+    Optimize(OptimizeArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OptimizeArgs {
+    /// OPTIMIZE … FINAL: rewrite each partition into one part, removing every duplicate
+    /// version (what the daemon's scheduled run does by default). Without it, a plain OPTIMIZE
+    /// merges each partition's parts and leaves a partition that is one part already alone.
+    #[arg(long = "final")]
+    with_final: bool,
+    /// Every partition that has data, tracked as dirty or not.
+    #[arg(long)]
+    all: bool,
+    /// Only this table (default: every tracked table; today `klines`).
+    #[arg(long, value_name = "TABLE")]
+    table: Option<String>,
+    /// Print what would be optimized (parts, rows, bytes, dirty since) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -156,7 +177,7 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     let console = if check
         || matches!(
             cli.command,
-            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_))
+            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_)) | Some(Command::Optimize(_))
         ) {
         Console::Stderr
     } else {
@@ -218,6 +239,19 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 .map(|_| ())
         }
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) => Ok(()),
+        Some(Command::Optimize(args)) => {
+            let cancel = CancellationToken::new();
+            app::watch_signals(app::shutdown_signal(), cancel.clone());
+            let req = app::OptimizeRequest {
+                with_final: args.with_final,
+                all: args.all,
+                table: args.table,
+                dry_run: args.dry_run,
+            };
+            app::optimize(&cfg, req, &mut std::io::stdout(), cancel)
+                .await
+                .map(|_| ())
+        }
         Some(Command::BackfillGap(args)) => {
             let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 let bar = indicatif::ProgressBar::new(0);

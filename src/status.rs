@@ -37,6 +37,8 @@ pub mod task_state {
     pub const RESTARTING: &str = "restarting";
     /// Its loss was fatal: the process is shutting down (systemd restarts it).
     pub const FAILED: &str = "failed";
+    /// Switched off by the config (an empty `app.maintenance.optimize`).
+    pub const DISABLED: &str = "disabled";
 }
 
 type Key = (String, String, String);

@@ -116,6 +116,32 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub gap_scan: GapScanConfig,
     pub proxy: ProxyConfig,
+    pub maintenance: MaintenanceConfig,
+}
+
+/// `app.maintenance`: the scheduled `OPTIMIZE` of the partitions that received late or
+/// replaced rows (see `tasks::maintenance`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MaintenanceConfig {
+    /// When the scheduled run starts: cron with seconds, UTC; empty disables it.
+    pub optimize: String,
+    /// The scheduled run uses `OPTIMIZE … FINAL` (every duplicate removed, one part per
+    /// partition) rather than a plain `OPTIMIZE` (merges the parts).
+    #[serde(rename = "final")]
+    pub use_final: bool,
+    /// How long one partition's `OPTIMIZE` may take before it is given up (it stays dirty).
+    #[serde(serialize_with = "duration::ser_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            optimize: "0 30 3 * * *".to_string(),
+            use_final: true,
+            timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `app.proxy`: the SOCKS5 pool declared in `proxy_config`.
@@ -540,6 +566,7 @@ impl Config {
             streams,
             gap_scan,
             proxy,
+            maintenance,
         } = self;
         let differs = [
             ("environment", *environment != other.environment),
@@ -552,6 +579,7 @@ impl Config {
             ("streams", *streams != other.streams),
             ("gap_scan", *gap_scan != other.gap_scan),
             ("proxy", *proxy != other.proxy),
+            ("maintenance", *maintenance != other.maintenance),
         ];
         differs
             .into_iter()

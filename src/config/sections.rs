@@ -12,8 +12,8 @@ use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
     BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    LoggingConfig, MarketEndpoints, OperatorConfig, ProxyConfig, ProxyMode, StreamsConfig,
-    WriterConfig,
+    LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig, ProxyMode,
+    StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
 
@@ -56,6 +56,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
     let streams = streams(app.child("streams", errs), errs);
     let gap_scan = gap_scan(app.child("gap_scan", errs), errs);
     let proxy = proxy(app.child("proxy", errs), errs);
+    let maintenance = maintenance(app.child("maintenance", errs), errs);
     app.finish(errs);
 
     Some(Config {
@@ -69,6 +70,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
         streams,
         gap_scan,
         proxy,
+        maintenance,
     })
 }
 
@@ -363,6 +365,26 @@ fn proxy(mut px: Section<'_>, errs: &mut Vec<String>) -> ProxyConfig {
     };
     px.finish(errs);
     proxy
+}
+
+/// `app.maintenance`: the scheduled OPTIMIZE of dirty partitions.
+fn maintenance(mut mt: Section<'_>, errs: &mut Vec<String>) -> MaintenanceConfig {
+    let md = MaintenanceConfig::default();
+    let optimize = mt.string("optimize", &md.optimize, errs);
+    if !optimize.is_empty() {
+        if let Err(why) = validate_cron(&optimize) {
+            errs.push(format!(
+                "app.maintenance.optimize: {why} (or \"\" to disable), got {optimize:?}"
+            ));
+        }
+    }
+    let maintenance = MaintenanceConfig {
+        optimize,
+        use_final: mt.boolean("final", md.use_final, errs),
+        timeout: mt.duration_in("timeout", md.timeout, Duration::from_secs(1), errs),
+    };
+    mt.finish(errs);
+    maintenance
 }
 
 /// Checks a six-field cron expression (seconds first), as the gap-scan scheduler reads it.

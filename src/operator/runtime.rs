@@ -1,9 +1,10 @@
 //! The daemon's runtime: one generation of clients and tasks built from a config (ClickHouse
 //! store and writer, REST client, backfill engine, stream managers, live task, gap-scan
-//! scheduler, supervisor), and the reconcile loop that drives it. A config edit that only
-//! touches the operator, gap-scan or logging settings is applied in place; one that changes
-//! how we reach ClickHouse or Binance (or the writer, backfill or stream settings) replaces the
-//! generation in-process: tasks stop, the writer flushes, new clients start. Never a restart.
+//! scheduler, scheduled maintenance, supervisor), and the reconcile loop that drives it. A
+//! config edit that only touches the operator, gap-scan, maintenance or logging settings is
+//! applied in place; one that changes how we reach ClickHouse or Binance (or the writer,
+//! backfill or stream settings) replaces the generation in-process: tasks stop, the writer
+//! flushes, new clients start. Never a restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
 use crate::store::Store;
 use crate::tasks::backfill::Backfill;
 use crate::tasks::live::Live;
+use crate::tasks::maintenance::{Maintenance, MAINTENANCE};
 use crate::tasks::pair::PairTask;
 use crate::tasks::scan_schedule::{ScanScheduler, Ticks};
 use crate::tasks::{TaskKey, TaskSpec};
@@ -284,6 +286,8 @@ struct Generation {
     ev_tx: mpsc::Sender<LiveEvent>,
     /// What the live sink runs with (a changed `late_grace` restarts it with a new one).
     live: Live,
+    /// `app.maintenance` as the scheduled optimize follows it (edits apply in place).
+    maintenance: watch::Sender<crate::config::MaintenanceConfig>,
 }
 
 impl Generation {
@@ -426,6 +430,18 @@ impl Generation {
             })
         });
         supervisor.start_service(PROXY_HEALTH, OnFailure::Restart, health);
+        let (maintenance, maintenance_rx) = watch::channel(cfg.maintenance.clone());
+        let scheduled = Maintenance {
+            store: store.clone(),
+            cfg: maintenance_rx,
+            status: status.clone(),
+            clock: Arc::new(crate::market::now_ms),
+        };
+        supervisor.start_service(
+            MAINTENANCE,
+            OnFailure::Restart,
+            Arc::new(move |c| Box::pin(scheduled.clone().run(c))),
+        );
         Ok(Some(Generation {
             cfg,
             store,
@@ -446,6 +462,7 @@ impl Generation {
             proxy_problems,
             ev_tx,
             live,
+            maintenance,
         }))
     }
 
@@ -600,6 +617,11 @@ impl Generation {
             }
             info!("Gap-scan schedules changed.");
         }
+        if new.maintenance != self.cfg.maintenance {
+            self.maintenance.send_replace(new.maintenance.clone());
+            info!(optimize = %new.maintenance.optimize, with_final = new.maintenance.use_final,
+                "Maintenance schedule changed.");
+        }
         Ok(())
     }
 
@@ -705,7 +727,9 @@ impl Generation {
     async fn stop(mut self) -> Result<WriterSummary, anyhow::Error> {
         let pairs: Vec<TaskKey> = self.supervisor.running().into_keys().collect();
         self.supervisor.stop(&pairs).await;
-        self.supervisor.stop_services(&[PROXY_HEALTH]).await;
+        self.supervisor
+            .stop_services(&[PROXY_HEALTH, MAINTENANCE])
+            .await;
         // Sockets get a second: nothing they hold is lost by an abort (a closed candle not yet
         // handed on is healed by REST at the next start). Then the live sink drains.
         for (_, s) in std::mem::take(&mut self.streams) {

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::partitions::{self, DirtyMarks, DirtyTracker};
 use super::{KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
@@ -114,6 +115,9 @@ pub struct Writer {
     rx: mpsc::Receiver<Kline>,
     stats: Arc<WriterStats>,
     views: HashSet<PairKey>,
+    /// Which `klines` partitions committed rows made dirty.
+    dirty: DirtyTracker<PairKey>,
+    marks: DirtyMarks,
 }
 
 impl Writer {
@@ -130,13 +134,29 @@ impl Writer {
             rx,
             stats,
             views: HashSet::new(),
+            dirty: DirtyTracker::new(&partitions::KLINES),
+            marks: DirtyMarks::default(),
         };
         (writer, handle)
     }
 
     /// Runs until cancelled or until every handle is dropped, then flushes what it holds,
-    /// retrying for up to `shutdown_timeout`.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
+    /// retrying for up to `shutdown_timeout`. Beside it, the dirty partitions are recorded as
+    /// they come, and once more after the last write.
+    pub async fn run(self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
+        let done = CancellationToken::new();
+        let recorder =
+            partitions::record_marks(self.store.clone(), self.marks.clone(), done.clone());
+        let writes = async {
+            let result = self.write(cancel).await;
+            done.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(writes, recorder);
+        result
+    }
+
+    async fn write(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
         let mut buf: Vec<Kline> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
         // When the oldest buffered row must be flushed at the latest.
         let mut flush_at: Option<Instant> = None;
@@ -222,6 +242,11 @@ impl Writer {
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     crate::metrics::add(&crate::metrics::ROWS, buf.len() as u64);
                     self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                    let dirty = self.dirty.committed(
+                        buf.iter().map(|k| (&k.pair, k.open_time)),
+                        crate::market::now_ms(),
+                    );
+                    self.marks.add(self.dirty.table().name, dirty);
                     if attempt > 0 {
                         info!(
                             rows = buf.len(),
