@@ -124,6 +124,16 @@ impl StatusHub {
         self.lock().pairs.update(key.clone(), new, f);
     }
 
+    /// Every pair's row (for metrics).
+    pub fn pairs(&self) -> Vec<StatusRow> {
+        self.lock().pairs.rows.values().cloned().collect()
+    }
+
+    /// Every task's row (for metrics).
+    pub fn tasks(&self) -> Vec<TaskStatusRow> {
+        self.lock().tasks.rows.values().cloned().collect()
+    }
+
     pub fn get(&self, pair: &PairKey) -> Option<StatusRow> {
         self.lock().pairs.rows.get(&key_of(pair)).cloned()
     }

@@ -27,6 +27,8 @@ pub struct Services {
     http: HttpConfig,
     status: StatusHub,
     fatal: Fatal,
+    /// The pairs' and tasks' families on `/metrics`, for the daemon's whole life.
+    _metrics: crate::metrics::Registration,
 }
 
 impl Services {
@@ -45,6 +47,7 @@ impl Services {
             supervisor,
             ops,
             http: cfg.http.clone(),
+            _metrics: super::observe::status_collector(status.clone()),
             status,
             fatal,
         };

@@ -56,6 +56,7 @@ pub async fn run(
     reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metrics::mark_start();
     let status = StatusHub::default();
     let cfg = cfg_rx.borrow_and_update().clone();
     let mut services = Services::start(&cfg, status.clone(), policy(&cfg));
@@ -283,6 +284,9 @@ struct Generation {
     live: Live,
     /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
     ops: OpsState,
+    /// This generation's families on `/metrics` (writer queue, weight windows, proxies);
+    /// unregistered with the generation.
+    _metrics: crate::metrics::Registration,
 }
 
 impl Generation {
@@ -427,6 +431,8 @@ impl Generation {
             })
         });
         supervisor.start_service(PROXY_HEALTH, OnFailure::Restart, health);
+        crate::metrics::add(&crate::metrics::GENERATIONS, 1);
+        let metrics = super::observe::generation_collector(handle.gauge(), Arc::downgrade(&pool));
         Ok(Some(Generation {
             cfg,
             store,
@@ -448,6 +454,7 @@ impl Generation {
             ev_tx,
             live,
             ops: ops.clone(),
+            _metrics: metrics,
         }))
     }
 
@@ -691,6 +698,13 @@ impl Generation {
             }
             self.streamed.send_replace(want.streams);
         }
+        for (market, s) in &self.streams {
+            let conns = s.connections();
+            let streams: usize = conns.iter().map(|c| c.1).sum();
+            crate::metrics::STREAMS.set(&[market.as_str()], streams as f64);
+            crate::metrics::STREAM_CONNECTIONS.set(&[market.as_str()], conns.len() as f64);
+        }
+        crate::metrics::add(&crate::metrics::RECONCILE_PASSES, 1);
         self.ops.reconciled();
     }
 
