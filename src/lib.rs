@@ -45,6 +45,8 @@
 //! - [`metrics`]: the counters of the `Metrics:` log line.
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`faults`]: fault points a test in the same process can arm (inert otherwise).
+//! - [`systemd`]: the service manager's notify protocol (`READY=1`, `STATUS=`, `STOPPING=1`,
+//!   `WATCHDOG=1`).
 
 pub mod config;
 pub mod config_watch;
@@ -61,6 +63,7 @@ pub mod logging;
 pub mod metrics;
 pub mod backoff;
 pub mod faults;
+pub mod systemd;
 
 /// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
 /// 1712345678901`), as servers put them in their messages.

@@ -2,7 +2,9 @@
 //! `quantservice ready` contract (exit 0 ready, 1 not ready in time with the reason, 3
 //! disabled) against the binary, readiness following ClickHouse going away and coming back,
 //! and `app.http.listen` edits applied live (rebind, a taken port retried, "" stops it) without
-//! touching the streams. Every wait has a deadline and waits on something observable.
+//! touching the streams; `/metrics` checked by promtool and against what happened; and the
+//! service manager's notify protocol (`READY=1`, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`) heard on
+//! a real datagram socket. Every wait has a deadline and waits on something observable.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 mod common;
@@ -630,4 +632,109 @@ async fn metrics_pass_promtool_and_match_what_happened() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// What the binary tells the service manager, heard on a datagram socket bound by the test
+/// (as systemd's `$NOTIFY_SOCKET`, with a 1 s watchdog): a `STATUS=` while it waits for
+/// ClickHouse (down at first) and no `READY=1` before the migrations are in ClickHouse; the
+/// pair counts once a pair streams; `WATCHDOG=1` pings; `STOPPING=1` on SIGTERM, then exit 0.
+#[test]
+fn the_service_manager_hears_ready_status_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(sim::start(
+            SimConfig::default(),
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .unwrap();
+    sim.set_ws_update_interval(Some(Duration::from_millis(100)));
+    let server = ChServer::start();
+    let db = TestDb::on_server(&server, "ops_notify");
+    server.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let path = dir.path().join("app.yaml");
+    std::fs::write(
+        &path,
+        db.yaml(&format!(
+            "{}  operator:\n    poll_interval: 200ms\n",
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
+        )),
+    )
+    .unwrap();
+    let mut daemon = KillOnDrop(
+        bin()
+            .arg("--config")
+            .arg(&path)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("WATCHDOG_PID")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut heard: Vec<String> = Vec::new();
+    // Reads messages until one satisfies `want`; panics with all heard after `secs`.
+    let mut hear = |secs: u64, what: &str, want: &mut dyn FnMut(&str) -> bool| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Ok(n) = socket.recv(&mut buf) {
+                heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                if want(heard.last().unwrap()) {
+                    return heard.len() - 1;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {secs} s; heard {heard:?}"
+            );
+        }
+    };
+
+    let waiting = hear(30, "waiting status", &mut |m| {
+        m == "STATUS=starting: waiting for ClickHouse and the migrations"
+    });
+    assert_eq!(waiting, 0, "the first thing said");
+    server.restart();
+    let ready = hear(60, "READY=1", &mut |m| m == "READY=1");
+    assert!(
+        count(&db, "SELECT count() FROM schema_migrations") >= 1,
+        "READY=1 before the migrations were applied"
+    );
+    db.sql(&format!(
+        "INSERT INTO trading_pairs (market, symbol, period, backfill_from) VALUES ('spot', 'BTCUSDT', '1s', {})",
+        Period::S1.align(sim::now_ms()) - 5_000
+    ));
+    hear(30, "the pair streaming in STATUS", &mut |m| {
+        m == "STATUS=1 pair: 1 streaming, 0 backfilling, 0 failed"
+    });
+    let mut pings = 0;
+    hear(10, "three watchdog pings after READY=1", &mut |m| {
+        pings += usize::from(m == "WATCHDOG=1");
+        pings >= 3
+    });
+    Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    let stopping = hear(10, "STOPPING=1", &mut |m| m.starts_with("STOPPING=1"));
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        heard.iter().filter(|m| *m == "READY=1").count(),
+        1,
+        "READY=1 once: {heard:?}"
+    );
+    assert!(ready < stopping);
+    assert!(
+        heard[..ready].iter().all(|m| m.starts_with("STATUS=")),
+        "only the status before READY=1: {heard:?}"
+    );
 }

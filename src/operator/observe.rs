@@ -1,8 +1,9 @@
-//! What the operator shows on `/metrics`, read at scrape time: observed state (every pair's
+//! What the operator shows: on `/metrics`, read at scrape time, observed state (every pair's
 //! lag, last closed candle age, open gaps, reconnects and restarts; pairs per phase; the
 //! daemon's tasks) and the running generation (the writer's queue, each egress's weight
-//! window, proxy states). Collectors only read; the row-to-sample functions are pure and
-//! table-tested. The families themselves are written by `crate::metrics`.
+//! window, proxy states); and to the service manager, the pair counts of its `STATUS=` line.
+//! Collectors only read; the row-to-sample functions are pure and table-tested. The families
+//! themselves are written by `crate::metrics`.
 
 use std::sync::Weak;
 
@@ -158,6 +159,37 @@ pub fn collect_pairs(rows: &[StatusRow], now_ms: i64, s: &mut Scrape) {
     }
 }
 
+/// The service manager's status line (`systemctl status`): the pairs that are not disabled
+/// (bad `trading_pairs` rows included) and their phases, e.g. `12 pairs: 11 streaming, 0
+/// backfilling, 1 failed` (`failed`: error or parked), then other phases when present
+/// (`, 2 history only`, `, 1 stream down`, `, 1 healing`).
+pub fn status_line(rows: &[StatusRow]) -> String {
+    let n = |phases: &[&str]| {
+        rows.iter()
+            .filter(|r| phases.contains(&r.phase.as_str()))
+            .count()
+    };
+    let total = rows.iter().filter(|r| r.phase != phase::DISABLED).count();
+    let mut line = format!(
+        "{total} pair{}: {} streaming, {} backfilling, {} failed",
+        if total == 1 { "" } else { "s" },
+        n(&[phase::STREAMING]),
+        n(&[phase::BACKFILLING]),
+        n(&[phase::ERROR, phase::PARKED]),
+    );
+    for (p, name) in [
+        (phase::IDLE, "history only"),
+        (phase::STREAM_DOWN, "stream down"),
+        (phase::HEALING, "healing"),
+    ] {
+        let k = n(&[p]);
+        if k > 0 {
+            line.push_str(&format!(", {k} {name}"));
+        }
+    }
+    line
+}
+
 /// Each daemon task's state (1 for the current one) and restarts.
 pub fn collect_tasks(rows: &[TaskStatusRow], s: &mut Scrape) {
     let f = s.gauge(
@@ -253,6 +285,45 @@ mod tests {
             ("parked", 0.0),
         ] {
             assert_eq!(s.get("quantservice_pairs", &[("phase", p)]), Some(n), "{p}");
+        }
+    }
+
+    #[test]
+    fn status_lines() {
+        struct Case {
+            phases: &'static [&'static str],
+            line: &'static str,
+        }
+        let cases = [
+            Case {
+                phases: &[],
+                line: "0 pairs: 0 streaming, 0 backfilling, 0 failed",
+            },
+            Case {
+                phases: &[phase::BACKFILLING],
+                line: "1 pair: 0 streaming, 1 backfilling, 0 failed",
+            },
+            Case {
+                phases: &[
+                    phase::STREAMING,
+                    phase::STREAMING,
+                    phase::ERROR,
+                    phase::PARKED,
+                    phase::DISABLED,
+                    phase::IDLE,
+                    phase::STREAM_DOWN,
+                ],
+                line:
+                    "6 pairs: 2 streaming, 0 backfilling, 2 failed, 1 history only, 1 stream down",
+            },
+        ];
+        for c in cases {
+            let rows: Vec<StatusRow> = c
+                .phases
+                .iter()
+                .map(|p| row("spot", "BTCUSDT", "1m", p))
+                .collect();
+            assert_eq!(status_line(&rows), c.line);
         }
     }
 

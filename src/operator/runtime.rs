@@ -59,9 +59,10 @@ pub async fn run(
     crate::metrics::mark_start();
     let status = StatusHub::default();
     let cfg = cfg_rx.borrow_and_update().clone();
-    let mut services = Services::start(&cfg, status.clone(), policy(&cfg));
+    let notifier = crate::systemd::Notifier::from_env();
+    let mut services = Services::start(&cfg, status.clone(), policy(&cfg), notifier);
     let result = run_generations(cfg, cfg_rx, reloads, status, &mut services, shutdown).await;
-    services.ops().stopping();
+    services.stopping();
     services.stop().await;
     result
 }
@@ -75,7 +76,9 @@ async fn run_generations(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ops = services.ops().clone();
-    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await?
+    let notifier = services.notifier().clone();
+    let Some(mut gen) =
+        Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown).await?
     else {
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
@@ -89,13 +92,13 @@ async fn run_generations(
             .await
         {
             Exit::Shutdown => {
-                ops.stopping();
+                services.stopping();
                 log_flushed(gen.stop().await);
                 return Ok(());
             }
             Exit::Fatal(reason) => {
                 error!(%reason, "Shutting down after a fatal task failure (exit code 1; systemd restarts the service).");
-                ops.stopping();
+                services.stopping();
                 log_flushed(gen.stop().await);
                 anyhow::bail!("fatal task failure: {reason}");
             }
@@ -106,7 +109,9 @@ async fn run_generations(
         cfg = gen.cfg.clone();
         // The new settings must work before the running generation is given up: a wrong
         // password or an unreachable host in an edit changes nothing (the last good config
-        // keeps running, and the error says why).
+        // keeps running, and the error says why). Each step of a rebuild is bounded; the
+        // watchdog hears from us between them.
+        notifier.watchdog();
         if let Err(e) = preflight(&new, &shutdown).await {
             if !shutdown.is_cancelled() {
                 error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
@@ -119,9 +124,13 @@ async fn run_generations(
         }
         let changed = cfg.changed_sections(&new).join(", ");
         info!(%changed, "Rebuilding clients and tasks for the new config.");
+        notifier.status("reloading: rebuilding clients and tasks for the new config");
+        notifier.watchdog();
         log_flushed(gen.stop().await);
+        notifier.watchdog();
         announce = true;
-        gen = match Generation::start(new.clone(), status.clone(), &ops, &shutdown).await {
+        gen = match Generation::start(new.clone(), status.clone(), &ops, &notifier, &shutdown).await
+        {
             Ok(Some(g)) => {
                 info!(%changed, "New config applied.");
                 services.apply(&new, policy(&new)).await;
@@ -135,7 +144,9 @@ async fn run_generations(
                     &format!("cannot start with the edited config: {e:#}"),
                     &[&new, &cfg],
                 );
-                match Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await? {
+                match Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown)
+                    .await?
+                {
                     Some(g) => g,
                     None => return Ok(()),
                 }
@@ -284,6 +295,8 @@ struct Generation {
     live: Live,
     /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
     ops: OpsState,
+    /// The service manager: `READY=1` after the first pass, the pair counts, watchdog pings.
+    notifier: crate::systemd::Notifier,
     /// This generation's families on `/metrics` (writer queue, weight windows, proxies);
     /// unregistered with the generation.
     _metrics: crate::metrics::Registration,
@@ -295,6 +308,7 @@ impl Generation {
         cfg: Arc<Config>,
         status: StatusHub,
         ops: &OpsState,
+        notifier: &crate::systemd::Notifier,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Generation>> {
         info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
@@ -454,6 +468,7 @@ impl Generation {
             ev_tx,
             live,
             ops: ops.clone(),
+            notifier: notifier.clone(),
             _metrics: metrics,
         }))
     }
@@ -469,6 +484,12 @@ impl Generation {
         shutdown: &CancellationToken,
     ) -> Exit {
         let services_fatal = services.fatal().clone();
+        // WATCHDOG=1 from this loop itself, at least twice per interval: a loop stuck in a
+        // pass stops pinging and the service manager restarts the process.
+        let mut watchdog = self
+            .notifier
+            .watchdog_interval()
+            .map(|every| crate::ticker(every / 2));
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
@@ -543,6 +564,7 @@ impl Generation {
                     self.reap_connections().await;
                     self.reconcile().await;
                 }
+                _ = tick_if_some(&mut watchdog) => self.notifier.watchdog(),
                 _ = metrics.tick() => {
                     let streams: usize = self.streams.values().map(|s| s.connections().iter().map(|c| c.1).sum::<usize>()).sum();
                     info!("{}", crate::metrics::line(streams));
@@ -706,6 +728,10 @@ impl Generation {
         }
         crate::metrics::add(&crate::metrics::RECONCILE_PASSES, 1);
         self.ops.reconciled();
+        self.notifier
+            .status(&super::observe::status_line(&self.status.pairs()));
+        // After the migrations (the generation started) and a completed pass; sent once.
+        self.notifier.ready();
     }
 
     /// Bad and disabled rows go to `pair_status` (and the log, once per change).
@@ -759,6 +785,16 @@ impl Generation {
         // The last status rows after everything stopped (the flusher writes once more).
         self.supervisor.stop_all().await;
         summary
+    }
+}
+
+/// Completes at `ticker`'s next tick; never without one.
+async fn tick_if_some(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
