@@ -1,6 +1,6 @@
 //! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap`,
-//! `ws-start` and `optimize`, and the signal watcher. Each returns a result the binary maps to
-//! an exit code; argument parsing lives in `main.rs`.
+//! `ws-start`, `optimize` and `ready`, and the signal watcher. Each returns a result the binary
+//! maps to an exit code; argument parsing lives in `main.rs`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -86,6 +86,12 @@ pub async fn run_daemon(
     result?;
     info!("QuantService stopped.");
     Ok(())
+}
+
+/// `ready`: polls the running daemon's `/readyz` (on `app.http.listen`, a wildcard address
+/// reached on loopback) until it answers 200, for at most `timeout`.
+pub async fn ready(cfg: &Config, timeout: Duration) -> Result<(), crate::server::ops::ReadyError> {
+    crate::server::ops::wait_ready(&cfg.http.listen, timeout).await
 }
 
 /// `ws-start`: a temporary live stream of one pair that prints each closed candle and writes

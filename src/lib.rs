@@ -34,10 +34,13 @@
 //! - [`tasks`]: the task kinds, keys, specs and typed errors; backfill engine, a pair's history
 //!   and gap scans (and their schedule), the live stream sink, maintenance (`optimize` and its
 //!   schedule).
-//! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime; feeds
-//!   `proxy_config` rows to the egress pool and writes its `proxy_status`.
+//! - [`server`]: the daemon's HTTP servers: the ops endpoint (`/healthz`, `/readyz`, `/metrics`)
+//!   and the client of `quantservice ready`.
+//! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime, the daemon's own
+//!   services that outlive generations (the ops endpoint); feeds `proxy_config` rows to the
+//!   egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
-//!   `ws-start`, `optimize`).
+//!   `ws-start`, `optimize`, `ready`).
 //!
 //! Cross-cutting:
 //! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;
@@ -45,6 +48,8 @@
 //! - [`metrics`]: the counters of the `Metrics:` log line.
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`faults`]: fault points a test in the same process can arm (inert otherwise).
+//! - [`systemd`]: the service manager's notify protocol (`READY=1`, `STATUS=`, `STOPPING=1`,
+//!   `WATCHDOG=1`).
 
 pub mod config;
 pub mod config_watch;
@@ -53,6 +58,7 @@ pub mod store;
 pub mod exchange;
 pub mod status;
 pub mod tasks;
+pub mod server;
 pub mod operator;
 pub mod app;
 
@@ -60,6 +66,7 @@ pub mod logging;
 pub mod metrics;
 pub mod backoff;
 pub mod faults;
+pub mod systemd;
 
 /// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
 /// 1712345678901`), as servers put them in their messages.

@@ -1,5 +1,6 @@
 //! The `quantservice` binary: parses the command line, loads the config, runs the command and
-//! maps the outcome to an exit code (0 success, 1 failure, 2 usage error from clap).
+//! maps the outcome to an exit code (0 success, 1 failure, 2 usage error from clap; `ready`
+//! also 3: the ops endpoint is disabled).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use quantservice::app;
 use quantservice::config::{Config, ENV_CONFIG_PATH};
 use quantservice::logging::{self, Console};
+use quantservice::server::ops::ReadyError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,6 +53,17 @@ enum Command {
     Optimize(OptimizeArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
+    /// Wait until the running daemon is ready (its /readyz on app.http.listen answers 200):
+    /// exit 0 when ready, 1 on timeout (the last reason on stderr), 3 if the endpoint is
+    /// disabled.
+    Ready(ReadyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReadyArgs {
+    /// How long to wait, e.g. 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = quantservice::config::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +178,23 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Ready(args)) = &cli.command {
+        // No logging set up: this command must not open the daemon's log files.
+        return match app::ready(&cfg, args.timeout).await {
+            Ok(()) => {
+                println!("ready");
+                ExitCode::SUCCESS
+            }
+            Err(e @ ReadyError::Disabled) => {
+                eprintln!("{e}");
+                ExitCode::from(3)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let secrets = cfg.secrets();
     let scrub = |s: String| {
         secrets
@@ -238,7 +268,9 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 .await
                 .map(|_| ())
         }
-        Some(Command::CheckConfig) | Some(Command::SimExchange(_)) => Ok(()),
+        Some(Command::CheckConfig) | Some(Command::SimExchange(_)) | Some(Command::Ready(_)) => {
+            Ok(())
+        }
         Some(Command::Optimize(args)) => {
             let cancel = CancellationToken::new();
             app::watch_signals(app::shutdown_signal(), cancel.clone());

@@ -419,3 +419,37 @@ async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits
     assert_eq!(rx.borrow().environment, "five");
     cancel.cancel();
 }
+
+#[test]
+fn the_ops_endpoint_listen_address() {
+    assert_eq!(parse("app: {}\n").unwrap().http.listen, "127.0.0.1:9108");
+    assert_eq!(
+        parse("app:\n  http:\n    listen: \"\"\n")
+            .unwrap()
+            .http
+            .listen,
+        ""
+    );
+    assert_eq!(
+        parse("app:\n  http:\n    listen: \"[::]:9108\"\n")
+            .unwrap()
+            .http
+            .listen,
+        "[::]:9108"
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: \"9108\"\n"),
+        ["app.http.listen: expected HOST:PORT like 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108 (\"\" disables it), got \"9108\""]
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: \"127.0.0.1:99999\"\n"),
+        ["app.http.listen: expected HOST:PORT like 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108 (\"\" disables it); the port must be 0..65535, got \"127.0.0.1:99999\""]
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: 9108\n    port: 1\n"),
+        [
+            "app.http.listen: expected a string (quote it), got 9108",
+            "app.http.port: unknown key (expected one of: listen)"
+        ]
+    );
+}

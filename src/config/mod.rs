@@ -22,7 +22,7 @@ use yaml_serde::Value;
 use crate::market::Market;
 
 pub use duration::{format_duration, parse_duration, MAX_DURATION};
-pub use sections::{is_bare_host, is_identifier, validate_cron};
+pub use sections::{is_bare_host, is_identifier, validate_cron, validate_listen};
 pub use size::{format_size, parse_size};
 
 /// Env var that names the config file (the systemd unit sets it).
@@ -117,6 +117,7 @@ pub struct Config {
     pub gap_scan: GapScanConfig,
     pub proxy: ProxyConfig,
     pub maintenance: MaintenanceConfig,
+    pub http: HttpConfig,
 }
 
 /// `app.maintenance`: the scheduled `OPTIMIZE` of the partitions that received late or
@@ -140,6 +141,24 @@ impl Default for MaintenanceConfig {
             optimize: "0 30 3 * * *".to_string(),
             use_final: true,
             timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `app.http`: the ops endpoint (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpConfig {
+    /// `HOST:PORT` to listen on (validated); empty disables the endpoint.
+    pub listen: String,
+}
+
+/// Where the ops endpoint listens unless `app.http.listen` says otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9108";
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: DEFAULT_HTTP_LISTEN.to_string(),
         }
     }
 }
@@ -567,6 +586,7 @@ impl Config {
             gap_scan,
             proxy,
             maintenance,
+            http,
         } = self;
         let differs = [
             ("environment", *environment != other.environment),
@@ -580,6 +600,7 @@ impl Config {
             ("gap_scan", *gap_scan != other.gap_scan),
             ("proxy", *proxy != other.proxy),
             ("maintenance", *maintenance != other.maintenance),
+            ("http", *http != other.http),
         ];
         differs
             .into_iter()

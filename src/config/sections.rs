@@ -12,8 +12,8 @@ use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
     BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig, ProxyMode,
-    StreamsConfig, WriterConfig,
+    HttpConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig,
+    ProxyMode, StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
 
@@ -57,6 +57,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
     let gap_scan = gap_scan(app.child("gap_scan", errs), errs);
     let proxy = proxy(app.child("proxy", errs), errs);
     let maintenance = maintenance(app.child("maintenance", errs), errs);
+    let http = http(app.child("http", errs), errs);
     app.finish(errs);
 
     Some(Config {
@@ -71,6 +72,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
         gap_scan,
         proxy,
         maintenance,
+        http,
     })
 }
 
@@ -387,6 +389,37 @@ fn maintenance(mut mt: Section<'_>, errs: &mut Vec<String>) -> MaintenanceConfig
     maintenance
 }
 
+/// `app.http`: the ops endpoint.
+fn http(mut h: Section<'_>, errs: &mut Vec<String>) -> HttpConfig {
+    let listen = h.string("listen", super::DEFAULT_HTTP_LISTEN, errs);
+    if let Err(why) = validate_listen(&listen) {
+        errs.push(format!("app.http.listen: {why}, got {listen:?}"));
+    }
+    h.finish(errs);
+    HttpConfig { listen }
+}
+
+/// Checks a listen address: `HOST:PORT` with an IP address (`127.0.0.1:9108`, `[::]:9108`) or
+/// a bare host name (`localhost:9108`), or `""` (disabled). Port 0 picks a free port.
+pub fn validate_listen(listen: &str) -> Result<(), String> {
+    const EXPECTED: &str =
+        "expected HOST:PORT like 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108 (\"\" disables it)";
+    if listen.is_empty() || listen.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(EXPECTED.to_string());
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{EXPECTED}; the port must be 0..65535"));
+    }
+    // An IPv6 address needs brackets; anything else must be a bare host name.
+    if host.contains(':') || host.parse::<std::net::IpAddr>().is_ok() || !is_bare_host(host) {
+        return Err(EXPECTED.to_string());
+    }
+    Ok(())
+}
+
 /// Checks a six-field cron expression (seconds first), as the gap-scan scheduler reads it.
 pub fn validate_cron(expr: &str) -> Result<(), String> {
     if expr.split_whitespace().count() != 6 {
@@ -438,6 +471,36 @@ mod tests {
             "[::1]",
         ] {
             assert!(!is_bare_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        for ok in [
+            "",
+            "127.0.0.1:9108",
+            "0.0.0.0:9108",
+            "[::]:9108",
+            "[::1]:0",
+            "localhost:9108",
+            "ops.example.com:80",
+        ] {
+            assert_eq!(validate_listen(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            "9108",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:65536",
+            ":9108",
+            "::1:9108",
+            "[::1]",
+            "http://127.0.0.1:9108",
+            "localhost:http",
+            "300.1.1.1:9108",
+            "a b:9108",
+        ] {
+            assert!(validate_listen(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -2,7 +2,9 @@
 //! the plan and has the supervisor and the stream managers converge to it, level-triggered,
 //! every poll or config change. See `run` for the daemon's runtime around it.
 
+pub mod daemon;
 pub mod desired;
+pub mod observe;
 pub mod plan;
 pub mod proxies;
 pub mod runtime;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::daemon::Services;
 use super::desired::{desired, Desired};
 use super::plan::{plan, State};
 use super::supervisor::{Factory, Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
@@ -27,6 +28,7 @@ use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey};
+use crate::server::ops::OpsState;
 use crate::status::{phase, StatusHub};
 use crate::store::migrate;
 use crate::store::state::ProxyRow;
@@ -49,15 +51,37 @@ enum Exit {
 }
 
 /// Runs the operator until `shutdown`: migrate, reconcile, follow config edits (reporting
-/// whether each was applied or refused on `reloads`).
+/// whether each was applied or refused on `reloads`). The daemon's own services (the ops
+/// endpoint) run beside the generations from the start to the very end.
 pub async fn run(
     mut cfg_rx: watch::Receiver<Arc<Config>>,
     reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metrics::mark_start();
     let status = StatusHub::default();
-    let mut cfg = cfg_rx.borrow_and_update().clone();
-    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &shutdown).await? else {
+    let cfg = cfg_rx.borrow_and_update().clone();
+    let notifier = crate::systemd::Notifier::from_env();
+    let mut services = Services::start(&cfg, status.clone(), policy(&cfg), notifier);
+    let result = run_generations(cfg, cfg_rx, reloads, status, &mut services, shutdown).await;
+    services.stopping();
+    services.stop().await;
+    result
+}
+
+async fn run_generations(
+    mut cfg: Arc<Config>,
+    mut cfg_rx: watch::Receiver<Arc<Config>>,
+    reloads: Reloads,
+    status: StatusHub,
+    services: &mut Services,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ops = services.ops().clone();
+    let notifier = services.notifier().clone();
+    let Some(mut gen) =
+        Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown).await?
+    else {
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
     };
@@ -66,15 +90,17 @@ pub async fn run(
     let mut announce = true;
     loop {
         let new = match gen
-            .reconcile_loop(&mut cfg_rx, &reloads, announce, &shutdown)
+            .reconcile_loop(&mut cfg_rx, &reloads, announce, services, &shutdown)
             .await
         {
             Exit::Shutdown => {
+                services.stopping();
                 log_flushed(gen.stop().await);
                 return Ok(());
             }
             Exit::Fatal(reason) => {
                 error!(%reason, "Shutting down after a fatal task failure (exit code 1; systemd restarts the service).");
+                services.stopping();
                 log_flushed(gen.stop().await);
                 anyhow::bail!("fatal task failure: {reason}");
             }
@@ -85,7 +111,9 @@ pub async fn run(
         cfg = gen.cfg.clone();
         // The new settings must work before the running generation is given up: a wrong
         // password or an unreachable host in an edit changes nothing (the last good config
-        // keeps running, and the error says why).
+        // keeps running, and the error says why). Each step of a rebuild is bounded; the
+        // watchdog hears from us between them.
+        notifier.watchdog();
         if let Err(e) = preflight(&new, &shutdown).await {
             if !shutdown.is_cancelled() {
                 error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
@@ -98,12 +126,17 @@ pub async fn run(
         }
         let changed = cfg.changed_sections(&new).join(", ");
         info!(%changed, "Rebuilding clients and tasks for the new config.");
+        notifier.status("reloading: rebuilding clients and tasks for the new config");
+        notifier.watchdog();
         log_flushed(gen.stop().await);
+        notifier.watchdog();
         announce = true;
-        gen = match Generation::start(new.clone(), status.clone(), &shutdown).await {
+        gen = match Generation::start(new.clone(), status.clone(), &ops, &notifier, &shutdown).await
+        {
             Ok(Some(g)) => {
                 apply_logging(&cfg.logging, &new.logging);
                 info!(%changed, "New config applied.");
+                services.apply(&new, policy(&new)).await;
                 reloads.applied(&cfg, &new);
                 g
             }
@@ -114,7 +147,9 @@ pub async fn run(
                     &format!("cannot start with the edited config: {e:#}"),
                     &[&new, &cfg],
                 );
-                match Generation::start(cfg.clone(), status.clone(), &shutdown).await? {
+                match Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown)
+                    .await?
+                {
                     Some(g) => g,
                     None => return Ok(()),
                 }
@@ -288,6 +323,13 @@ struct Generation {
     live: Live,
     /// `app.maintenance` as the scheduled optimize follows it (edits apply in place).
     maintenance: watch::Sender<crate::config::MaintenanceConfig>,
+    /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
+    ops: OpsState,
+    /// The service manager: `READY=1` after the first pass, the pair counts, watchdog pings.
+    notifier: crate::systemd::Notifier,
+    /// This generation's families on `/metrics` (writer queue, weight windows, proxies);
+    /// unregistered with the generation.
+    _metrics: crate::metrics::Registration,
 }
 
 impl Generation {
@@ -295,6 +337,8 @@ impl Generation {
     async fn start(
         cfg: Arc<Config>,
         status: StatusHub,
+        ops: &OpsState,
+        notifier: &crate::systemd::Notifier,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Generation>> {
         info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
@@ -308,6 +352,7 @@ impl Generation {
             .map_or_else(|| "unknown".to_string(), |v| v.to_string());
         info!(%server, applied = report.applied.len(), skipped = report.skipped.len(),
             "Schema up to date.");
+        ops.set_store(store.clone());
         let cancel = CancellationToken::new();
         let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
         let writer_cancel = CancellationToken::new();
@@ -442,6 +487,8 @@ impl Generation {
             OnFailure::Restart,
             Arc::new(move |c| Box::pin(scheduled.clone().run(c))),
         );
+        crate::metrics::add(&crate::metrics::GENERATIONS, 1);
+        let metrics = super::observe::generation_collector(handle.gauge(), Arc::downgrade(&pool));
         Ok(Some(Generation {
             cfg,
             store,
@@ -463,6 +510,9 @@ impl Generation {
             ev_tx,
             live,
             maintenance,
+            ops: ops.clone(),
+            notifier: notifier.clone(),
+            _metrics: metrics,
         }))
     }
 
@@ -473,8 +523,16 @@ impl Generation {
         cfg_rx: &mut watch::Receiver<Arc<Config>>,
         reloads: &Reloads,
         announce: bool,
+        services: &mut Services,
         shutdown: &CancellationToken,
     ) -> Exit {
+        let services_fatal = services.fatal().clone();
+        // WATCHDOG=1 from this loop itself, at least twice per interval: a loop stuck in a
+        // pass stops pinging and the service manager restarts the process.
+        let mut watchdog = self
+            .notifier
+            .watchdog_interval()
+            .map(|every| crate::ticker(every / 2));
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
@@ -487,6 +545,7 @@ impl Generation {
                 biased;
                 _ = shutdown.cancelled() => return Exit::Shutdown,
                 reason = self.fatal.raised() => return Exit::Fatal(reason),
+                reason = services_fatal.raised() => return Exit::Fatal(reason),
                 done = writer_ended(&mut self.writer_task) => {
                     self.writer_task = None;
                     let why = match done {
@@ -526,6 +585,7 @@ impl Generation {
                         error!(error = %format!("{e:#}"), "Cannot apply the new config in place; rebuilding.");
                         return Exit::Rebuild(new);
                     }
+                    services.apply(&new, policy(&new)).await;
                     if new.operator.poll_interval != self.cfg.operator.poll_interval {
                         poll = crate::ticker(new.operator.poll_interval);
                     }
@@ -547,6 +607,7 @@ impl Generation {
                     self.reap_connections().await;
                     self.reconcile().await;
                 }
+                _ = tick_if_some(&mut watchdog) => self.notifier.watchdog(),
                 _ = metrics.tick() => {
                     let streams: usize = self.streams.values().map(|s| s.connections().iter().map(|c| c.1).sum::<usize>()).sum();
                     info!("{}", crate::metrics::line(streams));
@@ -697,6 +758,18 @@ impl Generation {
             }
             self.streamed.send_replace(want.streams);
         }
+        for (market, s) in &self.streams {
+            let conns = s.connections();
+            let streams: usize = conns.iter().map(|c| c.1).sum();
+            crate::metrics::STREAMS.set(&[market.as_str()], streams as f64);
+            crate::metrics::STREAM_CONNECTIONS.set(&[market.as_str()], conns.len() as f64);
+        }
+        crate::metrics::add(&crate::metrics::RECONCILE_PASSES, 1);
+        self.ops.reconciled();
+        self.notifier
+            .status(&super::observe::status_line(&self.status.pairs()));
+        // After the migrations (the generation started) and a completed pass; sent once.
+        self.notifier.ready();
     }
 
     /// Bad and disabled rows go to `pair_status` (and the log, once per change).
@@ -755,6 +828,16 @@ impl Generation {
     }
 }
 
+/// Completes at `ticker`'s next tick; never without one.
+async fn tick_if_some(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 type WriterTask = JoinHandle<Result<WriterSummary, WriterError>>;
 
 /// Completes when the writer task has ended (never, once it is known to have ended).
@@ -788,6 +871,12 @@ mod tests {
             Case {
                 name: "operator settings apply in place",
                 edit: |c| c.operator.poll_interval = Duration::from_secs(9),
+                rebuild: false,
+                streams_only: true,
+            },
+            Case {
+                name: "the ops endpoint applies in place",
+                edit: |c| c.http.listen = "127.0.0.1:9".into(),
                 rebuild: false,
                 streams_only: true,
             },

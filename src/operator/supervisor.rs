@@ -150,6 +150,24 @@ impl Supervisor {
         }
     }
 
+    /// A supervisor of services only (the daemon's own, which outlive the generations): it
+    /// has no keyed tasks to build.
+    pub fn services_only(
+        policy: Policy,
+        status: StatusHub,
+        root: CancellationToken,
+        fatal: Fatal,
+    ) -> Self {
+        let factory: Factory = Arc::new(|key, _, _| {
+            Box::pin(async move {
+                Err(TaskError::Permanent(format!(
+                    "{key}: this supervisor runs services only"
+                )))
+            })
+        });
+        Supervisor::new(factory, policy, status, root, fatal)
+    }
+
     /// Applies a changed restart policy to running and future tasks.
     pub fn set_policy(&self, policy: Policy) {
         *self

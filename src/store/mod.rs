@@ -265,6 +265,14 @@ impl Store {
             .ok_or_else(|| StoreError::Protocol(format!("cannot parse server version {text:?}")))
     }
 
+    /// `SELECT 1` within `timeout`, without the database and outside the bound on queries in
+    /// flight (a health probe must not queue behind the pair tasks' reads).
+    pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.call_with_timeout(timeout, self.server.query("SELECT 1").fetch_one::<u8>())
+            .await
+            .map(|_| ())
+    }
+
     /// `CREATE DATABASE IF NOT EXISTS` for `app.clickhouse.database`.
     pub async fn ensure_database(&self) -> Result<(), StoreError> {
         let sql = format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database);

@@ -566,10 +566,17 @@ impl TestDb {
         db
     }
 
-    /// YAML for a config pointing at this database; `extra` is appended under `app:`.
+    /// YAML for a config pointing at this database; `extra` is appended under `app:`. The ops
+    /// endpoint is off (`http.listen: ""`: daemons of parallel tests would all want the default
+    /// port) unless `extra` has an `http:` section of its own.
     pub fn yaml(&self, extra: &str) -> String {
+        let http = if extra.starts_with("  http:") || extra.contains("\n  http:") {
+            ""
+        } else {
+            "  http:\n    listen: \"\"\n"
+        };
         format!(
-            "app:\n  environment: test\n  clickhouse:\n    host: \"{}\"\n    port: {}\n    database: \"{}\"\n    username: \"{}\"\n    password: \"{}\"\n{extra}",
+            "app:\n  environment: test\n  clickhouse:\n    host: \"{}\"\n    port: {}\n    database: \"{}\"\n    username: \"{}\"\n    password: \"{}\"\n{http}{extra}",
             self.host, self.port, self.name, self.server.user, self.server.password
         )
     }
