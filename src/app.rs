@@ -1,6 +1,6 @@
 //! The commands behind the CLI: the daemon, `--check-config`, `migrate`, `backfill-gap`,
-//! `ws-start` and `ready`, and the signal watcher. Each returns a result the binary maps to an exit code;
-//! argument parsing lives in `main.rs`.
+//! `ws-start`, `optimize` and `ready`, and the signal watcher. Each returns a result the binary
+//! maps to an exit code; argument parsing lives in `main.rs`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ pub async fn check_config(cfg: &Config, path: &str, out: &mut impl Write) -> Vec
     let _ = writeln!(out, "# config file: {path}");
     let _ = writeln!(out, "# effective configuration (secrets shown as ***):");
     let _ = write!(out, "{}", cfg.redacted_yaml());
+    let _ = writeln!(out, "# logs: {}", logs_summary(&cfg.logging));
     match Store::new(&cfg.clickhouse) {
         Ok(store) => match store.server_version().await {
             Ok(v) => {
@@ -36,6 +37,20 @@ pub async fn check_config(cfg: &Config, path: &str, out: &mut impl Write) -> Vec
         Err(e) => problems.push(format!("app.clickhouse: {e}")),
     }
     problems
+}
+
+/// Where the logs go, in one line for `--check-config`.
+fn logs_summary(lg: &crate::config::LoggingConfig) -> String {
+    match &lg.dir {
+        Some(dir) => format!(
+            "the console and {} (rotated at {} and at midnight UTC into {}/quantservice-YYYY-MM-DD[.N].log.gz, kept {} days)",
+            dir.join("quantservice.log").display(),
+            crate::config::format_size(lg.max_size),
+            dir.join("archived").display(),
+            lg.keep_days
+        ),
+        None => "the console only (app.logging.dir is not set and the binary is not in an install layout PREFIX/bin with PREFIX/logs)".to_string(),
+    }
 }
 
 /// `migrate`: create the database and apply pending migrations.
@@ -175,6 +190,64 @@ pub async fn ws_start(
         "Stream stopped."
     );
     Ok(count)
+}
+
+/// What `optimize` was asked to do (the table name as typed; checked here).
+#[derive(Debug, Clone, Default)]
+pub struct OptimizeRequest {
+    /// `OPTIMIZE … FINAL` rather than a plain `OPTIMIZE`.
+    pub with_final: bool,
+    /// Every partition with parts, not only the dirty ones.
+    pub all: bool,
+    /// Only this tracked table.
+    pub table: Option<String>,
+    pub dry_run: bool,
+}
+
+/// `optimize`: `OPTIMIZE` the partitions that received late or replaced rows (every partition
+/// with `all`), one at a time, printing a line per partition and a summary on `out`. An error
+/// (exit 1) when a partition failed or ClickHouse cannot be reached; Ctrl-C (`cancel`) stops
+/// the pass (the partition in flight stays dirty).
+pub async fn optimize(
+    cfg: &Config,
+    req: OptimizeRequest,
+    out: &mut (impl Write + Send),
+    cancel: CancellationToken,
+) -> anyhow::Result<crate::tasks::maintenance::Summary> {
+    use crate::store::partitions::{tracked, TRACKED};
+    use crate::tasks::maintenance;
+    let table = match req.table.as_deref() {
+        None => None,
+        Some(name) => Some(tracked(name).with_context(|| {
+            let names: Vec<&str> = TRACKED.iter().map(|t| t.name).collect();
+            format!(
+                "unknown table {name:?} (tables whose partitions are tracked: {})",
+                names.join(", ")
+            )
+        })?),
+    };
+    let store = Store::new(&cfg.clickhouse)?;
+    migrate::run(&store)
+        .await
+        .context("cannot prepare ClickHouse")?;
+    let opts = maintenance::Options {
+        with_final: req.with_final,
+        all: req.all,
+        table,
+        dry_run: req.dry_run,
+        timeout: cfg.maintenance.timeout,
+    };
+    let summary = maintenance::optimize(&store, &opts, &cancel, &mut |r| {
+        let _ = writeln!(out, "{r}");
+        let _ = out.flush();
+    })
+    .await?;
+    let _ = writeln!(out, "{summary}");
+    let _ = out.flush();
+    summary
+        .result()
+        .map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+    Ok(summary)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -80,6 +80,11 @@ impl Reloads {
 
     /// Publishes the next outcome; returns its `seq`.
     pub fn report(&self, result: ReloadResult) -> u64 {
+        let outcome = match &result {
+            ReloadResult::Applied { .. } => "applied",
+            ReloadResult::Rejected { .. } => "rejected",
+        };
+        crate::metrics::CONFIG_RELOADS.inc(&[outcome], 1);
         let mut seq = 0;
         self.0.send_modify(|o| {
             o.seq += 1;

@@ -24,27 +24,32 @@
 //! - [`market`]: markets, symbols, periods, exact decimals, klines; input validation (the pure
 //!   `qs-core` crate, re-exported).
 //! - [`store`]: ClickHouse client, migrations, the batched kline writer, the desired- and
-//!   observed-state tables (it does not import `exchange`).
+//!   observed-state tables, the partitions that need an `OPTIMIZE` (it does not import
+//!   `exchange`).
 //! - [`exchange`]: Binance transport: REST client (with the pure answer policy `classify`),
 //!   rate governor, egress pool (direct and SOCKS5 proxies: pure selection, quarantine,
 //!   health), bulk archive reader, WebSocket streams (pure stream assignment). It imports
 //!   neither `store` nor `operator`.
 //! - [`status`]: observed state in memory (`pair_status`, `task_status`) and its flusher.
 //! - [`tasks`]: the task kinds, keys, specs and typed errors; backfill engine, a pair's history
-//!   and gap scans (and their schedule), the live stream sink.
-//! - [`server`]: the daemon's HTTP servers: the ops endpoint (`/healthz`, `/readyz`) and the
-//!   client of `quantservice ready`.
+//!   and gap scans (and their schedule), the live stream sink, maintenance (`optimize` and its
+//!   schedule).
+//! - [`server`]: the daemon's HTTP servers: the ops endpoint (`/healthz`, `/readyz`, `/metrics`)
+//!   and the client of `quantservice ready`.
 //! - [`operator`]: `desired()`/`plan()`, the supervisor, the reconcile runtime, the daemon's own
 //!   services that outlive generations (the ops endpoint); feeds `proxy_config` rows to the
 //!   egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
-//!   `ws-start`, `ready`).
+//!   `ws-start`, `optimize`, `ready`).
 //!
 //! Cross-cutting:
-//! - [`logging`]: stdout/journald and rotated-file logs with secret scrubbing, live level.
+//! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;
+//!   live level, `max_size` and `keep_days`.
 //! - [`metrics`]: the counters of the `Metrics:` log line.
 //! - [`backoff`]: jittered exponential backoff shared by every retry loop.
 //! - [`faults`]: fault points a test in the same process can arm (inert otherwise).
+//! - [`systemd`]: the service manager's notify protocol (`READY=1`, `STATUS=`, `STOPPING=1`,
+//!   `WATCHDOG=1`).
 
 pub mod config;
 pub mod config_watch;
@@ -61,6 +66,7 @@ pub mod logging;
 pub mod metrics;
 pub mod backoff;
 pub mod faults;
+pub mod systemd;
 
 /// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
 /// 1712345678901`), as servers put them in their messages.

@@ -59,6 +59,9 @@ enum Command {
     BackfillGap(BackfillArgs),
     /// Stream one pair live: print each closed candle and write it to ClickHouse until Ctrl-C.
     WsStart(WsStartArgs),
+    /// OPTIMIZE, one partition at a time, the partitions that received late or replaced rows
+    /// since their last optimize (tracked by the writer), and mark them done.
+    Optimize(OptimizeArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
     /// Wait until the running daemon is ready (its /readyz on app.http.listen answers 200):
@@ -72,6 +75,24 @@ struct ReadyArgs {
     /// How long to wait, e.g. 60s, 2m.
     #[arg(long, default_value = "60s", value_parser = quantservice::config::parse_duration)]
     timeout: std::time::Duration,
+}
+
+#[derive(clap::Args, Debug)]
+struct OptimizeArgs {
+    /// OPTIMIZE … FINAL: rewrite each partition into one part, removing every duplicate
+    /// version (what the daemon's scheduled run does by default). Without it, a plain OPTIMIZE
+    /// merges each partition's parts and leaves a partition that is one part already alone.
+    #[arg(long = "final")]
+    with_final: bool,
+    /// Every partition that has data, tracked as dirty or not.
+    #[arg(long)]
+    all: bool,
+    /// Only this table (default: every tracked table; today `klines`).
+    #[arg(long, value_name = "TABLE")]
+    table: Option<String>,
+    /// Print what would be optimized (parts, rows, bytes, dirty since) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,10 +150,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let mut log_guard = None;
+    let code = runtime.block_on(run(cli, &mut log_guard));
+    // Tasks still alive log while the runtime shuts down: the log file gets those lines too,
+    // then the guard writes what is queued.
+    drop(runtime);
+    drop(log_guard);
+    code
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     let cli = match cli.command {
         Some(Command::SimExchange(args)) => return run_sim(args).await,
         command => Cli { command, ..cli },
@@ -191,14 +218,14 @@ async fn run(cli: Cli) -> ExitCode {
     let console = if check
         || matches!(
             cli.command,
-            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_))
+            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_)) | Some(Command::Optimize(_))
         ) {
         Console::Stderr
     } else {
         Console::Stdout
     };
-    let _guard = match logging::init(&cfg.logging, console, cfg.secrets()) {
-        Ok(g) => g,
+    *log_guard = match logging::init(&cfg.logging, console, cfg.secrets()) {
+        Ok(g) => Some(g),
         Err(e) => {
             eprintln!("error: {}", scrub(format!("{e:#}")));
             return ExitCode::FAILURE;
@@ -255,6 +282,19 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) | Some(Command::Ready(_)) => {
             Ok(())
         }
+        Some(Command::Optimize(args)) => {
+            let cancel = CancellationToken::new();
+            app::watch_signals(app::shutdown_signal(), cancel.clone());
+            let req = app::OptimizeRequest {
+                with_final: args.with_final,
+                all: args.all,
+                table: args.table,
+                dry_run: args.dry_run,
+            };
+            app::optimize(&cfg, req, &mut std::io::stdout(), cancel)
+                .await
+                .map(|_| ())
+        }
         Some(Command::BackfillGap(args)) => {
             let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 let bar = indicatif::ProgressBar::new(0);
@@ -302,8 +342,7 @@ async fn run(cli: Cli) -> ExitCode {
 async fn run_sim(args: qs_sim::cli::SimArgs) -> ExitCode {
     let logging = quantservice::config::LoggingConfig {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
-        dir: None,
-        keep_days: 1,
+        ..Default::default()
     };
     let _guard = logging::init(&logging, Console::Stderr, Vec::new());
     match qs_sim::cli::run(args).await {

@@ -1,7 +1,18 @@
-//! Process-wide counters behind the `Metrics:` log line (`req=… ok=… fail=… rows=…`, counted
-//! since the process started, across live reconfigurations that rebuild the clients).
+//! Process-wide metrics: the counters behind the `Metrics:` log line (`req=… ok=… fail=…
+//! rows=…`, counted since the process started, across live reconfigurations that rebuild the
+//! clients), the labelled families of the Prometheus endpoint, and the registry of collectors
+//! through which other modules add families read at scrape time (observed state, the running
+//! generation; later the client server's connections and messages). A module adds a family by
+//! declaring a static [`CounterVec`]/[`GaugeVec`] or registering a collector — never by
+//! editing this file's internals. Serving `/metrics` is not here (`server::ops`).
 
+mod exposition;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+pub use exposition::{escape_label_value, CounterVec, Family, GaugeVec, Kind, Scrape};
 
 /// REST requests sent to Binance.
 pub static REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -19,8 +30,90 @@ pub static WS_RECONNECTS: AtomicU64 = AtomicU64::new(0);
 /// Failures of supervised tasks (errors, panics, unexpected exits), restarted or not.
 pub static TASK_FAILURES: AtomicU64 = AtomicU64::new(0);
 
+/// Failed ClickHouse insert attempts of the kline writer (each batch is retried).
+pub static WRITER_INSERT_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// Generations of clients and tasks started (1 at start, one more per rebuilding edit).
+pub static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+/// Reconcile passes completed.
+pub static RECONCILE_PASSES: AtomicU64 = AtomicU64::new(0);
+
+const MARKET_EGRESS: &[&str] = &["market", "egress"];
+
+/// REST requests by market and egress (`direct`, or a proxy's `host:port`).
+pub static REST_REQUESTS: CounterVec = CounterVec::new(
+    "quantservice_rest_requests_total",
+    "REST requests sent to Binance, by market and egress (direct or proxy host:port).",
+    MARKET_EGRESS,
+);
+pub static REST_OK: CounterVec = CounterVec::new(
+    "quantservice_rest_requests_ok_total",
+    "REST requests answered with HTTP 200.",
+    MARKET_EGRESS,
+);
+pub static REST_FAILED: CounterVec = CounterVec::new(
+    "quantservice_rest_requests_failed_total",
+    "REST requests that failed (an HTTP error status, a timeout, a network or proxy error).",
+    MARKET_EGRESS,
+);
+/// Counted by the rate governor when it reserves weight for a request.
+pub static REST_WEIGHT: CounterVec = CounterVec::new(
+    "quantservice_rest_weight_used_total",
+    "REQUEST_WEIGHT spent by the requests sent.",
+    MARKET_EGRESS,
+);
+pub static REST_429: CounterVec = CounterVec::new(
+    "quantservice_rest_http_429_total",
+    "HTTP 429 answers (request weight exceeded; the market pauses).",
+    MARKET_EGRESS,
+);
+pub static REST_418: CounterVec = CounterVec::new(
+    "quantservice_rest_http_418_total",
+    "HTTP 418 answers (the address is banned for a while).",
+    MARKET_EGRESS,
+);
+/// Outcomes of `app.yaml` edits: `applied` or `rejected`.
+pub static CONFIG_RELOADS: CounterVec = CounterVec::new(
+    "quantservice_config_reloads_total",
+    "Outcomes of app.yaml edits (result: applied or rejected; a rejected edit changes nothing).",
+    &["result"],
+);
+/// Streams subscribed and connections open, per market (set by the reconcile loop).
+pub static STREAMS: GaugeVec = GaugeVec::new(
+    "quantservice_streams",
+    "Kline streams subscribed on the WebSocket connections.",
+    &["market"],
+);
+pub static STREAM_CONNECTIONS: GaugeVec = GaugeVec::new(
+    "quantservice_stream_connections",
+    "WebSocket connections open for kline streams.",
+    &["market"],
+);
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A REST request goes out through `egress`: counted for the metrics line and by market and
+/// egress (the answer counters of the pair start at 0, so they exist before the first one).
+pub fn rest_sent(market: &str, egress: &str) {
+    add(&REQUESTS, 1);
+    let labels = [market, egress];
+    REST_REQUESTS.inc(&labels, 1);
+    for zero in [&REST_OK, &REST_FAILED, &REST_WEIGHT, &REST_429, &REST_418] {
+        zero.inc(&labels, 0);
+    }
+}
+
+/// A REST request was answered with success.
+pub fn rest_ok(market: &str, egress: &str) {
+    add(&OK, 1);
+    REST_OK.inc(&[market, egress], 1);
+}
+
+/// A REST request failed.
+pub fn rest_failed(market: &str, egress: &str) {
+    add(&FAIL, 1);
+    REST_FAILED.inc(&[market, egress], 1);
 }
 
 /// The metrics line, e.g. `Metrics: req=1250 ok=1248 fail=2 rows=124800 ws_finals=… reconnects=…
@@ -39,8 +132,132 @@ pub fn line(streams: usize) -> String {
     )
 }
 
+/// Unix seconds when the daemon started (see [`mark_start`]).
+static STARTED: OnceLock<f64> = OnceLock::new();
+
+/// Records the process start time (`process_start_time_seconds`); the first call wins.
+pub fn mark_start() {
+    STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    });
+}
+
+type Collector = Arc<dyn Fn(&mut Scrape) + Send + Sync>;
+
+static COLLECTORS: Mutex<BTreeMap<u64, Collector>> = Mutex::new(BTreeMap::new());
+static NEXT_COLLECTOR: AtomicU64 = AtomicU64::new(0);
+
+/// A registered collector; dropping it unregisters it (a generation's collector goes with the
+/// generation).
+#[must_use = "the collector is unregistered when this is dropped"]
+pub struct Registration(u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        COLLECTORS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.0);
+    }
+}
+
+/// Registers `collect`, called at every scrape to add families read from live state (it must
+/// be quick and must not block: it runs on the server's request).
+pub fn register(collect: impl Fn(&mut Scrape) + Send + Sync + 'static) -> Registration {
+    let id = NEXT_COLLECTOR.fetch_add(1, Ordering::Relaxed);
+    COLLECTORS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, Arc::new(collect));
+    Registration(id)
+}
+
+/// Everything measured now: this module's families, then every registered collector's.
+pub fn scrape() -> Scrape {
+    let mut s = Scrape::default();
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    s.gauge(
+        "quantservice_build_info",
+        "The running build (always 1; the version is a label).",
+    )
+    .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    if let Some(t) = STARTED.get() {
+        s.gauge(
+            "process_start_time_seconds",
+            "When the process started, in Unix seconds.",
+        )
+        .value(*t);
+    }
+    for (name, help, c) in [
+        (
+            "quantservice_kline_rows_written_total",
+            "Kline rows committed to ClickHouse by the writer.",
+            &ROWS,
+        ),
+        (
+            "quantservice_writer_insert_failures_total",
+            "Failed ClickHouse insert attempts of the kline writer (the batch is kept and retried).",
+            &WRITER_INSERT_FAILURES,
+        ),
+        (
+            "quantservice_ws_closed_candles_total",
+            "Closed candles received on the WebSocket streams (repeats included).",
+            &WS_FINALS,
+        ),
+        (
+            "quantservice_stream_reconnects_total",
+            "WebSocket stream connections re-established after a loss.",
+            &WS_RECONNECTS,
+        ),
+        (
+            "quantservice_task_failures_total",
+            "Failures of supervised tasks (errors, panics, unexpected exits), restarted or not.",
+            &TASK_FAILURES,
+        ),
+        (
+            "quantservice_generations_total",
+            "Generations of clients and tasks started: 1 at start, one more per edit that rebuilds them.",
+            &GENERATIONS,
+        ),
+        (
+            "quantservice_reconcile_passes_total",
+            "Reconcile passes completed.",
+            &RECONCILE_PASSES,
+        ),
+    ] {
+        s.counter(name, help).value(g(c));
+    }
+    for c in [
+        &REST_REQUESTS,
+        &REST_OK,
+        &REST_FAILED,
+        &REST_WEIGHT,
+        &REST_429,
+        &REST_418,
+        &CONFIG_RELOADS,
+    ] {
+        c.collect(&mut s);
+    }
+    STREAMS.collect(&mut s);
+    STREAM_CONNECTIONS.collect(&mut s);
+    let collectors: Vec<Collector> = COLLECTORS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .cloned()
+        .collect();
+    for c in collectors {
+        c(&mut s);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_line_starts_with_the_four_fields_users_parse() {
         let l = super::line(3);
@@ -52,5 +269,36 @@ mod tests {
             v.parse::<u64>().unwrap();
         }
         assert!(l.ends_with("streams=3"));
+    }
+
+    #[test]
+    fn collectors_add_families_until_dropped() {
+        let reg = register(|s| {
+            s.gauge("t_collected", "From a collector.").value(42.0);
+        });
+        assert_eq!(scrape().get("t_collected", &[]), Some(42.0));
+        drop(reg);
+        assert_eq!(scrape().get("t_collected", &[]), None);
+    }
+
+    #[test]
+    fn a_request_makes_every_answer_series_exist() {
+        rest_sent("cm", "t-egress:1");
+        rest_failed("cm", "t-egress:1");
+        let s = scrape();
+        let l = [("market", "cm"), ("egress", "t-egress:1")];
+        assert!(s.get("quantservice_rest_requests_total", &l).unwrap() >= 1.0);
+        assert!(
+            s.get("quantservice_rest_requests_failed_total", &l)
+                .unwrap()
+                >= 1.0
+        );
+        for zero in [
+            "quantservice_rest_requests_ok_total",
+            "quantservice_rest_http_429_total",
+            "quantservice_rest_http_418_total",
+        ] {
+            assert_eq!(s.get(zero, &l), Some(0.0), "{zero}");
+        }
     }
 }

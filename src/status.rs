@@ -37,7 +37,8 @@ pub mod task_state {
     pub const RESTARTING: &str = "restarting";
     /// Its loss was fatal: the process is shutting down (systemd restarts it).
     pub const FAILED: &str = "failed";
-    /// Switched off by its config (the ops endpoint with an empty `app.http.listen`).
+    /// Switched off by its config (an empty `app.maintenance.optimize`, or the ops endpoint with
+    /// an empty `app.http.listen`).
     pub const DISABLED: &str = "disabled";
 }
 
@@ -122,6 +123,16 @@ impl StatusHub {
             ..StatusRow::default()
         };
         self.lock().pairs.update(key.clone(), new, f);
+    }
+
+    /// Every pair's row (for metrics).
+    pub fn pairs(&self) -> Vec<StatusRow> {
+        self.lock().pairs.rows.values().cloned().collect()
+    }
+
+    /// Every task's row (for metrics).
+    pub fn tasks(&self) -> Vec<TaskStatusRow> {
+        self.lock().tasks.rows.values().cloned().collect()
     }
 
     pub fn get(&self, pair: &PairKey) -> Option<StatusRow> {

@@ -67,6 +67,7 @@ fn defaults_fill_every_optional_section() {
     assert_eq!(cfg.logging.level, "info");
     assert_eq!(cfg.logging.dir, None);
     assert_eq!(cfg.logging.keep_days, 7);
+    assert_eq!(cfg.logging.max_size, 100 * 1024 * 1024);
     assert_eq!(cfg.writer.batch_rows, 100_000);
     assert_eq!(cfg.writer.flush_interval, Duration::from_secs(1));
     assert_eq!(cfg.writer.channel_capacity, 100_000);
@@ -189,6 +190,47 @@ fn secrets_never_appear_in_config_errors() {
             all.contains("app.clickhouse.password") || all.contains("line"),
             "{all}"
         );
+    }
+}
+
+#[test]
+fn log_files_sizes_and_directory() {
+    let cfg =
+        parse("app:\n  logging:\n    dir: /var/log/qs\n    max_size: 10KB\n    keep_days: 3\n")
+            .unwrap();
+    assert_eq!(cfg.logging.dir.as_deref(), Some(Path::new("/var/log/qs")));
+    assert_eq!(cfg.logging.max_size, 10 * 1024);
+    assert_eq!(cfg.logging.keep_days, 3);
+    // --check-config prints sizes the way they are written.
+    let dump = cfg.redacted_yaml();
+    assert!(dump.contains("max_size: 10KB"), "{dump}");
+    assert!(dump.contains("dir: /var/log/qs"), "{dump}");
+    assert_eq!(
+        parse("app:\n  logging:\n    max_size: 1gb\n")
+            .unwrap()
+            .logging
+            .max_size,
+        1 << 30
+    );
+    // An empty dir means no files (not even the install layout's logs/).
+    let cfg = parse("app:\n  logging:\n    dir: \"\"\n").unwrap();
+    assert_eq!(cfg.logging.dir, None);
+    for (bad, why) in [
+        (
+            "\"10 MB\"",
+            "no space between the number and the unit (write 100MB), got \"10 MB\"",
+        ),
+        ("-1KB", "a size cannot be negative, got \"-1KB\""),
+        ("5XB", "unknown unit \"XB\": use KB, MB or GB, got \"5XB\""),
+        ("0", "expected a size like 10KB, 100MB or 1GB, got 0"),
+        ("0MB", "a size must be more than 0, got \"0MB\""),
+        (
+            "1.5GB",
+            "a size is a whole number of KB, MB or GB (write 1536MB, not 1.5GB), got \"1.5GB\"",
+        ),
+    ] {
+        let p = problems(&format!("app:\n  logging:\n    max_size: {bad}\n"));
+        assert_eq!(p, vec![format!("app.logging.max_size: {why}")], "{bad}");
     }
 }
 
@@ -376,4 +418,38 @@ async fn the_watcher_follows_renames_and_symlink_swaps_and_ignores_invalid_edits
     assert_eq!(o.result, applied(&["environment", "logging"]));
     assert_eq!(rx.borrow().environment, "five");
     cancel.cancel();
+}
+
+#[test]
+fn the_ops_endpoint_listen_address() {
+    assert_eq!(parse("app: {}\n").unwrap().http.listen, "127.0.0.1:9108");
+    assert_eq!(
+        parse("app:\n  http:\n    listen: \"\"\n")
+            .unwrap()
+            .http
+            .listen,
+        ""
+    );
+    assert_eq!(
+        parse("app:\n  http:\n    listen: \"[::]:9108\"\n")
+            .unwrap()
+            .http
+            .listen,
+        "[::]:9108"
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: \"9108\"\n"),
+        ["app.http.listen: expected HOST:PORT like 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108 (\"\" disables it), got \"9108\""]
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: \"127.0.0.1:99999\"\n"),
+        ["app.http.listen: expected HOST:PORT like 127.0.0.1:9108, 0.0.0.0:9108 or [::1]:9108 (\"\" disables it); the port must be 0..65535, got \"127.0.0.1:99999\""]
+    );
+    assert_eq!(
+        problems("app:\n  http:\n    listen: 9108\n    port: 1\n"),
+        [
+            "app.http.listen: expected a string (quote it), got 9108",
+            "app.http.port: unknown key (expected one of: listen)"
+        ]
+    );
 }

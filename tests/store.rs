@@ -87,6 +87,7 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
             "exchange_gaps",
             "klines",
             "pair_status",
+            "partition_maintenance",
             "proxy_config",
             "proxy_status",
             "schema_migrations",

@@ -5,10 +5,11 @@
 //! The YAML is read through a small path-tracking walker (`walker`) instead of
 //! `serde(deny_unknown_fields)` because serde stops at the first problem; users fixing a config
 //! want the whole list, each with its key path and the bad value. `sections` holds one parse
-//! function per section, `duration` the duration syntax.
+//! function per section, `duration` and `size` the duration and size syntax.
 
 mod duration;
 mod sections;
+mod size;
 mod walker;
 
 use std::fmt;
@@ -22,6 +23,7 @@ use crate::market::Market;
 
 pub use duration::{format_duration, parse_duration, MAX_DURATION};
 pub use sections::{is_bare_host, is_identifier, validate_cron, validate_listen};
+pub use size::{format_size, parse_size};
 
 /// Env var that names the config file (the systemd unit sets it).
 pub const ENV_CONFIG_PATH: &str = "QS_CONFIG_PATH";
@@ -114,7 +116,33 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub gap_scan: GapScanConfig,
     pub proxy: ProxyConfig,
+    pub maintenance: MaintenanceConfig,
     pub http: HttpConfig,
+}
+
+/// `app.maintenance`: the scheduled `OPTIMIZE` of the partitions that received late or
+/// replaced rows (see `tasks::maintenance`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MaintenanceConfig {
+    /// When the scheduled run starts: cron with seconds, UTC; empty disables it.
+    pub optimize: String,
+    /// The scheduled run uses `OPTIMIZE … FINAL` (every duplicate removed, one part per
+    /// partition) rather than a plain `OPTIMIZE` (merges the parts).
+    #[serde(rename = "final")]
+    pub use_final: bool,
+    /// How long one partition's `OPTIMIZE` may take before it is given up (it stays dirty).
+    #[serde(serialize_with = "duration::ser_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            optimize: "0 30 3 * * *".to_string(),
+            use_final: true,
+            timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `app.http`: the ops endpoint (`/healthz`, `/readyz`, `/metrics`).
@@ -390,10 +418,46 @@ impl Default for BackfillConfig {
 pub struct LoggingConfig {
     /// A level (`info`) or a tracing filter directive (`info,quantservice::store=debug`).
     pub level: String,
-    /// When set, logs also go to daily-rotated files in this directory.
+    /// Where `quantservice.log` is written and rotated into `archived/`; stdout (the journal)
+    /// gets every line in any case. Absent from `app.yaml`: the install layout's `logs/`
+    /// ([`install_logs_dir`]), else `None`; `""`: `None`.
     pub dir: Option<PathBuf>,
-    /// How many daily files to keep.
+    /// `quantservice.log` is rotated before a line would make it larger than this (bytes).
+    #[serde(serialize_with = "size::ser_size")]
+    pub max_size: u64,
+    /// Archives whose day is more than this many days before today (UTC) are deleted.
     pub keep_days: u32,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_string(),
+            dir: None,
+            max_size: 100 * size::MB,
+            keep_days: 7,
+        }
+    }
+}
+
+/// The default log directory of an installed binary: `PREFIX/logs` when the executable sits
+/// in a directory named `bin` (`PREFIX/bin/quantservice`, as `deploy/install.sh` lays it out)
+/// and `PREFIX/logs` is an existing directory; `None` otherwise (a cargo build, `~/.cargo/bin`,
+/// `/usr/bin` without `/usr/logs`), so that nothing writes files where nobody asked.
+pub fn install_logs_dir(exe: &Path) -> Option<PathBuf> {
+    let bin = exe.parent()?;
+    if bin.file_name()? != "bin" {
+        return None;
+    }
+    let logs = bin.parent()?.join("logs");
+    logs.is_dir().then_some(logs)
+}
+
+/// [`install_logs_dir`] of the running executable (symlinks resolved, as the kernel reports it).
+fn install_logs_dir_of_current_exe() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| install_logs_dir(&exe))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -521,6 +585,7 @@ impl Config {
             streams,
             gap_scan,
             proxy,
+            maintenance,
             http,
         } = self;
         let differs = [
@@ -534,6 +599,7 @@ impl Config {
             ("streams", *streams != other.streams),
             ("gap_scan", *gap_scan != other.gap_scan),
             ("proxy", *proxy != other.proxy),
+            ("maintenance", *maintenance != other.maintenance),
             ("http", *http != other.http),
         ];
         differs
@@ -557,6 +623,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn install_layout_gives_the_default_log_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let prefix = root.path().join("opt/quantservice");
+        std::fs::create_dir_all(prefix.join("bin")).unwrap();
+        let exe = prefix.join("bin/quantservice");
+        std::fs::write(&exe, "").unwrap();
+        // No logs/ yet: not an install layout.
+        assert_eq!(install_logs_dir(&exe), None);
+        std::fs::create_dir(prefix.join("logs")).unwrap();
+        assert_eq!(install_logs_dir(&exe), Some(prefix.join("logs")));
+        // A binary elsewhere (cargo's target/debug) has no default, even next to a logs/.
+        std::fs::create_dir_all(root.path().join("target/debug")).unwrap();
+        std::fs::create_dir_all(root.path().join("target/logs")).unwrap();
+        assert_eq!(
+            install_logs_dir(&root.path().join("target/debug/quantservice")),
+            None
+        );
+        assert_eq!(install_logs_dir(Path::new("quantservice")), None);
+    }
 
     #[test]
     fn secret_never_prints() {

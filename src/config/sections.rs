@@ -12,8 +12,8 @@ use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
     BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    HttpConfig, LoggingConfig, MarketEndpoints, OperatorConfig, ProxyConfig, ProxyMode,
-    StreamsConfig, WriterConfig,
+    HttpConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig,
+    ProxyMode, StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
 
@@ -56,6 +56,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
     let streams = streams(app.child("streams", errs), errs);
     let gap_scan = gap_scan(app.child("gap_scan", errs), errs);
     let proxy = proxy(app.child("proxy", errs), errs);
+    let maintenance = maintenance(app.child("maintenance", errs), errs);
     let http = http(app.child("http", errs), errs);
     app.finish(errs);
 
@@ -70,6 +71,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
         streams,
         gap_scan,
         proxy,
+        maintenance,
         http,
     })
 }
@@ -187,20 +189,30 @@ fn backfill(mut bf: Section<'_>, errs: &mut Vec<String>) -> BackfillConfig {
     backfill
 }
 
-/// `app.logging`: level filter and optional log files.
+/// `app.logging`: level filter, log files and their rotation.
 fn logging(mut lg: Section<'_>, errs: &mut Vec<String>) -> LoggingConfig {
-    let level = lg.string("level", "info", errs);
+    let defaults = LoggingConfig::default();
+    let level = lg.string("level", &defaults.level, errs);
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.trim().is_empty() {
         errs.push(format!(
             "app.logging.level: must be trace, debug, info, warn, error or a tracing filter directive, got {level:?}"
         ));
     }
-    let dir = lg.opt_string("dir", errs).map(PathBuf::from);
-    let keep_days = lg.int("keep_days", 7, 1..=3650, errs) as u32;
+    // Absent: the install layout's `logs/` (if there is one); "": no files.
+    let dir = match lg.get("dir") {
+        None => super::install_logs_dir_of_current_exe(),
+        Some(_) => lg
+            .opt_string("dir", errs)
+            .filter(|d| !d.trim().is_empty())
+            .map(PathBuf::from),
+    };
+    let max_size = lg.size("max_size", defaults.max_size, errs);
+    let keep_days = lg.int("keep_days", i64::from(defaults.keep_days), 1..=3650, errs) as u32;
     lg.finish(errs);
     LoggingConfig {
         level,
         dir,
+        max_size,
         keep_days,
     }
 }
@@ -355,6 +367,26 @@ fn proxy(mut px: Section<'_>, errs: &mut Vec<String>) -> ProxyConfig {
     };
     px.finish(errs);
     proxy
+}
+
+/// `app.maintenance`: the scheduled OPTIMIZE of dirty partitions.
+fn maintenance(mut mt: Section<'_>, errs: &mut Vec<String>) -> MaintenanceConfig {
+    let md = MaintenanceConfig::default();
+    let optimize = mt.string("optimize", &md.optimize, errs);
+    if !optimize.is_empty() {
+        if let Err(why) = validate_cron(&optimize) {
+            errs.push(format!(
+                "app.maintenance.optimize: {why} (or \"\" to disable), got {optimize:?}"
+            ));
+        }
+    }
+    let maintenance = MaintenanceConfig {
+        optimize,
+        use_final: mt.boolean("final", md.use_final, errs),
+        timeout: mt.duration_in("timeout", md.timeout, Duration::from_secs(1), errs),
+    };
+    mt.finish(errs);
+    maintenance
 }
 
 /// `app.http`: the ops endpoint.

@@ -12,6 +12,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use yaml_serde::{Mapping, Value};
 
 use super::duration::{format_duration, parse_duration, MAX_DURATION};
+use super::size::parse_size;
 use super::Secret;
 
 /// Replaces every `quoted` or "quoted" span of a parser message with `…`: the YAML parser
@@ -247,6 +248,28 @@ impl<'v> Section<'v> {
             None => {
                 errs.push(format!(
                     "{path}: expected a duration like 500ms, 30s, 5m or 1h, got {}",
+                    show(v)
+                ));
+                default
+            }
+        }
+    }
+
+    /// A size (`10KB`, `100MB`, `1GB`); a bare number is refused (the unit is not guessed).
+    pub(super) fn size(&mut self, key: &'static str, default: u64, errs: &mut Vec<String>) -> u64 {
+        let path = self.key_path(key);
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_str().map(parse_size) {
+            Some(Ok(n)) => n,
+            Some(Err(why)) => {
+                errs.push(format!("{path}: {why}, got {}", show(v)));
+                default
+            }
+            None => {
+                errs.push(format!(
+                    "{path}: expected a size like 10KB, 100MB or 1GB, got {}",
                     show(v)
                 ));
                 default

@@ -132,6 +132,19 @@ impl Governors {
         }
     }
 
+    /// Every governor made so far (one per market and egress that was asked for).
+    pub fn all(&self) -> Vec<Arc<Governor>> {
+        let mut all: Vec<Arc<Governor>> = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| (a.market, &a.egress).cmp(&(b.market, &b.egress)));
+        all
+    }
+
     pub fn get(&self, market: Market, egress: &str) -> Arc<Governor> {
         let learned = self
             .learned
@@ -272,6 +285,14 @@ impl Governor {
         usable(self.lock().budget.limit, self.ratio)
     }
 
+    /// Weight counted in the current window span: reserved by our requests, plus what the
+    /// exchange reported beyond them (header syncs, a 429).
+    pub fn window_used(&self) -> u32 {
+        let mut st = self.lock();
+        st.prune(Instant::now());
+        st.in_log
+    }
+
     /// Weight still free in the current window span (for spreading work across egresses).
     pub fn remaining(&self) -> u32 {
         let mut st = self.lock();
@@ -340,6 +361,8 @@ impl Governor {
                             let wall = self.clock.now_ms();
                             st.push(now, wall, w);
                             st.stats.weight += u64::from(weight);
+                            crate::metrics::REST_WEIGHT
+                                .inc(&[self.market.as_str(), &self.egress], u64::from(weight));
                             if waited {
                                 st.stats.waits += 1;
                             }
@@ -404,6 +427,7 @@ impl Governor {
     pub fn on_429(&self, retry_after: Option<Duration>) {
         let mut st = self.lock();
         st.stats.http_429 += 1;
+        crate::metrics::REST_429.inc(&[self.market.as_str(), &self.egress], 1);
         let wall = self.clock.now_ms();
         let window_ms = window_ms(st.budget.window);
         let to_window_end = Duration::from_millis(
@@ -427,6 +451,7 @@ impl Governor {
     pub fn on_418(&self, retry_after: Option<Duration>) {
         let mut st = self.lock();
         st.stats.http_418 += 1;
+        crate::metrics::REST_418.inc(&[self.market.as_str(), &self.egress], 1);
         let ban = retry_after.unwrap_or(Duration::from_secs(120));
         st.ban_until = Some(Instant::now() + ban);
         warn!(market = %self.market, egress = %self.egress, ban = ?ban,

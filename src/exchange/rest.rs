@@ -411,7 +411,7 @@ impl RestClient {
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::add(&crate::metrics::REQUESTS, 1);
+            crate::metrics::rest_sent(market.as_str(), &egress.name);
             let sent = egress.http.get(url).query(query).send().await;
             let resp = match sent {
                 Ok(r) => r,
@@ -422,13 +422,14 @@ impl RestClient {
                         let why = format!("proxy failed: {}", crate::error_chain(&e));
                         egress.record(false, Some(&why));
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        crate::metrics::add(&crate::metrics::FAIL, 1);
+                        crate::metrics::rest_failed(market.as_str(), &egress.name);
                         self.quarantine(&egress, PROXY_QUARANTINE, &why, false);
                         exclude.insert(egress.name.clone());
                         continue;
                     }
                     egress.record(false, Some(&crate::error_chain(&e)));
-                    self.network_failure(&mut failures, url, &e).await?;
+                    self.network_failure(market, &egress, &mut failures, url, &e)
+                        .await?;
                     continue;
                 }
             };
@@ -453,24 +454,25 @@ impl RestClient {
                 Ok(b) => b,
                 Err(e) => {
                     egress.record(false, Some(&crate::error_chain(&e)));
-                    self.network_failure(&mut failures, url, &e).await?;
+                    self.network_failure(market, &egress, &mut failures, url, &e)
+                        .await?;
                     continue;
                 }
             };
             let answer = classify(status, &headers, &body);
             if status != 200 {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                crate::metrics::add(&crate::metrics::FAIL, 1);
+                crate::metrics::rest_failed(market.as_str(), &egress.name);
                 egress.record(false, Some(&format!("HTTP {status}: {}", answer.msg())));
             }
             match answer {
                 Answer::Ok(v) => {
-                    self.count_ok(&egress);
+                    self.count_ok(market, &egress);
                     return Ok(v);
                 }
                 // A 200 counts as answered even when its body is unreadable.
                 Answer::Malformed(msg) => {
-                    self.count_ok(&egress);
+                    self.count_ok(market, &egress);
                     return Err(ExchangeError::Protocol {
                         url: url.to_string(),
                         msg,
@@ -550,10 +552,10 @@ impl RestClient {
         }
     }
 
-    fn count_ok(&self, egress: &Egress) {
+    fn count_ok(&self, market: Market, egress: &Egress) {
         egress.record(true, None);
         self.stats.ok.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::add(&crate::metrics::OK, 1);
+        crate::metrics::rest_ok(market.as_str(), &egress.name);
     }
 
     /// Counts one 429/418 answer; gives up after 4 × `max_retries` of them.
@@ -591,12 +593,14 @@ impl RestClient {
     /// `max_retries`.
     async fn network_failure(
         &self,
+        market: Market,
+        egress: &Egress,
         failures: &mut u32,
         url: &str,
         e: &reqwest::Error,
     ) -> Result<(), ExchangeError> {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::add(&crate::metrics::FAIL, 1);
+        crate::metrics::rest_failed(market.as_str(), &egress.name);
         *failures += 1;
         let msg = crate::error_chain(e);
         if *failures >= self.max_retries {

@@ -4,7 +4,8 @@
 //! backoff, never fatal), reconfigured in place by config edits (a changed listen address
 //! rebinds the endpoint and nothing else; an empty one stops it), and stopped last, after the
 //! generation, so health stays answerable during shutdown. What they show comes from the
-//! running generation through [`OpsState`].
+//! running generation through [`OpsState`]. The service manager's notifier ([`Notifier`])
+//! lives here too: it is told when the daemon starts waiting, is ready, and stops.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::config::{Config, HttpConfig};
 use crate::server::ops::{self, OpsState};
 use crate::status::{task_state, StatusHub};
 use crate::store::Store;
+use crate::systemd::Notifier;
 use crate::tasks::TaskError;
 
 /// The name of the ops endpoint in logs and `task_status`.
@@ -27,12 +29,16 @@ pub struct Services {
     http: HttpConfig,
     status: StatusHub,
     fatal: Fatal,
+    notifier: Notifier,
+    /// The pairs' and tasks' families on `/metrics`, for the daemon's whole life.
+    _metrics: crate::metrics::Registration,
 }
 
 impl Services {
     /// Starts the services `cfg` asks for. ClickHouse is probed with `cfg`'s settings until a
     /// generation publishes its own.
-    pub fn start(cfg: &Config, status: StatusHub, policy: Policy) -> Services {
+    pub fn start(cfg: &Config, status: StatusHub, policy: Policy, notifier: Notifier) -> Services {
+        notifier.status("starting: waiting for ClickHouse and the migrations");
         let fatal = Fatal::default();
         let supervisor = Supervisor::services_only(
             policy,
@@ -45,8 +51,10 @@ impl Services {
             supervisor,
             ops,
             http: cfg.http.clone(),
+            _metrics: super::observe::status_collector(status.clone()),
             status,
             fatal,
+            notifier,
         };
         services.start_ops();
         services
@@ -55,6 +63,17 @@ impl Services {
     /// What the generations tell the ops endpoint (their store, completed passes, shutdown).
     pub fn ops(&self) -> &OpsState {
         &self.ops
+    }
+
+    /// The service manager's notifier (a no-op without `$NOTIFY_SOCKET`).
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Shutdown began: `/readyz` says so and the service manager hears `STOPPING=1`.
+    pub fn stopping(&self) {
+        self.ops.stopping();
+        self.notifier.stopping();
     }
 
     /// Raised when a service the daemon cannot run without fails (none of today's).

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod desired;
+pub mod observe;
 pub mod plan;
 pub mod proxies;
 pub mod runtime;

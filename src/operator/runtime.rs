@@ -1,9 +1,10 @@
 //! The daemon's runtime: one generation of clients and tasks built from a config (ClickHouse
 //! store and writer, REST client, backfill engine, stream managers, live task, gap-scan
-//! scheduler, supervisor), and the reconcile loop that drives it. A config edit that only
-//! touches the operator, gap-scan or logging settings is applied in place; one that changes
-//! how we reach ClickHouse or Binance (or the writer, backfill or stream settings) replaces the
-//! generation in-process: tasks stop, the writer flushes, new clients start. Never a restart.
+//! scheduler, scheduled maintenance, supervisor), and the reconcile loop that drives it. A
+//! config edit that only touches the operator, gap-scan, maintenance or logging settings is
+//! applied in place; one that changes how we reach ClickHouse or Binance (or the writer,
+//! backfill or stream settings) replaces the generation in-process: tasks stop, the writer
+//! flushes, new clients start. Never a restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::store::writer::{Writer, WriterError, WriterHandle, WriterSummary};
 use crate::store::Store;
 use crate::tasks::backfill::Backfill;
 use crate::tasks::live::Live;
+use crate::tasks::maintenance::{Maintenance, MAINTENANCE};
 use crate::tasks::pair::PairTask;
 use crate::tasks::scan_schedule::{ScanScheduler, Ticks};
 use crate::tasks::{TaskKey, TaskSpec};
@@ -56,11 +58,13 @@ pub async fn run(
     reloads: Reloads,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metrics::mark_start();
     let status = StatusHub::default();
     let cfg = cfg_rx.borrow_and_update().clone();
-    let mut services = Services::start(&cfg, status.clone(), policy(&cfg));
+    let notifier = crate::systemd::Notifier::from_env();
+    let mut services = Services::start(&cfg, status.clone(), policy(&cfg), notifier);
     let result = run_generations(cfg, cfg_rx, reloads, status, &mut services, shutdown).await;
-    services.ops().stopping();
+    services.stopping();
     services.stop().await;
     result
 }
@@ -74,7 +78,9 @@ async fn run_generations(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ops = services.ops().clone();
-    let Some(mut gen) = Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await?
+    let notifier = services.notifier().clone();
+    let Some(mut gen) =
+        Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown).await?
     else {
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
@@ -88,13 +94,13 @@ async fn run_generations(
             .await
         {
             Exit::Shutdown => {
-                ops.stopping();
+                services.stopping();
                 log_flushed(gen.stop().await);
                 return Ok(());
             }
             Exit::Fatal(reason) => {
                 error!(%reason, "Shutting down after a fatal task failure (exit code 1; systemd restarts the service).");
-                ops.stopping();
+                services.stopping();
                 log_flushed(gen.stop().await);
                 anyhow::bail!("fatal task failure: {reason}");
             }
@@ -105,7 +111,9 @@ async fn run_generations(
         cfg = gen.cfg.clone();
         // The new settings must work before the running generation is given up: a wrong
         // password or an unreachable host in an edit changes nothing (the last good config
-        // keeps running, and the error says why).
+        // keeps running, and the error says why). Each step of a rebuild is bounded; the
+        // watchdog hears from us between them.
+        notifier.watchdog();
         if let Err(e) = preflight(&new, &shutdown).await {
             if !shutdown.is_cancelled() {
                 error!(error = %format!("{e:#}"), "The edited config does not work; keeping the running config.");
@@ -118,10 +126,15 @@ async fn run_generations(
         }
         let changed = cfg.changed_sections(&new).join(", ");
         info!(%changed, "Rebuilding clients and tasks for the new config.");
+        notifier.status("reloading: rebuilding clients and tasks for the new config");
+        notifier.watchdog();
         log_flushed(gen.stop().await);
+        notifier.watchdog();
         announce = true;
-        gen = match Generation::start(new.clone(), status.clone(), &ops, &shutdown).await {
+        gen = match Generation::start(new.clone(), status.clone(), &ops, &notifier, &shutdown).await
+        {
             Ok(Some(g)) => {
+                apply_logging(&cfg.logging, &new.logging);
                 info!(%changed, "New config applied.");
                 services.apply(&new, policy(&new)).await;
                 reloads.applied(&cfg, &new);
@@ -134,7 +147,9 @@ async fn run_generations(
                     &format!("cannot start with the edited config: {e:#}"),
                     &[&new, &cfg],
                 );
-                match Generation::start(cfg.clone(), status.clone(), &ops, &shutdown).await? {
+                match Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown)
+                    .await?
+                {
                     Some(g) => g,
                     None => return Ok(()),
                 }
@@ -188,6 +203,31 @@ fn needs_rebuild(old: &Config, new: &Config) -> bool {
         || old.backfill != new.backfill
         || old.streams != new.streams
         || old.proxy.websocket != new.proxy.websocket
+}
+
+/// Applies an edit of `app.logging` to the running logger: the level, `max_size` and
+/// `keep_days` at once; `dir` only at the next start, which the warning says.
+fn apply_logging(old: &crate::config::LoggingConfig, new: &crate::config::LoggingConfig) {
+    if new.level != old.level {
+        match crate::logging::set_level(&new.level) {
+            Ok(()) => info!(level = %new.level, "Log level changed."),
+            Err(e) => warn!(error = %e, "Cannot change the log level."),
+        }
+    }
+    if (new.max_size, new.keep_days) != (old.max_size, old.keep_days)
+        && crate::logging::set_file_limits(new.max_size, new.keep_days)
+    {
+        info!(max_size = %crate::config::format_size(new.max_size), keep_days = new.keep_days,
+            "Log file limits changed.");
+    }
+    if new.dir != old.dir {
+        let shown = |d: &Option<std::path::PathBuf>| {
+            d.as_ref()
+                .map_or_else(|| "none".to_string(), |d| d.display().to_string())
+        };
+        warn!(running = %shown(&old.dir), configured = %shown(&new.dir),
+            "app.logging.dir takes effect at the next start; until then the log files stay where they are.");
+    }
 }
 
 /// Whether `old` and `new` differ only in how streams connect (`app.streams`, the markets'
@@ -281,8 +321,15 @@ struct Generation {
     ev_tx: mpsc::Sender<LiveEvent>,
     /// What the live sink runs with (a changed `late_grace` restarts it with a new one).
     live: Live,
+    /// `app.maintenance` as the scheduled optimize follows it (edits apply in place).
+    maintenance: watch::Sender<crate::config::MaintenanceConfig>,
     /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
     ops: OpsState,
+    /// The service manager: `READY=1` after the first pass, the pair counts, watchdog pings.
+    notifier: crate::systemd::Notifier,
+    /// This generation's families on `/metrics` (writer queue, weight windows, proxies);
+    /// unregistered with the generation.
+    _metrics: crate::metrics::Registration,
 }
 
 impl Generation {
@@ -291,6 +338,7 @@ impl Generation {
         cfg: Arc<Config>,
         status: StatusHub,
         ops: &OpsState,
+        notifier: &crate::systemd::Notifier,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Generation>> {
         info!(environment = %cfg.environment, clickhouse = %cfg.clickhouse.url(),
@@ -427,6 +475,20 @@ impl Generation {
             })
         });
         supervisor.start_service(PROXY_HEALTH, OnFailure::Restart, health);
+        let (maintenance, maintenance_rx) = watch::channel(cfg.maintenance.clone());
+        let scheduled = Maintenance {
+            store: store.clone(),
+            cfg: maintenance_rx,
+            status: status.clone(),
+            clock: Arc::new(crate::market::now_ms),
+        };
+        supervisor.start_service(
+            MAINTENANCE,
+            OnFailure::Restart,
+            Arc::new(move |c| Box::pin(scheduled.clone().run(c))),
+        );
+        crate::metrics::add(&crate::metrics::GENERATIONS, 1);
+        let metrics = super::observe::generation_collector(handle.gauge(), Arc::downgrade(&pool));
         Ok(Some(Generation {
             cfg,
             store,
@@ -447,7 +509,10 @@ impl Generation {
             proxy_problems,
             ev_tx,
             live,
+            maintenance,
             ops: ops.clone(),
+            notifier: notifier.clone(),
+            _metrics: metrics,
         }))
     }
 
@@ -462,6 +527,12 @@ impl Generation {
         shutdown: &CancellationToken,
     ) -> Exit {
         let services_fatal = services.fatal().clone();
+        // WATCHDOG=1 from this loop itself, at least twice per interval: a loop stuck in a
+        // pass stops pinging and the service manager restarts the process.
+        let mut watchdog = self
+            .notifier
+            .watchdog_interval()
+            .map(|every| crate::ticker(every / 2));
         let mut poll = crate::ticker(self.cfg.operator.poll_interval);
         let mut metrics = crate::ticker(self.cfg.operator.metrics_interval);
         metrics.tick().await;
@@ -536,6 +607,7 @@ impl Generation {
                     self.reap_connections().await;
                     self.reconcile().await;
                 }
+                _ = tick_if_some(&mut watchdog) => self.notifier.watchdog(),
                 _ = metrics.tick() => {
                     let streams: usize = self.streams.values().map(|s| s.connections().iter().map(|c| c.1).sum::<usize>()).sum();
                     info!("{}", crate::metrics::line(streams));
@@ -590,17 +662,7 @@ impl Generation {
 
     /// Applies the settings that need no new clients.
     async fn apply_in_place(&mut self, new: &Config) -> anyhow::Result<()> {
-        if new.logging.level != self.cfg.logging.level {
-            match crate::logging::set_level(&new.logging.level) {
-                Ok(()) => info!(level = %new.logging.level, "Log level changed."),
-                Err(e) => warn!(error = %e, "Cannot change the log level."),
-            }
-        }
-        if new.logging.dir != self.cfg.logging.dir
-            || new.logging.keep_days != self.cfg.logging.keep_days
-        {
-            warn!("app.logging.dir and keep_days take effect at the next start; the level applies now.");
-        }
+        apply_logging(&self.cfg.logging, &new.logging);
         self.supervisor.set_policy(policy(new));
         if new.proxy != self.cfg.proxy {
             self.pool.set_config(&new.proxy);
@@ -615,6 +677,11 @@ impl Generation {
                 s.set(&new.gap_scan).await?;
             }
             info!("Gap-scan schedules changed.");
+        }
+        if new.maintenance != self.cfg.maintenance {
+            self.maintenance.send_replace(new.maintenance.clone());
+            info!(optimize = %new.maintenance.optimize, with_final = new.maintenance.use_final,
+                "Maintenance schedule changed.");
         }
         Ok(())
     }
@@ -691,7 +758,18 @@ impl Generation {
             }
             self.streamed.send_replace(want.streams);
         }
+        for (market, s) in &self.streams {
+            let conns = s.connections();
+            let streams: usize = conns.iter().map(|c| c.1).sum();
+            crate::metrics::STREAMS.set(&[market.as_str()], streams as f64);
+            crate::metrics::STREAM_CONNECTIONS.set(&[market.as_str()], conns.len() as f64);
+        }
+        crate::metrics::add(&crate::metrics::RECONCILE_PASSES, 1);
         self.ops.reconciled();
+        self.notifier
+            .status(&super::observe::status_line(&self.status.pairs()));
+        // After the migrations (the generation started) and a completed pass; sent once.
+        self.notifier.ready();
     }
 
     /// Bad and disabled rows go to `pair_status` (and the log, once per change).
@@ -722,7 +800,9 @@ impl Generation {
     async fn stop(mut self) -> Result<WriterSummary, anyhow::Error> {
         let pairs: Vec<TaskKey> = self.supervisor.running().into_keys().collect();
         self.supervisor.stop(&pairs).await;
-        self.supervisor.stop_services(&[PROXY_HEALTH]).await;
+        self.supervisor
+            .stop_services(&[PROXY_HEALTH, MAINTENANCE])
+            .await;
         // Sockets get a second: nothing they hold is lost by an abort (a closed candle not yet
         // handed on is healed by REST at the next start). Then the live sink drains.
         for (_, s) in std::mem::take(&mut self.streams) {
@@ -745,6 +825,16 @@ impl Generation {
         // The last status rows after everything stopped (the flusher writes once more).
         self.supervisor.stop_all().await;
         summary
+    }
+}
+
+/// Completes at `ticker`'s next tick; never without one.
+async fn tick_if_some(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The ops endpoint on `app.http.listen`: `GET /healthz` (the process is alive), `GET /readyz`
-//! (ClickHouse answers and a reconcile pass completed lately), and the client side of
-//! readiness behind `quantservice ready`. What "a pass completed" and "which ClickHouse" mean is
+//! (ClickHouse answers and a reconcile pass completed lately), `GET /metrics` (Prometheus text:
+//! every family `crate::metrics` collects), and the client side of readiness behind
+//! `quantservice ready`. What "a pass completed" and "which ClickHouse" mean is
 //! told by the operator through [`OpsState`]; this module only answers. Not here: running or
 //! restarting the server (the operator's supervisor does, as the service `ops_endpoint`).
 
@@ -56,6 +57,8 @@ struct Inner {
     /// The ClickHouse the running generation uses (probed by `/readyz`).
     store: Option<Store>,
     last_pass: Option<Instant>,
+    /// The same, in Unix seconds (for `/metrics`).
+    last_pass_unix: Option<f64>,
     poll_interval: Duration,
     stopping: bool,
     /// Where the server listens now (`None` while it does not).
@@ -68,6 +71,7 @@ impl OpsState {
             inner: Arc::new(Mutex::new(Inner {
                 store,
                 last_pass: None,
+                last_pass_unix: None,
                 poll_interval,
                 stopping: false,
                 bound: None,
@@ -94,7 +98,12 @@ impl OpsState {
 
     /// A reconcile pass just completed.
     pub fn reconciled(&self) {
-        self.lock().last_pass = Some(Instant::now());
+        let mut i = self.lock();
+        i.last_pass = Some(Instant::now());
+        i.last_pass_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64());
     }
 
     /// Shutdown began: not ready any more (the process still answers `/healthz`).
@@ -168,11 +177,15 @@ pub fn verdict(
     }
 }
 
-/// The routes: `/healthz`, `/readyz`; anything else is 404.
+/// The content type of the Prometheus text format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The routes: `/healthz`, `/readyz`, `/metrics`; anything else is 404.
 pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(state)
 }
@@ -182,6 +195,28 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
+}
+
+/// Every registered family (`crate::metrics::scrape`), plus readiness and the last pass.
+async fn metrics(State(state): State<OpsState>) -> impl axum::response::IntoResponse {
+    let ready = state.readiness().await.is_ok();
+    let mut s = crate::metrics::scrape();
+    s.gauge(
+        "quantservice_ready",
+        "1 when /readyz answers 200 (ClickHouse answers and a reconcile pass is recent).",
+    )
+    .value(if ready { 1.0 } else { 0.0 });
+    if let Some(t) = state.lock().last_pass_unix {
+        s.gauge(
+            "quantservice_last_reconcile_timestamp_seconds",
+            "When the last reconcile pass completed, in Unix seconds.",
+        )
+        .value(t);
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        s.render(),
+    )
 }
 
 /// Serves the endpoint on `listen` until `cancel`. A bind failure is an error (the supervisor
@@ -202,7 +237,7 @@ pub async fn serve(
         source,
     })?;
     state.set_bound(Some(addr));
-    info!(%addr, "Ops endpoint listening (/healthz, /readyz).");
+    info!(%addr, "Ops endpoint listening (/healthz, /readyz, /metrics).");
     let served = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await;

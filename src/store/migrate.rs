@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_task_status.sql",
         sql: include_str!("../../sql/0005_task_status.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_partition_maintenance.sql",
+        sql: include_str!("../../sql/0006_partition_maintenance.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half
@@ -238,6 +243,10 @@ const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
             "enabled",
             "created_at",
         ],
+    ),
+    (
+        "partition_maintenance",
+        &["table_name", "partition_id", "event", "event_time"],
     ),
     (
         "pair_status",

@@ -1,8 +1,10 @@
 //! ClickHouse access: the client built from `app.clickhouse`, server version, error
 //! classification, and reads of stored klines. Schema changes live in `migrate`, batched kline
-//! inserts in `writer`. Exchange I/O is not here.
+//! inserts in `writer`, the tracking of partitions that need an `OPTIMIZE` in `partitions`.
+//! Exchange I/O is not here.
 
 pub mod migrate;
+pub mod partitions;
 pub mod state;
 pub mod writer;
 

@@ -81,7 +81,7 @@ pub struct ProxyStatusRow {
 #[derive(Debug, Clone, PartialEq, Eq, Default, clickhouse::Row, Serialize, Deserialize)]
 pub struct TaskStatusRow {
     pub task: String,
-    /// `running`, `restarting` or `failed`.
+    /// `running`, `restarting`, `failed` or `disabled`.
     pub state: String,
     pub restarts: u64,
     pub last_error: String,

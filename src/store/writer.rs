@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::partitions::{self, DirtyMarks, DirtyTracker};
 use super::{KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
@@ -24,6 +25,8 @@ pub struct WriterStats {
     rows_written: AtomicU64,
     batches_written: AtomicU64,
     insert_failures: AtomicU64,
+    /// Rows taken from the channel and not yet written (the batch being built or retried).
+    buffered: AtomicU64,
 }
 
 impl WriterStats {
@@ -35,6 +38,12 @@ impl WriterStats {
     }
     pub fn insert_failures(&self) -> u64 {
         self.insert_failures.load(Ordering::Relaxed)
+    }
+    pub fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Relaxed)
+    }
+    fn set_buffered(&self, rows: usize) {
+        self.buffered.store(rows as u64, Ordering::Relaxed);
     }
 }
 
@@ -98,6 +107,38 @@ impl WriterHandle {
     pub fn free_capacity(&self) -> usize {
         self.tx.capacity()
     }
+
+    /// A view of the queue that does not keep the writer's channel open (for metrics).
+    pub fn gauge(&self) -> WriterGauge {
+        WriterGauge {
+            tx: self.tx.downgrade(),
+            stats: self.stats.clone(),
+            capacity: self.tx.max_capacity(),
+        }
+    }
+}
+
+/// How full the writer's queue is, without holding it open.
+#[derive(Debug, Clone)]
+pub struct WriterGauge {
+    tx: mpsc::WeakSender<Kline>,
+    stats: Arc<WriterStats>,
+    capacity: usize,
+}
+
+impl WriterGauge {
+    /// Rows accepted and not yet written (queued in the channel plus the batch in hand), or
+    /// `None` once the writer's channel is gone.
+    pub fn queued(&self) -> Option<u64> {
+        let tx = self.tx.upgrade()?;
+        let in_channel = tx.max_capacity().saturating_sub(tx.capacity());
+        Some(in_channel as u64 + self.stats.buffered())
+    }
+
+    /// Rows the channel holds before producers wait (`app.writer.channel_capacity`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 /// What a finished writer did.
@@ -114,6 +155,9 @@ pub struct Writer {
     rx: mpsc::Receiver<Kline>,
     stats: Arc<WriterStats>,
     views: HashSet<PairKey>,
+    /// Which `klines` partitions committed rows made dirty.
+    dirty: DirtyTracker<PairKey>,
+    marks: DirtyMarks,
 }
 
 impl Writer {
@@ -130,13 +174,29 @@ impl Writer {
             rx,
             stats,
             views: HashSet::new(),
+            dirty: DirtyTracker::new(&partitions::KLINES),
+            marks: DirtyMarks::default(),
         };
         (writer, handle)
     }
 
     /// Runs until cancelled or until every handle is dropped, then flushes what it holds,
-    /// retrying for up to `shutdown_timeout`.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
+    /// retrying for up to `shutdown_timeout`. Beside it, the dirty partitions are recorded as
+    /// they come, and once more after the last write.
+    pub async fn run(self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
+        let done = CancellationToken::new();
+        let recorder =
+            partitions::record_marks(self.store.clone(), self.marks.clone(), done.clone());
+        let writes = async {
+            let result = self.write(cancel).await;
+            done.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(writes, recorder);
+        result
+    }
+
+    async fn write(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
         let mut buf: Vec<Kline> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
         // When the oldest buffered row must be flushed at the latest.
         let mut flush_at: Option<Instant> = None;
@@ -148,6 +208,7 @@ impl Writer {
                 _ = cancel.cancelled() => break,
                 received = self.rx.recv_many(&mut buf, space) => match received {
                     n if n > 0 => {
+                        self.stats.set_buffered(buf.len());
                         crate::faults::hit("writer");
                         if buf.len() == n {
                             flush_at = Some(Instant::now() + self.cfg.flush_interval);
@@ -175,6 +236,7 @@ impl Writer {
             Some(deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_timeout));
         while let Some(k) = self.rx.recv().await {
             buf.push(k);
+            self.stats.set_buffered(buf.len());
             if buf.len() >= self.cfg.batch_rows {
                 self.flush(&mut buf, &cancel, &mut deadline).await?;
             }
@@ -217,11 +279,19 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
+                    // Written: no longer queued (whatever the views below take); cleared
+                    // before the rows count, so no scrape sees a row both written and queued.
+                    self.stats.set_buffered(0);
                     self.stats
                         .rows_written
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     crate::metrics::add(&crate::metrics::ROWS, buf.len() as u64);
                     self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                    let dirty = self.dirty.committed(
+                        buf.iter().map(|k| (&k.pair, k.open_time)),
+                        crate::market::now_ms(),
+                    );
+                    self.marks.add(self.dirty.table().name, dirty);
                     if attempt > 0 {
                         info!(
                             rows = buf.len(),
@@ -235,6 +305,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.stats.insert_failures.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::add(&crate::metrics::WRITER_INSERT_FAILURES, 1);
                     let delay = crate::backoff::delay(
                         attempt,
                         Duration::from_millis(100),

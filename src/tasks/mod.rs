@@ -1,8 +1,9 @@
 //! Tasks: units of work the daemon (and the CLI) run — historical backfill, a pair's history
-//! and gap scans, and the live stream sink — and the vocabulary the supervisor runs them by:
-//! [`TaskKey`] and [`TaskSpec`] (one enum variant per kind of keyed task) and [`TaskError`]
-//! (retry with backoff, or park until the spec changes). Only the operator's supervisor (or a
-//! CLI command) starts them; nothing here spawns a long-lived task.
+//! and gap scans, the live stream sink, maintenance (`OPTIMIZE` of dirty partitions) — and the
+//! vocabulary the supervisor runs them by: [`TaskKey`] and [`TaskSpec`] (one enum variant per
+//! kind of keyed task) and [`TaskError`] (retry with backoff, or park until the spec changes).
+//! Only the operator's supervisor (or a CLI command) starts them; nothing here spawns a
+//! long-lived task.
 
 use std::fmt;
 
@@ -10,6 +11,7 @@ use crate::market::PairKey;
 
 pub mod backfill;
 pub mod live;
+pub mod maintenance;
 pub mod pair;
 pub mod scan_schedule;
 

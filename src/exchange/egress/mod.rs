@@ -256,6 +256,9 @@ pub struct Applied {
     pub problems: Vec<String>,
 }
 
+/// Every state a proxy is shown in (`proxy_status.state`, the `quantservice_proxy_state` gauge).
+pub const PROXY_STATES: [&str; 4] = ["healthy", "failing", "quarantined", "unchecked"];
+
 /// One proxy's observed state, the data of a `proxy_status` row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyStatus {

@@ -1,23 +1,32 @@
 //! Log output: tracing to stdout (no colour unless a TTY, so journald stays clean) and, when
-//! `app.logging.dir` is set, daily-rotated files kept `keep_days`. Every line passes through a
-//! scrubber that replaces known secrets with `***`, a last line of defence behind the rule that
-//! secrets are never logged. Does not decide what is logged.
+//! `app.logging.dir` is set, to `DIR/quantservice.log`, rotated by size and at midnight UTC
+//! into `DIR/archived/` (`file`: the file, its writer thread and rotation; `archive`: archive
+//! names, compression, retention). Every line passes through a scrubber that replaces known
+//! secrets with `***`, a last line of defence behind the rule that secrets are never logged.
+//! The level, `max_size` and `keep_days` can change while running. Does not decide what is
+//! logged.
+
+mod archive;
+mod file;
+
+pub use archive::{ArchiveName, Stage};
+pub use file::{Clock, FileLimits, LogFileError, RotatingFile, SystemClock};
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use tracing_appender::non_blocking::WorkerGuard;
-use tracing_appender::rolling::{RollingFileAppender, Rotation};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LoggingConfig;
+use file::FileGuard;
 
-/// Keeps the file writer's background thread alive; drop it last (it flushes on drop).
+/// Keeps the file writer's thread alive; drop it last: dropping it writes the lines still
+/// queued and lets the archiver finish (each bounded in time).
 pub struct LogGuard {
-    _file: Option<WorkerGuard>,
+    _file: Option<FileGuard>,
 }
 
 /// Where console logs go: stdout for the daemon, stderr for commands whose stdout is output.
@@ -60,24 +69,25 @@ pub fn init(
     let mut guard = None;
     let file_layer = match &cfg.dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                anyhow::anyhow!("cannot create log directory {}: {e}", dir.display())
-            })?;
-            let appender = RollingFileAppender::builder()
-                .rotation(Rotation::DAILY)
-                .filename_prefix("quantservice")
-                .filename_suffix("log")
-                .max_log_files(cfg.keep_days as usize)
-                .build(dir)
-                .map_err(|e| anyhow::anyhow!("cannot open log files in {}: {e}", dir.display()))?;
-            let (writer, g) = tracing_appender::non_blocking(appender);
-            guard = Some(g);
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Scrubbing::new(writer, secrets))
-                    .with_filter(filter()),
-            )
+            let limits = FileLimits::new(cfg.max_size, cfg.keep_days);
+            match file::spawn(dir, limits.clone(), Arc::new(SystemClock)) {
+                Ok((writer, g)) => {
+                    let _ = LIMITS.set(limits);
+                    guard = Some(g);
+                    Some(
+                        tracing_subscriber::fmt::layer()
+                            .with_ansi(false)
+                            .with_writer(Scrubbing::new(writer, secrets))
+                            .with_filter(filter()),
+                    )
+                }
+                // A command run by hand next to the running daemon: the daemon keeps the file.
+                Err(e @ LogFileError::InUse { .. }) => {
+                    eprintln!("quantservice: {e}; this process logs to the console only");
+                    None
+                }
+                Err(e) => return Err(anyhow::anyhow!("app.logging.dir: {e}")),
+            }
         }
         None => None,
     };
@@ -105,6 +115,19 @@ type LevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 static SECRETS: OnceLock<Secrets> = OnceLock::new();
 static LEVEL: OnceLock<LevelSetter> = OnceLock::new();
+static LIMITS: OnceLock<FileLimits> = OnceLock::new();
+
+/// Applies a new `app.logging.max_size` and `keep_days` to the running log file (live config
+/// reload); `false` when no log file is written.
+pub fn set_file_limits(max_size: u64, keep_days: u32) -> bool {
+    match LIMITS.get() {
+        Some(l) => {
+            l.set(max_size, keep_days);
+            true
+        }
+        None => false,
+    }
+}
 
 /// Applies a new `app.logging.level` to the running logger (live config reload).
 pub fn set_level(level: &str) -> Result<(), String> {
