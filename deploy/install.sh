@@ -51,7 +51,6 @@ done
 PREFIX="$(check_prefix "$PREFIX")"
 check_user_name "$SVC_USER"
 UNIT_SRC="$HERE/quantservice.service"
-UNIT_DIR="${QS_SYSTEMD_UNIT_DIR:-/etc/systemd/system}"
 
 # The unit as shipped names /opt/quantservice and quantsvc; these become PREFIX and the user.
 unit_text() {
@@ -129,6 +128,16 @@ else
 fi
 exec 8>&-
 
+# The service user must be able to reach PREFIX: every existing directory above it searchable.
+d="$(dirname "$PREFIX")"
+while :; do
+    if [ -d "$d" ] && ! runuser -u "$SVC_USER" -- test -x "$d" 9<&- 8<&-; then
+        die "$SVC_USER cannot reach $PREFIX: $d is not searchable by it (mode $(stat -c %a "$d"), owner $(stat -c %U "$d")); choose another --prefix or 'chmod o+x $d'"
+    fi
+    [ "$d" != / ] || break
+    d="$(dirname "$d")"
+done
+
 # --- layout, binary, config ------------------------------------------------------------------------
 for d in "$PREFIX" "$PREFIX/bin" "$PREFIX/config" "$PREFIX/logs" "$PREFIX/logs/archived" "$PREFIX/data"; do
     mkdir -p "$d"
@@ -164,7 +173,7 @@ elif ! command -v systemctl >/dev/null 2>&1; then
 elif [ ! -d /run/systemd/system ]; then
     say "systemd is not running on this machine: systemd unit not installed; run the service under Supervisor (deploy/supervisor/quantservice.ini)"
 else
-    unit="$UNIT_DIR/$SERVICE.service"
+    unit="/etc/systemd/system/$SERVICE.service"
     unit_text >"$unit.tmp.$$"
     chmod 644 "$unit.tmp.$$"
     mv -f "$unit.tmp.$$" "$unit"

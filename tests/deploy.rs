@@ -469,6 +469,30 @@ fn install_creates_the_layout_and_the_user_and_keeps_a_modified_config() {
     assert_eq!(names_in(&foreign), ["precious.txt"]);
     assert_eq!(mode_owner(&foreign.join("precious.txt")).1, 0);
 
+    // A prefix the service user could not reach (tempfile's 0700 directories, say).
+    let hidden = site.dir.path().join("hidden");
+    std::fs::create_dir(&hidden).unwrap();
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+    site.script(
+        "install.sh",
+        &[
+            "--prefix",
+            hidden.join("opt/qs").to_str().unwrap(),
+            "--user",
+            USER,
+            "--binary",
+            site.a.to_str().unwrap(),
+            "--no-systemd",
+        ],
+    )
+    .expect(1)
+    .says(&format!("{USER} cannot reach"))
+    .says(&format!(
+        "{} is not searchable by it (mode 700",
+        hidden.display()
+    ));
+    assert_eq!(names_in(&hidden), Vec::<String>::new());
+
     site.script("install.sh", &["--prefix", "relative/dir", "--no-systemd"])
         .expect(1)
         .says("--prefix must be an absolute path");
@@ -1070,4 +1094,58 @@ fn supervisor_runs_the_program_and_upgrade_drives_it_through_ctl_sh() {
     ctl_sh("stop").expect(0); // stopping a stopped program is fine, as with systemctl
     assert!(site.path("logs/supervisor-stderr.log").is_file());
     drop(daemon);
+}
+
+/// With the ops endpoint disabled (`app.http.listen: ""`, `ready` exits 3) upgrade.sh falls back
+/// to the service staying active for a settle period: a good build passes, a build that dies
+/// at start is caught by it and rolled back.
+#[test]
+fn without_the_ops_endpoint_the_service_must_stay_active() {
+    if !as_root() {
+        return;
+    }
+    let site = Site::new("settle");
+    site.install(&site.a).expect(0);
+    let yaml = site.config_yaml().replace(
+        &format!("listen: \"127.0.0.1:{}\"", site.port),
+        "listen: \"\"",
+    );
+    std::fs::write(site.path("config/app.yaml"), &yaml).unwrap();
+    let readies = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while site.console().matches("Ready; reconciling").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "no Ready #{n}:\n{}",
+                site.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    site.ctl("start").expect(0);
+    readies(1);
+
+    site.upgrade(&site.b, 60)
+        .expect(0)
+        .says("the ops endpoint is disabled")
+        .says("active for 5s")
+        .says("Upgraded");
+    assert_eq!(site.running_build(), read(&site.b));
+    readies(2);
+
+    let crash = site.dir.path().join("builds/crash/quantservice");
+    write_exec(
+        &crash,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in --check-config|ready|--version) exec {} \"$@\";; esac; done\nexit 101\n",
+            site.b.display()
+        )
+        .as_bytes(),
+    );
+    site.upgrade(&crash, 60)
+        .expect(2)
+        .says("the service stopped running within")
+        .says("is running again");
+    assert_eq!(site.running_build(), read(&site.b), "build B is back");
+    readies(3);
 }
