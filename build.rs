@@ -41,6 +41,10 @@ fn main() {
 /// (`--no-optional-locks`): a write would make the next build see a change and rerun this.
 fn git(root: &Path, args: &[&str]) -> Option<String> {
     let out = Command::new("git")
+        // Set by git for hooks (a hook running cargo): they would point at another repository.
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
         .arg("--no-optional-locks")
         .arg("-C")
         .arg(root)

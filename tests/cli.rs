@@ -322,6 +322,9 @@ mod build_script;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
         .args(["-c", "user.name=qs", "-c", "user.email=qs@example.invalid"])
         .arg("-C")
         .arg(dir)
