@@ -160,6 +160,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
+    quantservice::metrics::set_build(env!("QS_GIT_COMMIT"), env!("QS_BUILD_DATE"));
     let cli = match cli.command {
         Some(Command::SimExchange(args)) => return run_sim(args).await,
         command => Cli { command, ..cli },

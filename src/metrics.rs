@@ -132,6 +132,17 @@ pub fn line(streams: usize) -> String {
     )
 }
 
+/// The build the binary reports (`--version`): the git commit and the build date. The binary sets
+/// it at start (build.rs gives them to the binary only, so the library does not recompile on
+/// every commit); `unknown` until then.
+static BUILD: OnceLock<(String, String)> = OnceLock::new();
+
+/// Records the running build's git commit and build date for `quantservice_build_info`; the
+/// first call wins.
+pub fn set_build(commit: &str, date: &str) {
+    let _ = BUILD.set((commit.to_string(), date.to_string()));
+}
+
 /// Unix seconds when the daemon started (see [`mark_start`]).
 static STARTED: OnceLock<f64> = OnceLock::new();
 
@@ -178,11 +189,21 @@ pub fn register(collect: impl Fn(&mut Scrape) + Send + Sync + 'static) -> Regist
 pub fn scrape() -> Scrape {
     let mut s = Scrape::default();
     let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let (commit, built) = BUILD
+        .get()
+        .map_or(("unknown", "unknown"), |(c, d)| (c.as_str(), d.as_str()));
     s.gauge(
         "quantservice_build_info",
-        "The running build (always 1; the version is a label).",
+        "The running build (always 1; version, git commit and build date are labels).",
     )
-    .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    .sample(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", commit),
+            ("built", built),
+        ],
+        1.0,
+    );
     if let Some(t) = STARTED.get() {
         s.gauge(
             "process_start_time_seconds",

@@ -458,13 +458,30 @@ async fn metrics_pass_promtool_and_match_what_happened() {
     promtool_check(&m).unwrap_or_else(|e| panic!("promtool at start: {e}\n{m}"));
     let v = |m: &str, name: &str, labels: &[(&str, &str)]| sample(m, name, labels);
     assert_eq!(v(&m, "quantservice_ready", &[]), Some(1.0), "{m}");
+    // The build labels are what `--version` says: "quantservice 0.1.0 (commit C, built D)".
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_quantservice"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    let (commit, built) = version
+        .trim()
+        .strip_suffix(')')
+        .and_then(|s| s.split_once(" (commit "))
+        .and_then(|(_, s)| s.split_once(", built "))
+        .unwrap_or_else(|| panic!("--version: {version}"));
     assert_eq!(
         v(
             &m,
             "quantservice_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", commit),
+                ("built", built)
+            ]
         ),
-        Some(1.0)
+        Some(1.0),
+        "{m}"
     );
     assert!(v(&m, "process_start_time_seconds", &[]).unwrap() > 1.7e9);
     assert!(v(&m, "quantservice_reconcile_passes_total", &[]).unwrap() >= 1.0);
