@@ -115,42 +115,55 @@ version_of() {
 # (QS_SETTLE_SECS, default 15, at most SECS) instead.
 REASON=""
 wait_ready() {
-    local secs="$1" out rc
-    out="$(as_user "$PREFIX/bin/quantservice" ready --timeout "${secs}s" \
-        --config "$PREFIX/config/app.yaml" 2>&1)" && rc=0 || rc=$?
-    case "$rc" in
-        0)
-            say "ready"
-            return 0
-            ;;
-        2 | 3)
-            local settle="${QS_SETTLE_SECS:-15}" i
-            [ "$settle" -le "$secs" ] || settle="$secs"
-            if [ "$rc" -eq 3 ]; then
-                say "the ops endpoint is disabled (app.http.listen: \"\"): checking that the service stays active for ${settle}s instead"
+    local secs="$1" out rc left chunk inactive=0 deadline=$((SECONDS + $1))
+    # `ready` in chunks of at most 2 s, so that a service that died (is-active false twice in a
+    # row) is reported at once rather than after the whole timeout.
+    while :; do
+        left=$((deadline - SECONDS))
+        [ "$left" -ge 1 ] || left=1
+        chunk=$((left < 2 ? left : 2))
+        out="$(as_user "$PREFIX/bin/quantservice" ready --timeout "${chunk}s" \
+            --config "$PREFIX/config/app.yaml" 2>&1)" && rc=0 || rc=$?
+        case "$rc" in
+            0)
+                say "ready"
+                return 0
+                ;;
+            2 | 3) break ;;
+        esac
+        if ctl is-active >/dev/null 2>&1; then
+            inactive=0
+        else
+            inactive=$((inactive + 1))
+        fi
+        if [ "$inactive" -ge 2 ] || [ "$SECONDS" -ge "$deadline" ]; then
+            # `ready` says why: "error: not ready within 2s; last answer from …".
+            REASON="$(printf '%s' "$out" | tail -n 5 | sed 's/^error: //; s/^not ready within [^;]*; //')"
+            if [ "$inactive" -ge 2 ]; then
+                REASON="not ready: the service is not running; ${REASON:-no answer}"
             else
-                say "this binary has no 'ready' command: checking that the service stays active for ${settle}s instead"
-            fi
-            for ((i = 0; i <= settle; i++)); do
-                if ! ctl is-active >/dev/null 2>&1; then
-                    REASON="the service stopped running within ${i}s of its start"
-                    return 1
-                fi
-                [ "$i" -eq "$settle" ] || sleep 1
-            done
-            say "active for ${settle}s"
-            return 0
-            ;;
-        *)
-            # `ready` says why: "error: not ready within 1m; last answer from …".
-            REASON="$(printf '%s' "$out" | tail -n 5 | sed 's/^error: //')"
-            [ -n "$REASON" ] || REASON="not ready within ${secs}s"
-            if ! ctl is-active >/dev/null 2>&1; then
-                REASON="$REASON (the service is not running)"
+                REASON="not ready within ${secs}s; ${REASON:-no answer}"
+                ctl is-active >/dev/null 2>&1 || REASON="$REASON (the service is not running)"
             fi
             return 1
-            ;;
-    esac
+        fi
+    done
+    local settle="${QS_SETTLE_SECS:-15}" i
+    [ "$settle" -le "$secs" ] || settle="$secs"
+    if [ "$rc" -eq 3 ]; then
+        say "the ops endpoint is disabled (app.http.listen: \"\"): checking that the service stays active for ${settle}s instead"
+    else
+        say "this binary has no 'ready' command: checking that the service stays active for ${settle}s instead"
+    fi
+    for ((i = 0; i <= settle; i++)); do
+        if ! ctl is-active >/dev/null 2>&1; then
+            REASON="the service stopped running within ${i}s of its start"
+            return 1
+        fi
+        [ "$i" -eq "$settle" ] || sleep 1
+    done
+    say "active for ${settle}s"
+    return 0
 }
 
 # replace_atomically SRC DEST: copies SRC next to DEST (mode, owner and times kept) and renames

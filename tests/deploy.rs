@@ -619,14 +619,21 @@ fn a_binary_that_crashes_at_start_is_rolled_back() {
     );
     write_exec(&crash, wrapper.as_bytes());
 
-    let ran = site.upgrade(&crash, 15).expect(2);
+    // The dead service is noticed at once (is-active false twice), not after the 60 s timeout.
+    let started = std::time::Instant::now();
+    let ran = site.upgrade(&crash, 60).expect(2);
+    let took = started.elapsed();
     eprintln!("{}", ran.all());
+    assert!(
+        took < std::time::Duration::from_secs(40),
+        "the crash took {took:?} to notice"
+    );
     ran.says("config check passed")
         .says("UPGRADE FAILED")
-        .says("not ready within 15s")
+        .says("not ready: the service is not running")
+        .says("Connection refused")
         .says("its last output")
         .says("    crash-build: panicked at start")
-        .says("(the service is not running)")
         .says("Rolled back")
         .says("is running again (ready)");
     assert!(site.console().contains("crash-build: panicked at start"));
@@ -635,6 +642,37 @@ fn a_binary_that_crashes_at_start_is_rolled_back() {
     assert_eq!(read(&site.path("bin/quantservice")), read(&site.a));
     assert_mode_owner(&site.path("bin/quantservice"), 0o750);
     assert_eq!(read(&site.path("bin/quantservice.bak")), read(&site.a));
+    site.ready().expect(0);
+}
+
+/// A build that starts and keeps running but never becomes ready (here: it never opens its ops
+/// endpoint) is rolled back when the timeout is over, and the reason says so.
+#[test]
+fn a_binary_that_never_becomes_ready_is_rolled_back_after_the_timeout() {
+    if !as_root() {
+        return;
+    }
+    let site = Site::running("hang");
+    let hang = site.dir.path().join("builds/hang/quantservice");
+    let wrapper = format!(
+        "#!/bin/sh\n# Passes --check-config (and answers ready, --version), then hangs without serving.\n\
+         for a in \"$@\"; do case \"$a\" in --check-config|ready|--version) exec {} \"$@\";; esac; done\n\
+         exec sleep 600\n",
+        site.a.display()
+    );
+    write_exec(&hang, wrapper.as_bytes());
+
+    let ran = site.upgrade(&hang, 6).expect(2);
+    eprintln!("{}", ran.all());
+    ran.says("config check passed")
+        .says("UPGRADE FAILED")
+        .says("not ready within 6s")
+        .says("Connection refused")
+        .says("Rolled back")
+        .says("is running again (ready)");
+    assert_eq!(site.starts(), 3, "A, the hanging build, A again");
+    assert_eq!(site.running_build(), read(&site.a), "build A is running");
+    assert_eq!(read(&site.path("bin/quantservice")), read(&site.a));
     site.ready().expect(0);
 }
 
