@@ -143,6 +143,7 @@ async fn the_installed_binary_rotates_its_log_into_gzipped_archives_of_whole_lin
     for (name, stage, path) in &archives {
         // The binary waited for its archiver before exiting: nothing staged or half done.
         assert_eq!(*stage, Stage::Done, "{}", path.display());
+        assert_eq!(mode_of(path), 0o640, "{}", path.display());
         let mut text = String::new();
         flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
             .read_to_string(&mut text)
@@ -156,6 +157,8 @@ async fn the_installed_binary_rotates_its_log_into_gzipped_archives_of_whole_lin
         all.push_str(&text);
     }
     let current = std::fs::read_to_string(logs.join("quantservice.log")).unwrap();
+    // rw-r----- whatever the umask (the test's is 022, Supervisor's too).
+    assert_eq!(mode_of(&logs.join("quantservice.log")), 0o640);
     all.push_str(&current);
     // Every line whole (it starts with its timestamp; the line order within a thread is
     // the unit tests' business, events of different threads may be queued in another order
@@ -308,4 +311,10 @@ fn a_reload_applies_max_size_and_keep_days_live_and_says_a_new_dir_needs_a_resta
         "the new dir was used without a restart"
     );
     child.kill().unwrap();
+}
+
+/// The permission bits of a file.
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -208,7 +209,13 @@ fn compress(staged: &Path) -> io::Result<()> {
 
 fn gzip_then_rename(staged: &Path, tmp: &Path, done: &Path, dir: &Path) -> io::Result<()> {
     let mut input = File::open(staged)?;
-    let mut gz = GzEncoder::new(BufWriter::new(File::create(tmp)?), Compression::default());
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(super::file::LOG_FILE_MODE)
+        .open(tmp)?;
+    let mut gz = GzEncoder::new(BufWriter::new(out), Compression::default());
     io::copy(&mut input, &mut gz)?;
     let out = gz.finish()?.into_inner().map_err(|e| e.into_error())?;
     out.sync_all()?;

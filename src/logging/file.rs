@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
@@ -354,6 +355,7 @@ fn lock_dir(dir: &Path) -> Result<File, LogFileError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(LOG_FILE_MODE)
         .open(&path)
         .map_err(lock_err)?;
     match file.try_lock() {
@@ -365,11 +367,17 @@ fn lock_dir(dir: &Path) -> Result<File, LogFileError> {
     }
 }
 
+/// Log files and archives are `rw-r-----` (the umask may narrow it further): logs can hold
+/// symbols, pairs and addresses an operator may not want world-readable, whatever the umask of
+/// the service manager (Supervisor's is 022).
+pub(crate) const LOG_FILE_MODE: u32 = 0o640;
+
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
+        .mode(LOG_FILE_MODE)
         .open(path)
 }
 
