@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_partition_maintenance.sql",
         sql: include_str!("../../sql/0006_partition_maintenance.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_indicators.sql",
+        sql: include_str!("../../sql/0007_indicators.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half
@@ -242,6 +247,32 @@ const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
             "password",
             "enabled",
             "created_at",
+        ],
+    ),
+    (
+        "indicators",
+        &[
+            "market",
+            "symbol",
+            "period",
+            "open_time",
+            "indicator",
+            "output",
+            "value",
+            "version",
+        ],
+    ),
+    (
+        "indicator_checkpoints",
+        &[
+            "market",
+            "symbol",
+            "period",
+            "indicator",
+            "open_time",
+            "bars",
+            "state",
+            "version",
         ],
     ),
     (

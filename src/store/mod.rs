@@ -411,6 +411,34 @@ pub(crate) struct KlineRow<S> {
     version: u64,
 }
 
+/// One `indicators` row in column order (RowBinary inserts borrow the value's strings).
+#[derive(clickhouse::Row, Serialize, Deserialize)]
+pub(crate) struct IndicatorRow<S> {
+    market: S,
+    symbol: S,
+    period: S,
+    open_time: i64,
+    indicator: S,
+    output: S,
+    value: f64,
+    version: u64,
+}
+
+impl<'a> IndicatorRow<&'a str> {
+    pub(crate) fn new(v: &'a writer::IndicatorValue, version: u64) -> IndicatorRow<&'a str> {
+        IndicatorRow {
+            market: v.pair.market.as_str(),
+            symbol: v.pair.symbol.as_str(),
+            period: v.pair.period.as_str(),
+            open_time: v.open_time,
+            indicator: &v.indicator,
+            output: v.output,
+            value: v.value,
+            version,
+        }
+    }
+}
+
 /// The columns of `KlineRow`, in order, for SELECTs.
 const KLINE_COLUMNS: &str = "market, symbol, period, open_time, close_time, open, high, low, \
     close, volume, quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, \

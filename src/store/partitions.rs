@@ -87,9 +87,15 @@ pub static KLINES: TrackedTable = TrackedTable {
     scheme: PartitionScheme::YearOfUnixMs,
 };
 
+/// `indicators` (sql/0007): yearly partitions of `open_time`, like `klines`.
+pub static INDICATORS: TrackedTable = TrackedTable {
+    name: "indicators",
+    scheme: PartitionScheme::YearOfUnixMs,
+};
+
 /// Every tracked table (a table written through the writer joins here with its scheme, and
 /// feeds its rows to a [`DirtyTracker`] of its own).
-pub static TRACKED: &[&TrackedTable] = &[&KLINES];
+pub static TRACKED: &[&TrackedTable] = &[&KLINES, &INDICATORS];
 
 /// The tracked table called `name`.
 pub fn tracked(name: &str) -> Option<&'static TrackedTable> {

@@ -1,7 +1,9 @@
-//! The one batched kline writer: a bounded channel in (back-pressure, not unbounded memory),
-//! RowBinary inserts out, flushed by row count or interval. A failed insert keeps its batch and
-//! is retried with jittered backoff, so no row is ever dropped; shutdown flushes. Creates the
-//! per-pair views (`klines_btcusdt_spot_1m`) when a pair's first rows are written.
+//! The one batched writer of klines and indicator values: a bounded channel of [`Row`]s in
+//! (back-pressure, not unbounded memory), RowBinary inserts out (one per table), flushed by row
+//! count or interval. A failed insert keeps its batch and is retried with jittered backoff, so
+//! no row is ever dropped; shutdown flushes. Within a flush, klines are inserted before
+//! indicator values. Creates the per-pair views (`klines_btcusdt_spot_1m`,
+//! `indicators_btcusdt_spot_1m`) when a pair's first rows of that table are written.
 //! It does not decide what to write (tasks do) and does not dedupe (ReplacingMergeTree does).
 
 use std::collections::HashSet;
@@ -15,14 +17,35 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::partitions::{self, DirtyMarks, DirtyTracker};
-use super::{KlineRow, Store, StoreError};
+use super::{IndicatorRow, KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
+
+/// One computed indicator output at one candle: a row of `indicators`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndicatorValue {
+    pub pair: PairKey,
+    pub open_time: i64,
+    /// The normalised spec (`macd(12,26,9)`), shared by every row of that indicator.
+    pub indicator: Arc<str>,
+    /// The output's name (`value` for single-output indicators).
+    pub output: &'static str,
+    pub value: f64,
+}
+
+/// What goes through the writer's channel: a row of one of the tables it writes.
+#[derive(Debug, Clone)]
+pub enum Row {
+    Kline(Kline),
+    Indicator(IndicatorValue),
+}
 
 /// Counters shared between the writer and everyone holding a handle (for the metrics line).
 #[derive(Debug, Default)]
 pub struct WriterStats {
+    /// Kline rows written.
     rows_written: AtomicU64,
+    indicator_rows_written: AtomicU64,
     batches_written: AtomicU64,
     insert_failures: AtomicU64,
     /// Rows taken from the channel and not yet written (the batch being built or retried).
@@ -32,6 +55,9 @@ pub struct WriterStats {
 impl WriterStats {
     pub fn rows_written(&self) -> u64 {
         self.rows_written.load(Ordering::Relaxed)
+    }
+    pub fn indicator_rows_written(&self) -> u64 {
+        self.indicator_rows_written.load(Ordering::Relaxed)
     }
     pub fn batches_written(&self) -> u64 {
         self.batches_written.load(Ordering::Relaxed)
@@ -52,6 +78,13 @@ impl WriterStats {
 #[error("the kline writer has stopped")]
 pub struct WriterClosed(pub Box<Kline>);
 
+/// The writer has stopped; the indicator values were not all accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("the writer has stopped; {unsent} indicator values were not accepted")]
+pub struct IndicatorsNotAccepted {
+    pub unsent: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
     #[error("{rows} rows could not be written to ClickHouse before the shutdown deadline ({last_error})")]
@@ -61,22 +94,51 @@ pub enum WriterError {
 /// Cheap to clone; every producer holds one.
 #[derive(Debug, Clone)]
 pub struct WriterHandle {
-    tx: mpsc::Sender<Kline>,
+    tx: mpsc::Sender<Row>,
     stats: Arc<WriterStats>,
 }
 
 impl WriterHandle {
     /// Queues one row, waiting while the channel is full (back-pressure).
     pub async fn send(&self, kline: Kline) -> Result<(), WriterClosed> {
-        self.tx
-            .send(kline)
-            .await
-            .map_err(|e| WriterClosed(Box::new(e.0)))
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(Row::Kline(kline));
+                Ok(())
+            }
+            Err(_) => Err(WriterClosed(Box::new(kline))),
+        }
     }
 
     /// Queues many rows with one wait per group instead of one per row (bulk producers).
     pub async fn send_many(&self, rows: Vec<Kline>) -> Result<(), WriterClosed> {
         let mut rows = rows.into_iter();
+        match self.send_rows(&mut rows, Row::Kline).await {
+            Ok(()) => Ok(()),
+            Err(()) => rows
+                .next()
+                .map_or(Ok(()), |k| Err(WriterClosed(Box::new(k)))),
+        }
+    }
+
+    /// Queues indicator values, with the same back-pressure as klines.
+    pub async fn send_indicators(
+        &self,
+        values: Vec<IndicatorValue>,
+    ) -> Result<(), IndicatorsNotAccepted> {
+        let mut rows = values.into_iter();
+        self.send_rows(&mut rows, Row::Indicator)
+            .await
+            .map_err(|()| IndicatorsNotAccepted { unsent: rows.len() })
+    }
+
+    /// Sends every item of `rows` with one wait per group; `Err` (with the unsent items left
+    /// in `rows`) when the writer has stopped.
+    async fn send_rows<T>(
+        &self,
+        rows: &mut std::vec::IntoIter<T>,
+        wrap: fn(T) -> Row,
+    ) -> Result<(), ()> {
         let group = (self.tx.max_capacity() / 4).max(1);
         loop {
             let n = rows.len().min(group);
@@ -86,15 +148,10 @@ impl WriterHandle {
             match self.tx.reserve_many(n).await {
                 Ok(permits) => {
                     for (permit, k) in permits.zip(rows.by_ref()) {
-                        permit.send(k);
+                        permit.send(wrap(k));
                     }
                 }
-                // n > 0, so a row is left to hand back.
-                Err(_) => {
-                    return rows
-                        .next()
-                        .map_or(Ok(()), |k| Err(WriterClosed(Box::new(k))))
-                }
+                Err(_) => return Err(()),
             }
         }
     }
@@ -121,7 +178,7 @@ impl WriterHandle {
 /// How full the writer's queue is, without holding it open.
 #[derive(Debug, Clone)]
 pub struct WriterGauge {
-    tx: mpsc::WeakSender<Kline>,
+    tx: mpsc::WeakSender<Row>,
     stats: Arc<WriterStats>,
     capacity: usize,
 }
@@ -144,7 +201,9 @@ impl WriterGauge {
 /// What a finished writer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterSummary {
+    /// Kline rows.
     pub rows_written: u64,
+    pub indicator_rows_written: u64,
     pub batches_written: u64,
     pub insert_failures: u64,
 }
@@ -152,12 +211,44 @@ pub struct WriterSummary {
 pub struct Writer {
     store: Store,
     cfg: WriterConfig,
-    rx: mpsc::Receiver<Kline>,
+    rx: mpsc::Receiver<Row>,
     stats: Arc<WriterStats>,
-    views: HashSet<PairKey>,
+    views: HashSet<(ViewKind, PairKey)>,
     /// Which `klines` partitions committed rows made dirty.
     dirty: DirtyTracker<PairKey>,
+    /// Which `indicators` partitions committed rows made dirty (a series is one output of one
+    /// indicator of one pair).
+    dirty_indicators: DirtyTracker<(PairKey, Arc<str>, &'static str)>,
     marks: DirtyMarks,
+}
+
+/// The rows taken from the channel and not yet written, per table.
+#[derive(Debug, Default)]
+struct Batch {
+    klines: Vec<Kline>,
+    indicators: Vec<IndicatorValue>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.klines.len() + self.indicators.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn push(&mut self, row: Row) {
+        match row {
+            Row::Kline(k) => self.klines.push(k),
+            Row::Indicator(v) => self.indicators.push(v),
+        }
+    }
+}
+
+/// Which table a per-pair view reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ViewKind {
+    Klines,
+    Indicators,
 }
 
 impl Writer {
@@ -175,6 +266,7 @@ impl Writer {
             stats,
             views: HashSet::new(),
             dirty: DirtyTracker::new(&partitions::KLINES),
+            dirty_indicators: DirtyTracker::new(&partitions::INDICATORS),
             marks: DirtyMarks::default(),
         };
         (writer, handle)
@@ -197,17 +289,21 @@ impl Writer {
     }
 
     async fn write(mut self, cancel: CancellationToken) -> Result<WriterSummary, WriterError> {
-        let mut buf: Vec<Kline> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
+        let mut buf = Batch::default();
+        let mut incoming: Vec<Row> = Vec::with_capacity(self.cfg.batch_rows.min(100_000));
         // When the oldest buffered row must be flushed at the latest.
         let mut flush_at: Option<Instant> = None;
         let mut deadline: Option<Instant> = None;
         loop {
-            let space = room(&buf, self.cfg.batch_rows);
+            let space = room(buf.len(), self.cfg.batch_rows);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                received = self.rx.recv_many(&mut buf, space) => match received {
+                received = self.rx.recv_many(&mut incoming, space) => match received {
                     n if n > 0 => {
+                        for row in incoming.drain(..) {
+                            buf.push(row);
+                        }
                         self.stats.set_buffered(buf.len());
                         crate::faults::hit("writer");
                         if buf.len() == n {
@@ -234,8 +330,8 @@ impl Writer {
         self.rx.close();
         let mut deadline =
             Some(deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_timeout));
-        while let Some(k) = self.rx.recv().await {
-            buf.push(k);
+        while let Some(row) = self.rx.recv().await {
+            buf.push(row);
             self.stats.set_buffered(buf.len());
             if buf.len() >= self.cfg.batch_rows {
                 self.flush(&mut buf, &cancel, &mut deadline).await?;
@@ -246,13 +342,15 @@ impl Writer {
         }
         let summary = WriterSummary {
             rows_written: self.stats.rows_written(),
+            indicator_rows_written: self.stats.indicator_rows_written(),
             batches_written: self.stats.batches_written(),
             insert_failures: self.stats.insert_failures(),
         };
         info!(
             rows = summary.rows_written,
+            indicator_rows = summary.indicator_rows_written,
             batches = summary.batches_written,
-            "Kline writer stopped; everything flushed."
+            "Writer stopped; everything flushed."
         );
         Ok(summary)
     }
@@ -263,7 +361,7 @@ impl Writer {
     /// dropped silently.
     async fn flush(
         &mut self,
-        buf: &mut Vec<Kline>,
+        buf: &mut Batch,
         cancel: &CancellationToken,
         deadline: &mut Option<Instant>,
     ) -> Result<(), WriterError> {
@@ -271,7 +369,7 @@ impl Writer {
         loop {
             let limit = attempt_limit(self.store.timeout(), *deadline);
             let result = match limit {
-                Some(limit) => self.insert(buf, limit).await,
+                Some(_) => self.insert_batch(buf, *deadline).await,
                 None => Err(StoreError::Timeout {
                     url: self.store.url().to_string(),
                     timeout: Duration::ZERO,
@@ -279,28 +377,14 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
-                    // Written: no longer queued (whatever the views below take); cleared
-                    // before the rows count, so no scrape sees a row both written and queued.
                     self.stats.set_buffered(0);
-                    self.stats
-                        .rows_written
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    crate::metrics::add(&crate::metrics::ROWS, buf.len() as u64);
                     self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
-                    let dirty = self.dirty.committed(
-                        buf.iter().map(|k| (&k.pair, k.open_time)),
-                        crate::market::now_ms(),
-                    );
-                    self.marks.add(self.dirty.table().name, dirty);
                     if attempt > 0 {
                         info!(
-                            rows = buf.len(),
                             attempts = attempt + 1,
                             "ClickHouse insert succeeded after retries."
                         );
                     }
-                    self.ensure_views(buf, *deadline).await;
-                    buf.clear();
                     return Ok(());
                 }
                 Err(e) => {
@@ -345,10 +429,65 @@ impl Writer {
         }
     }
 
-    async fn insert(&self, rows: &[Kline], limit: Duration) -> Result<(), StoreError> {
-        let ingested_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    /// Inserts what `buf` holds, table by table (klines first); each table's rows leave `buf`
+    /// once committed, so a retry sends only what is left.
+    async fn insert_batch(
+        &mut self,
+        buf: &mut Batch,
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        let timeout = self.store.timeout();
+        let limit = || attempt_limit(timeout, deadline).unwrap_or(Duration::ZERO);
+        if !buf.klines.is_empty() {
+            self.insert_klines(&buf.klines, limit()).await?;
+            // Written: no longer queued (whatever the views below take); counted before the
+            // rows count, so no scrape sees a row both written and queued.
+            self.stats.set_buffered(buf.indicators.len());
+            let n = buf.klines.len() as u64;
+            self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::add(&crate::metrics::ROWS, n);
+            let dirty = self.dirty.committed(
+                buf.klines.iter().map(|k| (&k.pair, k.open_time)),
+                crate::market::now_ms(),
+            );
+            self.marks.add(self.dirty.table().name, dirty);
+            let pairs = new_pairs(
+                &self.views,
+                ViewKind::Klines,
+                buf.klines.iter().map(|k| &k.pair),
+            );
+            self.ensure_views(ViewKind::Klines, pairs, deadline).await;
+            buf.klines.clear();
+        }
+        if !buf.indicators.is_empty() {
+            self.insert_indicators(&buf.indicators, limit()).await?;
+            self.stats.set_buffered(0);
+            self.stats
+                .indicator_rows_written
+                .fetch_add(buf.indicators.len() as u64, Ordering::Relaxed);
+            let keys: Vec<((PairKey, Arc<str>, &'static str), i64)> = buf
+                .indicators
+                .iter()
+                .map(|v| ((v.pair.clone(), v.indicator.clone(), v.output), v.open_time))
+                .collect();
+            let dirty = self
+                .dirty_indicators
+                .committed(keys.iter().map(|(s, t)| (s, *t)), crate::market::now_ms());
+            self.marks.add(self.dirty_indicators.table().name, dirty);
+            let pairs = new_pairs(
+                &self.views,
+                ViewKind::Indicators,
+                buf.indicators.iter().map(|v| &v.pair),
+            );
+            self.ensure_views(ViewKind::Indicators, pairs, deadline)
+                .await;
+            buf.indicators.clear();
+        }
+        Ok(())
+    }
+
+    async fn insert_klines(&self, rows: &[Kline], limit: Duration) -> Result<(), StoreError> {
+        let ingested_us = now_us();
         let client = self.store.client();
         self.store
             .call_with_timeout(limit, async {
@@ -361,43 +500,59 @@ impl Writer {
             .await
     }
 
-    /// Creates `klines_{symbol}_{market}_{period}` for pairs written for the first time.
+    async fn insert_indicators(
+        &self,
+        rows: &[IndicatorValue],
+        limit: Duration,
+    ) -> Result<(), StoreError> {
+        let version = now_us();
+        let client = self.store.client();
+        self.store
+            .call_with_timeout(limit, async {
+                let mut insert = client.insert::<IndicatorRow<&str>>("indicators").await?;
+                for v in rows {
+                    insert.write(&IndicatorRow::new(v, version)).await?;
+                }
+                insert.end().await
+            })
+            .await
+    }
+
+    /// Creates the per-pair views of `kind` for pairs written for the first time.
     /// A failure is logged and retried with the next batch of that pair. An existing object
     /// of that name that is not a view (a table from an older deployment) is left alone,
     /// loudly.
-    async fn ensure_views(&mut self, rows: &[Kline], deadline: Option<Instant>) {
-        let new: Vec<PairKey> = rows
-            .iter()
-            .map(|k| &k.pair)
-            .filter(|p| !self.views.contains(*p))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .cloned()
-            .collect();
-        for pair in new {
+    async fn ensure_views(
+        &mut self,
+        kind: ViewKind,
+        pairs: Vec<PairKey>,
+        deadline: Option<Instant>,
+    ) {
+        for pair in pairs {
             let Some(limit) = attempt_limit(self.store.timeout(), deadline) else {
                 return;
             };
-            let view = pair.view_name();
-            let created = match tokio::time::timeout(limit, create_view(&self.store, &pair)).await {
-                Ok(Ok(())) => self.store.table_engine(&view).await,
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(StoreError::Timeout {
-                    url: self.store.url().to_string(),
-                    timeout: limit,
-                }),
-            };
+            let view = view_name(kind, &pair);
+            let created =
+                match tokio::time::timeout(limit, create_view_of(&self.store, kind, &pair)).await {
+                    Ok(Ok(())) => self.store.table_engine(&view).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StoreError::Timeout {
+                        url: self.store.url().to_string(),
+                        timeout: limit,
+                    }),
+                };
             match created {
                 Ok(Some(engine)) if engine == "View" => {
                     debug!(%pair, view, "Per-pair view ready.");
-                    self.views.insert(pair);
+                    self.views.insert((kind, pair));
                 }
                 Ok(engine) => {
                     error!(%pair, view, engine = ?engine,
                         "An object with the per-pair view's name exists and is not a view (an \
                          older deployment's table?); it is left alone and NOT updated. Rename it \
-                         to get the view over `klines`.");
-                    self.views.insert(pair);
+                         to get the per-pair view.");
+                    self.views.insert((kind, pair));
                 }
                 Err(e) => warn!(%pair, error = %e, "Cannot create per-pair view; will retry."),
             }
@@ -405,9 +560,30 @@ impl Writer {
     }
 }
 
+/// The distinct pairs of `pairs` that have no view of `kind` yet.
+fn new_pairs<'a>(
+    views: &HashSet<(ViewKind, PairKey)>,
+    kind: ViewKind,
+    pairs: impl Iterator<Item = &'a PairKey>,
+) -> Vec<PairKey> {
+    let mut new: Vec<PairKey> = Vec::new();
+    for p in pairs {
+        if !views.contains(&(kind, p.clone())) && !new.contains(p) {
+            new.push(p.clone());
+        }
+    }
+    new
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// How many more rows fit in the batch (at least 1, as `recv_many` requires).
-fn room(buf: &[Kline], batch_rows: usize) -> usize {
-    batch_rows.saturating_sub(buf.len()).max(1)
+fn room(buffered: usize, batch_rows: usize) -> usize {
+    batch_rows.saturating_sub(buffered).max(1)
 }
 
 /// How long the next ClickHouse call may take: the request timeout, capped by the shutdown
@@ -422,17 +598,47 @@ fn attempt_limit(timeout: Duration, deadline: Option<Instant>) -> Option<Duratio
     }
 }
 
+/// The per-pair view of `kind`: `klines_btcusdt_spot_1m` or `indicators_btcusdt_spot_1m`.
+/// Built only from validated parts, so it is a safe identifier.
+pub fn view_name(kind: ViewKind, pair: &PairKey) -> String {
+    match kind {
+        ViewKind::Klines => pair.view_name(),
+        ViewKind::Indicators => format!(
+            "indicators_{}_{}_{}",
+            pair.symbol.as_str().to_ascii_lowercase(),
+            pair.market,
+            pair.period
+        ),
+    }
+}
+
 /// `CREATE VIEW IF NOT EXISTS klines_{symbol}_{market}_{period}` over `klines FINAL`.
-/// The name is built from validated parts only; the filter values are bound.
 pub async fn create_view(store: &Store, pair: &PairKey) -> Result<(), StoreError> {
+    create_view_of(store, ViewKind::Klines, pair).await
+}
+
+/// `CREATE VIEW IF NOT EXISTS` the per-pair view of `kind` over its table `FINAL`.
+/// The name is built from validated parts only; the filter values are bound.
+pub async fn create_view_of(
+    store: &Store,
+    kind: ViewKind,
+    pair: &PairKey,
+) -> Result<(), StoreError> {
     let db = store.database();
-    let sql = format!(
-        "CREATE VIEW IF NOT EXISTS `{db}`.`{view}` AS SELECT market, symbol, period, \
-         open_time, close_time, open, high, low, close, volume, quote_volume, trades, \
-         taker_buy_volume, taker_buy_quote_volume, is_final, source, ingested_at \
-         FROM `{db}`.klines FINAL WHERE market = ? AND symbol = ? AND period = ?",
-        view = pair.view_name()
-    );
+    let view = view_name(kind, pair);
+    let sql = match kind {
+        ViewKind::Klines => format!(
+            "CREATE VIEW IF NOT EXISTS `{db}`.`{view}` AS SELECT market, symbol, period, \
+             open_time, close_time, open, high, low, close, volume, quote_volume, trades, \
+             taker_buy_volume, taker_buy_quote_volume, is_final, source, ingested_at \
+             FROM `{db}`.klines FINAL WHERE market = ? AND symbol = ? AND period = ?"
+        ),
+        ViewKind::Indicators => format!(
+            "CREATE VIEW IF NOT EXISTS `{db}`.`{view}` AS SELECT market, symbol, period, \
+             open_time, indicator, output, value \
+             FROM `{db}`.indicators FINAL WHERE market = ? AND symbol = ? AND period = ?"
+        ),
+    };
     store
         .call(
             store
