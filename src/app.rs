@@ -444,6 +444,146 @@ pub async fn backfill_gap(
     })
 }
 
+/// What `indicators` asks for (strings as typed; validated here).
+#[derive(Debug, Clone)]
+pub struct IndicatorsRequest {
+    pub market: String,
+    pub symbol: String,
+    pub period: String,
+    /// Specs as typed (`rsi(14)`, `MACD(12, 26, 9)`).
+    pub indicators: Vec<String>,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+    /// Write a CSV there instead of the `indicators` table.
+    pub csv: Option<std::path::PathBuf>,
+}
+
+/// What `indicators` did, for its one-line summary.
+#[derive(Debug, Clone)]
+pub struct IndicatorsOutcome {
+    pub pair: crate::market::PairKey,
+    pub specs: Vec<String>,
+    pub summary: crate::tasks::indicators::OfflineSummary,
+    /// `indicators` rows written (0 with `--csv`).
+    pub rows_written: u64,
+    pub csv: Option<std::path::PathBuf>,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for IndicatorsOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.summary;
+        write!(
+            f,
+            "indicators {} [{}]: candles={} in_range={} values={} ",
+            self.pair,
+            self.specs.join(" "),
+            s.candles,
+            s.in_range,
+            s.values
+        )?;
+        match &self.csv {
+            Some(path) => write!(f, "csv={}", path.display())?,
+            None => write!(f, "rows={}", self.rows_written)?,
+        }
+        write!(f, " seconds={:.1}", self.seconds)
+    }
+}
+
+/// `indicators`: computes indicators over a pair's stored series (warm-up from its first
+/// closed candle) and writes the values of `[start_ms, end_ms)` to `indicators` or a CSV.
+pub async fn indicators(
+    cfg: Config,
+    req: IndicatorsRequest,
+    progress: indicatif::ProgressBar,
+    cancel: CancellationToken,
+) -> anyhow::Result<IndicatorsOutcome> {
+    use crate::tasks::indicators::{api::Spec, compute_stored, Output};
+
+    let pair = crate::market::PairKey::parse(&req.market, &req.symbol, &req.period)?;
+    if req.indicators.is_empty() {
+        anyhow::bail!("no indicator given: pass --indicator 'rsi(14)' (repeatable)");
+    }
+    let mut specs: Vec<Spec> = Vec::new();
+    for text in &req.indicators {
+        let spec = Spec::parse(text).with_context(|| format!("bad indicator spec {text:?}"))?;
+        if !specs.contains(&spec) {
+            specs.push(spec);
+        }
+    }
+    let from = req.start_ms.unwrap_or(i64::MIN);
+    let to = req.end_ms.unwrap_or(i64::MAX);
+    if from >= to {
+        anyhow::bail!("range inverted or empty: --start_ms {from} must be before --end_ms {to}");
+    }
+    let started = std::time::Instant::now();
+    let store = Store::new(&cfg.clickhouse)?;
+    migrate::run(&store)
+        .await
+        .context("cannot prepare ClickHouse")?;
+    let total = store
+        .count_final_klines(&pair)
+        .await
+        .with_context(|| format!("cannot read the candles of {pair}"))?;
+    if total == 0 {
+        anyhow::bail!(crate::tasks::indicators::IndicatorError::NoCandles(pair));
+    }
+    progress.set_length(total);
+    let report = |n: u64| progress.set_position(n);
+    let names: Vec<String> = specs.iter().map(ToString::to_string).collect();
+    let (summary, rows_written) = match &req.csv {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let summary = compute_stored(
+                &store,
+                &pair,
+                &specs,
+                (from, to),
+                Output::Csv(&mut out),
+                &report,
+                &cancel,
+            )
+            .await?;
+            (summary, 0)
+        }
+        None => {
+            let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+            let writer_cancel = CancellationToken::new();
+            let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
+            let result = compute_stored(
+                &store,
+                &pair,
+                &specs,
+                (from, to),
+                Output::Writer(&handle),
+                &report,
+                &cancel,
+            )
+            .await;
+            // Whatever happened, what was computed is flushed before we report.
+            drop(handle);
+            writer_cancel.cancel();
+            let flushed = writer_task.await.context("writer task panicked")?;
+            let summary = result?;
+            let written = flushed
+                .context("indicator values could not be written")?
+                .indicator_rows_written;
+            (summary, written)
+        }
+    };
+    progress.finish_and_clear();
+    Ok(IndicatorsOutcome {
+        pair,
+        specs: names,
+        summary,
+        rows_written,
+        csv: req.csv,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

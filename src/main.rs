@@ -62,6 +62,9 @@ enum Command {
     /// OPTIMIZE, one partition at a time, the partitions that received late or replaced rows
     /// since their last optimize (tracked by the writer), and mark them done.
     Optimize(OptimizeArgs),
+    /// Compute indicators over a pair's stored candles (warm-up from its first candle) and
+    /// write the values of [start_ms, end_ms) to the indicators table, or to a CSV.
+    Indicators(IndicatorsArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
     /// Wait until the running daemon is ready (its /readyz on app.http.listen answers 200):
@@ -106,6 +109,39 @@ struct WsStartArgs {
     /// Kline interval, e.g. 1s (spot), 1m, 1h.
     #[arg(long, default_value = "1m")]
     period: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct IndicatorsArgs {
+    /// Binance symbol, e.g. ETHUSDT or BTCUSD_PERP.
+    #[arg(long)]
+    symbol: String,
+    /// spot, um (USD-M futures) or cm (COIN-M futures).
+    #[arg(long)]
+    market: String,
+    /// Kline interval, e.g. 1m, 1h.
+    #[arg(long)]
+    period: String,
+    /// An indicator spec, e.g. 'rsi(14)' or 'macd(12,26,9)'; repeatable.
+    #[arg(long = "indicator", value_name = "SPEC", required = true)]
+    indicators: Vec<String>,
+    /// First open time written (Unix ms, inclusive); default: the series start.
+    #[arg(
+        long = "start_ms",
+        visible_alias = "start-ms",
+        allow_negative_numbers = true
+    )]
+    start_ms: Option<i64>,
+    /// End of the open times written (Unix ms, exclusive); default: the last stored candle.
+    #[arg(
+        long = "end_ms",
+        visible_alias = "end-ms",
+        allow_negative_numbers = true
+    )]
+    end_ms: Option<i64>,
+    /// Write the values to this CSV file instead of the indicators table.
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -219,7 +255,10 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     let console = if check
         || matches!(
             cli.command,
-            Some(Command::BackfillGap(_)) | Some(Command::WsStart(_)) | Some(Command::Optimize(_))
+            Some(Command::BackfillGap(_))
+                | Some(Command::WsStart(_))
+                | Some(Command::Optimize(_))
+                | Some(Command::Indicators(_))
         ) {
         Console::Stderr
     } else {
@@ -295,6 +334,33 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
             app::optimize(&cfg, req, &mut std::io::stdout(), cancel)
                 .await
                 .map(|_| ())
+        }
+        Some(Command::Indicators(args)) => {
+            let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let bar = indicatif::ProgressBar::new(0);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{spinner} {bar:40} {pos}/{len} candles {per_sec} eta {eta}",
+                ) {
+                    bar.set_style(style);
+                }
+                bar
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let cancel = CancellationToken::new();
+            app::watch_signals(app::shutdown_signal(), cancel.clone());
+            let req = app::IndicatorsRequest {
+                market: args.market,
+                symbol: args.symbol,
+                period: args.period,
+                indicators: args.indicators,
+                start_ms: args.start_ms,
+                end_ms: args.end_ms,
+                csv: args.csv,
+            };
+            app::indicators(cfg, req, progress, cancel)
+                .await
+                .map(|outcome| println!("{outcome}"))
         }
         Some(Command::BackfillGap(args)) => {
             let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

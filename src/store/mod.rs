@@ -3,6 +3,7 @@
 //! inserts in `writer`, the tracking of partitions that need an `OPTIMIZE` in `partitions`.
 //! Exchange I/O is not here.
 
+pub mod indicators;
 pub mod migrate;
 pub mod partitions;
 pub mod state;

@@ -218,9 +218,12 @@ pub struct Writer {
     dirty: DirtyTracker<PairKey>,
     /// Which `indicators` partitions committed rows made dirty (a series is one output of one
     /// indicator of one pair).
-    dirty_indicators: DirtyTracker<(PairKey, Arc<str>, &'static str)>,
+    dirty_indicators: DirtyTracker<IndicatorSeries>,
     marks: DirtyMarks,
 }
+
+/// One output of one indicator of one pair: a series of `indicators` rows.
+type IndicatorSeries = (PairKey, Arc<str>, &'static str);
 
 /// The rows taken from the channel and not yet written, per table.
 #[derive(Debug, Default)]
@@ -465,7 +468,7 @@ impl Writer {
             self.stats
                 .indicator_rows_written
                 .fetch_add(buf.indicators.len() as u64, Ordering::Relaxed);
-            let keys: Vec<((PairKey, Arc<str>, &'static str), i64)> = buf
+            let keys: Vec<(IndicatorSeries, i64)> = buf
                 .indicators
                 .iter()
                 .map(|v| ((v.pair.clone(), v.indicator.clone(), v.output), v.open_time))

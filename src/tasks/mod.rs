@@ -10,6 +10,7 @@ use std::fmt;
 use crate::market::PairKey;
 
 pub mod backfill;
+pub mod indicators;
 pub mod live;
 pub mod maintenance;
 pub mod pair;

@@ -1,0 +1,301 @@
+//! Indicators against real ClickHouse: `quantservice indicators` (the binary) over real candles
+//! stored through the writer gives exactly `batch()` of the same bars (bit for bit, warm-up from
+//! the series start, only `[start_ms, end_ms)` written, readable per pair through
+//! `indicators_{symbol}_{market}_{period}` with FINAL); `--csv` writes the same values; clear
+//! errors (no stored candles, bad spec, ClickHouse down) with exit 1.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::{binance_data, dead_port, TestDb};
+use quantservice::market::{Kline, PairKey, Source};
+use quantservice::store::migrate;
+use quantservice::store::writer::Writer;
+use quantservice::store::Store;
+use quantservice::tasks::indicators::api::{batch, Bar, Spec};
+use tokio_util::sync::CancellationToken;
+
+/// The specs the offline tests compute (every output kind the API has).
+const SPECS: &[&str] = &["sma(20)", "sma(3)"];
+
+fn load_csv(rel: &str, pair: &PairKey) -> Vec<Kline> {
+    let text = std::fs::read_to_string(binance_data(rel)).unwrap();
+    text.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[0].parse::<i64>().is_ok())
+        .map(|f| Kline::from_fields(pair.clone(), &f, true, Source::Archive).unwrap())
+        .collect()
+}
+
+/// Stores `rows` through the writer; returns the store.
+async fn stored(db: &TestDb, rows: Vec<Kline>) -> Store {
+    let cfg = db.config("  writer:\n    batch_rows: 5000\n    flush_interval: 100ms\n");
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
+    let task = tokio::spawn(writer.run(CancellationToken::new()));
+    handle.send_many(rows).await.unwrap();
+    drop(handle);
+    task.await.unwrap().unwrap();
+    store
+}
+
+fn bin(db: &TestDb, args: &[&str]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.yaml");
+    std::fs::write(&path, db.yaml("")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_quantservice"))
+        .env_remove("QS_CONFIG_PATH")
+        .env_remove("RUST_LOG")
+        .arg("--config")
+        .arg(&path)
+        .arg("indicators")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn spec_args(specs: &[&str]) -> Vec<String> {
+    specs
+        .iter()
+        .flat_map(|s| ["--indicator".to_string(), s.to_string()])
+        .collect()
+}
+
+/// Expected values: `batch()` of every spec over `klines` (the whole series), keyed like the
+/// table: (open_time, indicator, output) -> value, warm-up (NaN) left out.
+fn expected(
+    klines: &[Kline],
+    specs: &[&str],
+    from: i64,
+    to: i64,
+) -> BTreeMap<(i64, String, String), f64> {
+    let bars: Vec<Bar> = klines.iter().map(Bar::from_kline).collect();
+    let mut out = BTreeMap::new();
+    for text in specs {
+        let spec = Spec::parse(text).unwrap();
+        let values = batch(&spec, &bars);
+        for (output, series) in spec.outputs().iter().zip(&values) {
+            for (k, v) in klines.iter().zip(series) {
+                if !v.is_nan() && k.open_time >= from && k.open_time < to {
+                    out.insert((k.open_time, spec.to_string(), output.to_string()), *v);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_values_written_to_clickhouse_equal_batch_bit_for_bit() {
+    let db = TestDb::new("ind_offline");
+    let pair = PairKey::parse("um", "ETHUSDT", "1h").unwrap();
+    let klines = load_csv("um/ETHUSDT-1h-2024-01-01_2025-12-20.csv", &pair);
+    assert!(klines.len() > 10_000);
+    // Stored out of order and twice (a replaced version), as a series grows in real life.
+    let mut rows = klines.clone();
+    rows.reverse();
+    rows.extend(klines[..500].iter().cloned());
+    let store = stored(&db, rows).await;
+
+    // A sub-range in the middle: values there warm up from the series start.
+    let from = klines[7_000].open_time;
+    let to = klines[9_000].open_time;
+    let mut args = spec_args(SPECS);
+    args.extend([
+        "--start_ms".to_string(),
+        from.to_string(),
+        "--end_ms".to_string(),
+        to.to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut full = vec!["--symbol", "ETHUSDT", "--market", "um", "--period", "1h"];
+    full.extend(args);
+    let (code, stdout, stderr) = bin(&db, &full);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+
+    let want = expected(&klines, SPECS, from, to);
+    assert!(!want.is_empty());
+    let rows: Vec<(i64, String, String, f64)> = store
+        .client()
+        .query(
+            "SELECT open_time, indicator, output, value FROM indicators FINAL \
+             WHERE market = 'um' AND symbol = 'ETHUSDT' AND period = '1h' \
+             ORDER BY open_time, indicator, output",
+        )
+        .fetch_all()
+        .await
+        .unwrap();
+    let got: BTreeMap<(i64, String, String), f64> = rows
+        .into_iter()
+        .map(|(t, i, o, v)| ((t, i, o), v))
+        .collect();
+    assert_eq!(got.len(), want.len(), "only [start_ms, end_ms) is written");
+    for (key, v) in &want {
+        let g = got.get(key).unwrap_or_else(|| panic!("{key:?} missing"));
+        assert_eq!(g.to_bits(), v.to_bits(), "{key:?}: {g} != {v}");
+    }
+    // The summary line and the per-pair view.
+    assert!(
+        stdout.contains(&format!("in_range={}", 2_000))
+            && stdout.contains(&format!("rows={}", want.len())),
+        "{stdout}"
+    );
+    let via_view = db.sql("SELECT count() FROM indicators_ethusdt_um_1h");
+    assert_eq!(via_view.trim(), want.len().to_string());
+
+    // Run again over everything: the latest computation wins, still one row per key.
+    let mut again = vec!["--symbol", "ETHUSDT", "--market", "um", "--period", "1h"];
+    let specs = spec_args(SPECS);
+    again.extend(specs.iter().map(String::as_str));
+    let (code, stdout, stderr) = bin(&db, &again);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let all = expected(&klines, SPECS, i64::MIN, i64::MAX);
+    let n =
+        db.sql("SELECT count() FROM indicators FINAL WHERE market = 'um' AND symbol = 'ETHUSDT'");
+    assert_eq!(n.trim(), all.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_has_one_column_per_output_and_empty_warm_up_cells() {
+    let db = TestDb::new("ind_csv");
+    let pair = PairKey::parse("spot", "BTCUSDT", "1h").unwrap();
+    let klines = load_csv("spot/BTCUSDT-1h-2022-01.csv", &pair);
+    let _store = stored(&db, klines.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("out.csv");
+    let mut args = vec!["--symbol", "BTCUSDT", "--market", "spot", "--period", "1h"];
+    let specs = spec_args(SPECS);
+    args.extend(specs.iter().map(String::as_str));
+    let csv_arg = csv.display().to_string();
+    args.extend(["--csv", &csv_arg]);
+    let (code, stdout, stderr) = bin(&db, &args);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("csv="), "{stdout}");
+    assert_eq!(
+        db.sql("SELECT count() FROM indicators").trim(),
+        "0",
+        "--csv writes no rows"
+    );
+
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    let header = split_csv(lines.next().unwrap());
+    let parsed: Vec<Spec> = SPECS.iter().map(|s| Spec::parse(s).unwrap()).collect();
+    let mut columns = vec!["open_time".to_string()];
+    for s in &parsed {
+        if s.outputs().len() == 1 {
+            columns.push(s.to_string());
+        } else {
+            columns.extend(s.outputs().iter().map(|o| format!("{s}.{o}")));
+        }
+    }
+    assert_eq!(header, columns);
+    let bars: Vec<Bar> = klines.iter().map(Bar::from_kline).collect();
+    let want: Vec<Vec<f64>> = parsed.iter().flat_map(|s| batch(s, &bars)).collect();
+    let body: Vec<Vec<String>> = lines.map(split_csv).collect();
+    assert_eq!(body.len(), klines.len());
+    for (i, (row, k)) in body.iter().zip(&klines).enumerate() {
+        assert_eq!(row[0], k.open_time.to_string());
+        for (c, series) in want.iter().enumerate() {
+            let cell = &row[c + 1];
+            if series[i].is_nan() {
+                assert_eq!(cell, "", "warm-up cell {i}/{c} must be empty");
+            } else {
+                assert_eq!(
+                    cell.parse::<f64>().unwrap().to_bits(),
+                    series[i].to_bits(),
+                    "{i}/{c}"
+                );
+            }
+        }
+    }
+}
+
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_errors_exit_1() {
+    let db = TestDb::new("ind_errors");
+    let pair = PairKey::parse("spot", "BTCUSDT", "1h").unwrap();
+    let klines = load_csv("spot/BTCUSDT-1h-2022-01.csv", &pair);
+    let _store = stored(&db, klines[..50].to_vec()).await;
+    let base = [
+        "--market",
+        "spot",
+        "--period",
+        "1h",
+        "--indicator",
+        "sma(5)",
+    ];
+
+    let mut args = vec!["--symbol", "ETHUSDT"];
+    args.extend(base);
+    let (code, _, stderr) = bin(&db, &args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no stored candles for spot:ETHUSDT:1h"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = bin(
+        &db,
+        &[
+            "--symbol",
+            "BTCUSDT",
+            "--market",
+            "spot",
+            "--period",
+            "1h",
+            "--indicator",
+            "foo(3)",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("bad indicator spec \"foo(3)\""), "{stderr}");
+
+    let (code, _, stderr) = bin(
+        &db,
+        &[
+            "--symbol",
+            "BTC-USDT",
+            "--market",
+            "spot",
+            "--period",
+            "1h",
+            "--indicator",
+            "sma(5)",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("symbol"), "{stderr}");
+
+    let mut down = TestDb::new("ind_down");
+    down.port = dead_port();
+    let mut args = vec!["--symbol", "BTCUSDT"];
+    args.extend(base);
+    let (code, _, stderr) = bin(&down, &args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+}
