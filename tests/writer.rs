@@ -12,7 +12,7 @@ use common::{ChServer, TestDb};
 use futures_util::FutureExt;
 use quantservice::market::{Decimal, Kline, PairKey, Source};
 use quantservice::store::migrate;
-use quantservice::store::writer::{Writer, WriterError};
+use quantservice::store::writer::{IndicatorValue, Writer, WriterError};
 use quantservice::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +123,103 @@ async fn no_row_is_lost_when_clickhouse_is_killed_mid_stream_and_restarted() {
             "SELECT count() FROM (SELECT DISTINCT market, symbol, period, open_time FROM klines)"
         ),
         format!("{}\n", 2 * PER_PAIR)
+    );
+}
+
+/// Indicator values go through the same channel and retries as klines: none lost either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_indicator_value_is_lost_when_clickhouse_is_killed_and_restarted() {
+    let server = Arc::new(ChServer::start());
+    let db = TestDb::on_server(&server, "ind_outage");
+    let cfg = db.config(
+        "  writer:\n    batch_rows: 500\n    flush_interval: 50ms\n    channel_capacity: 2000\n    max_backoff: 300ms\n",
+    );
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let pair = PairKey::parse("um", "ETHUSDT", "1m").unwrap();
+    const N: i64 = 8_000;
+    let name: Arc<str> = Arc::from("macd(12,26,9)");
+    let value = |i: i64, o: usize| (i as f64).sqrt() * 1.000_000_1 + o as f64 / 3.0;
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+    let writer_task = tokio::spawn(writer.run(CancellationToken::new()));
+    let producer = {
+        let handle = handle.clone();
+        let pair = pair.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            for chunk in 0..N / 100 {
+                let mut values = Vec::new();
+                for i in chunk * 100..(chunk + 1) * 100 {
+                    handle.send(candle(&pair, i)).await.unwrap();
+                    for (o, output) in ["macd", "signal", "hist"].into_iter().enumerate() {
+                        values.push(IndicatorValue {
+                            pair: pair.clone(),
+                            open_time: candle(&pair, i).open_time,
+                            indicator: name.clone(),
+                            output,
+                            value: value(i, o),
+                        });
+                    }
+                }
+                handle.send_indicators(values).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    wait_until("first values written", || {
+        handle.stats().indicator_rows_written() >= 3_000
+    })
+    .await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.kill()).await.unwrap();
+    wait_until("inserts failing", || handle.stats().insert_failures() >= 2).await;
+    assert!(
+        handle.stats().indicator_rows_written() < 3 * N as u64,
+        "the outage must hit while values are still flowing"
+    );
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.restart())
+        .await
+        .unwrap();
+    producer.await.unwrap();
+    drop(handle);
+    let summary = writer_task.await.unwrap().unwrap();
+    assert!(summary.insert_failures >= 2, "{summary:?}");
+    assert!(
+        summary.indicator_rows_written >= 3 * N as u64,
+        "{summary:?}"
+    );
+
+    let rows: Vec<(i64, String, String, f64)> = store
+        .client()
+        .query(
+            "SELECT open_time, indicator, output, value FROM indicators FINAL \
+             ORDER BY open_time, output",
+        )
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3 * N as usize);
+    for (j, (t, ind, output, v)) in rows.iter().enumerate() {
+        let i = j as i64 / 3;
+        assert_eq!(*t, candle(&pair, i).open_time);
+        assert_eq!(ind, "macd(12,26,9)");
+        // Sorted by name: hist, macd, signal.
+        let o = match output.as_str() {
+            "macd" => 0,
+            "signal" => 1,
+            _ => 2,
+        };
+        assert_eq!(v.to_bits(), value(i, o).to_bits(), "{t} {output}");
+    }
+    assert_eq!(
+        db.sql("SELECT count() FROM indicators_ethusdt_um_1m")
+            .trim(),
+        (3 * N).to_string()
+    );
+    assert_eq!(
+        store.klines(&pair, 0, i64::MAX).await.unwrap().len(),
+        N as usize
     );
 }
 
