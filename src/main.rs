@@ -90,7 +90,7 @@ struct OptimizeArgs {
     /// Every partition that has data, tracked as dirty or not.
     #[arg(long)]
     all: bool,
-    /// Only this table (default: every tracked table; today `klines`).
+    /// Only this table (default: every tracked table: `klines`, `indicators`).
     #[arg(long, value_name = "TABLE")]
     table: Option<String>,
     /// Print what would be optimized (parts, rows, bytes, dirty since) and change nothing.

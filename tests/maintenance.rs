@@ -370,7 +370,7 @@ async fn optimize_final_merges_the_dirty_partitions_only_and_marks_them_done() {
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(
         err.contains(
-            "unknown table \"trading_pairs\" (tables whose partitions are tracked: klines)"
+            "unknown table \"trading_pairs\" (tables whose partitions are tracked: klines, indicators)"
         ),
         "{err}"
     );
