@@ -8,3 +8,4 @@
 
 pub mod market;
 pub mod time;
+pub mod indicators;
