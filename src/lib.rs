@@ -58,7 +58,6 @@ pub mod store;
 pub mod exchange;
 pub mod status;
 pub mod tasks;
-pub mod ind_placeholder;
 pub mod server;
 pub mod operator;
 pub mod app;

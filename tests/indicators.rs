@@ -19,7 +19,16 @@ use quantservice::tasks::indicators::api::{batch, Bar, Spec};
 use tokio_util::sync::CancellationToken;
 
 /// The specs the offline tests compute (every output kind the API has).
-const SPECS: &[&str] = &["sma(20)", "sma(3)"];
+const SPECS: &[&str] = &[
+    "rsi(14)",
+    "macd(12,26,9)",
+    "bbands(20,2,2)",
+    "stoch(5,3,3)",
+    "donchian(20)",
+    "adx(14)",
+    "vwap(20)",
+    "obv",
+];
 
 fn load_csv(rel: &str, pair: &PairKey) -> Vec<Kline> {
     let text = std::fs::read_to_string(binance_data(rel)).unwrap();

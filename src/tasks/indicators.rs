@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use crate::ind_placeholder as api;
 use api::{Bar, Indicator, Spec};
+pub use qs_core::indicators as api;
 
 use crate::market::{Kline, PairKey};
 use crate::store::writer::{IndicatorValue, WriterHandle};
