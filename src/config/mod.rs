@@ -118,6 +118,14 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub maintenance: MaintenanceConfig,
     pub http: HttpConfig,
+    pub indicators: IndicatorsConfig,
+}
+
+/// `app.indicators`: the indicators of pairs that declare none in `trading_pairs.indicators`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IndicatorsConfig {
+    /// Normalised specs (`rsi(14)`, `macd(12,26,9)`), validated, without duplicates.
+    pub default: Vec<String>,
 }
 
 /// `app.maintenance`: the scheduled `OPTIMIZE` of the partitions that received late or
@@ -587,6 +595,7 @@ impl Config {
             proxy,
             maintenance,
             http,
+            indicators,
         } = self;
         let differs = [
             ("environment", *environment != other.environment),
@@ -601,6 +610,7 @@ impl Config {
             ("proxy", *proxy != other.proxy),
             ("maintenance", *maintenance != other.maintenance),
             ("http", *http != other.http),
+            ("indicators", *indicators != other.indicators),
         ];
         differs
             .into_iter()

@@ -12,7 +12,7 @@ use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
     BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    HttpConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig,
+    HttpConfig, IndicatorsConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig,
     ProxyMode, StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
@@ -58,6 +58,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
     let proxy = proxy(app.child("proxy", errs), errs);
     let maintenance = maintenance(app.child("maintenance", errs), errs);
     let http = http(app.child("http", errs), errs);
+    let indicators = indicators(app.child("indicators", errs), errs);
     app.finish(errs);
 
     Some(Config {
@@ -73,6 +74,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
         proxy,
         maintenance,
         http,
+        indicators,
     })
 }
 
@@ -387,6 +389,42 @@ fn maintenance(mut mt: Section<'_>, errs: &mut Vec<String>) -> MaintenanceConfig
     };
     mt.finish(errs);
     maintenance
+}
+
+/// `app.indicators`: `default`, a list of indicator specs, each validated and normalised.
+fn indicators(mut ind: Section<'_>, errs: &mut Vec<String>) -> IndicatorsConfig {
+    let mut default: Vec<String> = Vec::new();
+    if let Some(v) = ind.get("default") {
+        match v.as_sequence() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("app.indicators.default[{i}]");
+                    match item.as_str() {
+                        Some(text) => match qs_core::indicators::Spec::parse(text) {
+                            Ok(spec) => {
+                                let spec = spec.to_string();
+                                if !default.contains(&spec) {
+                                    default.push(spec);
+                                }
+                            }
+                            Err(e) => errs.push(format!("{path}: {e}, got {text:?}")),
+                        },
+                        None => errs.push(format!(
+                            "{path}: expected an indicator spec like \"rsi(14)\", got {}",
+                            show(item)
+                        )),
+                    }
+                }
+            }
+            None if v.is_null() => {}
+            None => errs.push(format!(
+                "app.indicators.default: expected a list of indicator specs like [\"rsi(14)\", \"macd(12,26,9)\"], got {}",
+                show(v)
+            )),
+        }
+    }
+    ind.finish(errs);
+    IndicatorsConfig { default }
 }
 
 /// `app.http`: the ops endpoint.

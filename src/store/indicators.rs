@@ -1,7 +1,11 @@
-//! Reads for the indicator computations: a pair's stored closed candles in `open_time` order
-//! (the series indicators run over), chunk by chunk. Rows of `indicators` are written by the
-//! writer; this module only reads.
+//! The indicator computations' side of ClickHouse: a pair's stored closed candles in
+//! `open_time` order (the series indicators run over), chunk by chunk; durable checkpoints
+//! (`indicator_checkpoints`: the row layout, and finding one); observed state
+//! (`indicator_status`). Values and checkpoints are written by the writer.
 
+use serde::{Deserialize, Serialize};
+
+use super::writer::Checkpoint;
 use super::{KlineRow, Store, StoreError, KLINE_COLUMNS};
 use crate::market::{Kline, PairKey};
 
@@ -50,5 +54,128 @@ impl Store {
             .map(KlineRow::into_kline)
             .collect::<Result<_, _>>()
             .map_err(StoreError::Protocol)
+    }
+}
+
+/// One `indicator_checkpoints` row in column order.
+#[derive(clickhouse::Row, Serialize, Deserialize)]
+pub(crate) struct CheckpointRow<S> {
+    market: S,
+    symbol: S,
+    period: S,
+    indicator: S,
+    pub(crate) open_time: i64,
+    pub(crate) bars: u64,
+    pub(crate) state: S,
+    version: u64,
+}
+
+impl<'a> CheckpointRow<&'a str> {
+    pub(crate) fn new(c: &'a Checkpoint, version: u64) -> CheckpointRow<&'a str> {
+        CheckpointRow {
+            market: c.pair.market.as_str(),
+            symbol: c.pair.symbol.as_str(),
+            period: c.pair.period.as_str(),
+            indicator: &c.indicator,
+            open_time: c.open_time,
+            bars: c.bars,
+            state: &c.state,
+            version,
+        }
+    }
+}
+
+/// A stored checkpoint: the state after the candle at `open_time`, `bars` candles in.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
+pub struct StoredCheckpoint {
+    pub open_time: i64,
+    pub bars: u64,
+    pub state: String,
+}
+
+/// One `indicator_status` row.
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+struct IndicatorStatusRow<'a> {
+    market: &'a str,
+    symbol: &'a str,
+    period: &'a str,
+    indicator: &'a str,
+    phase: &'a str,
+    last_open_time: i64,
+    last_error: &'a str,
+    updated_at: u32,
+}
+
+impl Store {
+    /// How many closed candles of the pair are stored with `open_time <= t`.
+    pub async fn count_final_klines_upto(&self, pair: &PairKey, t: i64) -> Result<u64, StoreError> {
+        self.call(
+            self.client
+                .query(
+                    "SELECT count() FROM klines FINAL \
+                     WHERE market = ? AND symbol = ? AND period = ? AND is_final = 1 \
+                     AND open_time <= ?",
+                )
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(t)
+                .fetch_one::<u64>(),
+        )
+        .await
+    }
+
+    /// The newest checkpoint of the pair's `indicator` with `open_time < before`.
+    pub async fn checkpoint_before(
+        &self,
+        pair: &PairKey,
+        indicator: &str,
+        before: i64,
+    ) -> Result<Option<StoredCheckpoint>, StoreError> {
+        let rows: Vec<StoredCheckpoint> = self
+            .call(
+                self.client
+                    .query(
+                        "SELECT open_time, bars, state FROM indicator_checkpoints FINAL \
+                         WHERE market = ? AND symbol = ? AND period = ? AND indicator = ? \
+                         AND open_time < ? ORDER BY open_time DESC LIMIT 1",
+                    )
+                    .bind(pair.market.as_str())
+                    .bind(pair.symbol.as_str())
+                    .bind(pair.period.as_str())
+                    .bind(indicator)
+                    .bind(before)
+                    .fetch_all::<StoredCheckpoint>(),
+            )
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Appends an `indicator_status` row (the latest per pair and indicator wins).
+    pub async fn write_indicator_status(
+        &self,
+        pair: &PairKey,
+        indicator: &str,
+        phase: &str,
+        last_open_time: i64,
+        last_error: &str,
+    ) -> Result<(), StoreError> {
+        let row = IndicatorStatusRow {
+            market: pair.market.as_str(),
+            symbol: pair.symbol.as_str(),
+            period: pair.period.as_str(),
+            indicator,
+            phase,
+            last_open_time,
+            last_error,
+            updated_at: u32::try_from(crate::market::now_ms() / 1000).unwrap_or(u32::MAX),
+        };
+        let client = self.client.clone();
+        self.call(async move {
+            let mut insert = client.insert::<IndicatorStatusRow<'_>>("indicator_status").await?;
+            insert.write(&row).await?;
+            insert.end().await
+        })
+        .await
     }
 }

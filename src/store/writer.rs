@@ -6,17 +6,18 @@
 //! `indicators_btcusdt_spot_1m`) when a pair's first rows of that table are written.
 //! It does not decide what to write (tasks do) and does not dedupe (ReplacingMergeTree does).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::partitions::{self, DirtyMarks, DirtyTracker};
+use super::indicators::CheckpointRow;
 use super::{IndicatorRow, KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
@@ -33,11 +34,93 @@ pub struct IndicatorValue {
     pub value: f64,
 }
 
+/// A durable checkpoint of one indicator's state over a pair's series (a row of
+/// `indicator_checkpoints`): the state after the candle at `open_time`, `bars` candles in.
+/// It goes through the writer after the values it covers, so it is never committed before them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub pair: PairKey,
+    pub indicator: Arc<str>,
+    pub open_time: i64,
+    pub bars: u64,
+    pub state: String,
+}
+
 /// What goes through the writer's channel: a row of one of the tables it writes.
 #[derive(Debug, Clone)]
 pub enum Row {
     Kline(Kline),
     Indicator(IndicatorValue),
+    Checkpoint(Checkpoint),
+}
+
+/// Who is told which closed candles the writer committed: per pair, every subscriber learns
+/// the earliest `open_time` of the closed candles committed since it last looked (the
+/// indicator tasks, to advance, or to recompute after a late candle). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CommitFeed {
+    subs: Arc<Mutex<HashMap<PairKey, Vec<Weak<SubState>>>>>,
+}
+
+#[derive(Debug, Default)]
+struct SubState {
+    earliest: Mutex<Option<i64>>,
+    wake: Notify,
+}
+
+/// One subscriber's view of a pair's commits.
+#[derive(Debug)]
+pub struct CommitSubscription {
+    state: Arc<SubState>,
+}
+
+impl CommitSubscription {
+    /// Waits until closed candles of the pair were committed since the last `take` (returns at
+    /// once if some already were).
+    pub async fn changed(&self) {
+        self.state.wake.notified().await;
+    }
+
+    /// The earliest `open_time` committed since the last call, if any.
+    pub fn take(&self) -> Option<i64> {
+        lock(&self.state.earliest).take()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CommitFeed {
+    pub fn subscribe(&self, pair: &PairKey) -> CommitSubscription {
+        let state = Arc::new(SubState::default());
+        lock(&self.subs)
+            .entry(pair.clone())
+            .or_default()
+            .push(Arc::downgrade(&state));
+        CommitSubscription { state }
+    }
+
+    /// Records that closed candles of `pair` from `earliest` on were committed.
+    pub fn committed(&self, pair: &PairKey, earliest: i64) {
+        let mut subs = lock(&self.subs);
+        let Some(list) = subs.get_mut(pair) else {
+            return;
+        };
+        list.retain(|w| match w.upgrade() {
+            Some(s) => {
+                let mut e = lock(&s.earliest);
+                *e = Some(e.map_or(earliest, |x| x.min(earliest)));
+                drop(e);
+                s.wake.notify_one();
+                true
+            }
+            None => false,
+        });
+        if list.is_empty() {
+            subs.remove(pair);
+        }
+    }
 }
 
 /// Counters shared between the writer and everyone holding a handle (for the metrics line).
@@ -96,6 +179,7 @@ pub enum WriterError {
 pub struct WriterHandle {
     tx: mpsc::Sender<Row>,
     stats: Arc<WriterStats>,
+    commits: CommitFeed,
 }
 
 impl WriterHandle {
@@ -130,6 +214,19 @@ impl WriterHandle {
         self.send_rows(&mut rows, Row::Indicator)
             .await
             .map_err(|()| IndicatorsNotAccepted { unsent: rows.len() })
+    }
+
+    /// Queues a durable checkpoint, committed after everything queued before it.
+    pub async fn send_checkpoint(&self, cp: Checkpoint) -> Result<(), IndicatorsNotAccepted> {
+        self.tx
+            .send(Row::Checkpoint(cp))
+            .await
+            .map_err(|_| IndicatorsNotAccepted { unsent: 1 })
+    }
+
+    /// The feed of committed closed candles.
+    pub fn commits(&self) -> &CommitFeed {
+        &self.commits
     }
 
     /// Sends every item of `rows` with one wait per group; `Err` (with the unsent items left
@@ -213,6 +310,7 @@ pub struct Writer {
     cfg: WriterConfig,
     rx: mpsc::Receiver<Row>,
     stats: Arc<WriterStats>,
+    commits: CommitFeed,
     views: HashSet<(ViewKind, PairKey)>,
     /// Which `klines` partitions committed rows made dirty.
     dirty: DirtyTracker<PairKey>,
@@ -230,11 +328,12 @@ type IndicatorSeries = (PairKey, Arc<str>, &'static str);
 struct Batch {
     klines: Vec<Kline>,
     indicators: Vec<IndicatorValue>,
+    checkpoints: Vec<Checkpoint>,
 }
 
 impl Batch {
     fn len(&self) -> usize {
-        self.klines.len() + self.indicators.len()
+        self.klines.len() + self.indicators.len() + self.checkpoints.len()
     }
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -243,6 +342,7 @@ impl Batch {
         match row {
             Row::Kline(k) => self.klines.push(k),
             Row::Indicator(v) => self.indicators.push(v),
+            Row::Checkpoint(c) => self.checkpoints.push(c),
         }
     }
 }
@@ -258,15 +358,18 @@ impl Writer {
     pub fn new(store: Store, cfg: WriterConfig) -> (Writer, WriterHandle) {
         let (tx, rx) = mpsc::channel(cfg.channel_capacity.max(1));
         let stats = Arc::new(WriterStats::default());
+        let commits = CommitFeed::default();
         let handle = WriterHandle {
             tx,
             stats: stats.clone(),
+            commits: commits.clone(),
         };
         let writer = Writer {
             store,
             cfg,
             rx,
             stats,
+            commits,
             views: HashSet::new(),
             dirty: DirtyTracker::new(&partitions::KLINES),
             dirty_indicators: DirtyTracker::new(&partitions::INDICATORS),
@@ -445,7 +548,16 @@ impl Writer {
             self.insert_klines(&buf.klines, limit()).await?;
             // Written: no longer queued (whatever the views below take); counted before the
             // rows count, so no scrape sees a row both written and queued.
-            self.stats.set_buffered(buf.indicators.len());
+            self.stats
+                .set_buffered(buf.indicators.len() + buf.checkpoints.len());
+            let mut earliest: HashMap<&PairKey, i64> = HashMap::new();
+            for k in buf.klines.iter().filter(|k| k.is_final) {
+                let e = earliest.entry(&k.pair).or_insert(k.open_time);
+                *e = (*e).min(k.open_time);
+            }
+            for (pair, t) in earliest {
+                self.commits.committed(pair, t);
+            }
             let n = buf.klines.len() as u64;
             self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
             crate::metrics::add(&crate::metrics::ROWS, n);
@@ -464,7 +576,7 @@ impl Writer {
         }
         if !buf.indicators.is_empty() {
             self.insert_indicators(&buf.indicators, limit()).await?;
-            self.stats.set_buffered(0);
+            self.stats.set_buffered(buf.checkpoints.len());
             self.stats
                 .indicator_rows_written
                 .fetch_add(buf.indicators.len() as u64, Ordering::Relaxed);
@@ -482,9 +594,13 @@ impl Writer {
                 ViewKind::Indicators,
                 buf.indicators.iter().map(|v| &v.pair),
             );
-            self.ensure_views(ViewKind::Indicators, pairs, deadline)
-                .await;
+            self.ensure_views(ViewKind::Indicators, pairs, deadline).await;
             buf.indicators.clear();
+        }
+        if !buf.checkpoints.is_empty() {
+            self.insert_checkpoints(&buf.checkpoints, limit()).await?;
+            self.stats.set_buffered(0);
+            buf.checkpoints.clear();
         }
         Ok(())
     }
@@ -497,6 +613,26 @@ impl Writer {
                 let mut insert = client.insert::<KlineRow<&str>>("klines").await?;
                 for k in rows {
                     insert.write(&KlineRow::new(k, ingested_us)).await?;
+                }
+                insert.end().await
+            })
+            .await
+    }
+
+    async fn insert_checkpoints(
+        &self,
+        rows: &[Checkpoint],
+        limit: Duration,
+    ) -> Result<(), StoreError> {
+        let version = now_us();
+        let client = self.store.client();
+        self.store
+            .call_with_timeout(limit, async {
+                let mut insert = client
+                    .insert::<CheckpointRow<&str>>("indicator_checkpoints")
+                    .await?;
+                for c in rows {
+                    insert.write(&CheckpointRow::new(c, version)).await?;
                 }
                 insert.end().await
             })

@@ -51,6 +51,8 @@ pub struct SeriesState {
     slots: Vec<Slot>,
     /// Open time of the last candle fed.
     last: Option<i64>,
+    /// Candles fed since the series start (counting those before a restored checkpoint).
+    bars: u64,
 }
 
 impl SeriesState {
@@ -68,7 +70,48 @@ impl SeriesState {
             pair,
             slots,
             last: None,
+            bars: 0,
         }
+    }
+
+    /// The state of one indicator restored from a checkpoint: `bars` candles in, the last at
+    /// `open_time`.
+    pub fn restored(
+        pair: PairKey,
+        spec: &Spec,
+        open_time: i64,
+        bars: u64,
+        state: &str,
+    ) -> Result<SeriesState, api::CheckpointError> {
+        let ind = Indicator::restore(spec, state)?;
+        Ok(SeriesState {
+            pair,
+            slots: vec![Slot {
+                ind,
+                name: Arc::from(spec.to_string()),
+                out: vec![f64::NAN; spec.outputs().len()],
+                defined: false,
+            }],
+            last: Some(open_time),
+            bars,
+        })
+    }
+
+    /// Candles fed since the series start.
+    pub fn bars(&self) -> u64 {
+        self.bars
+    }
+
+    /// A durable checkpoint of the first indicator (the state after the last candle fed).
+    pub fn checkpoint(&self) -> Option<crate::store::writer::Checkpoint> {
+        let slot = self.slots.first()?;
+        Some(crate::store::writer::Checkpoint {
+            pair: self.pair.clone(),
+            indicator: slot.name.clone(),
+            open_time: self.last?,
+            bars: self.bars,
+            state: slot.ind.checkpoint(),
+        })
     }
 
     pub fn pair(&self) -> &PairKey {
@@ -86,6 +129,7 @@ impl SeriesState {
             s.defined = s.ind.update(bar, &mut s.out);
         }
         self.last = Some(open_time);
+        self.bars += 1;
     }
 
     /// The values of the last candle fed, as `indicators` rows (warm-up outputs omitted).
@@ -247,4 +291,203 @@ pub async fn compute_stored(
 /// Feeds a stored candle (converted to a [`Bar`] once).
 pub fn feed(state: &mut SeriesState, k: &Kline) {
     state.advance(k.open_time, &Bar::from_kline(k));
+}
+
+/// Durable checkpoints are written every this many candles of a computation, and at its end.
+pub const CHECKPOINT_EVERY: u64 = 10_000;
+/// How far back a late candle's recomputation looks for a checkpoint that still matches the
+/// stored series before starting from the series start.
+const MAX_CHECKPOINT_TRIES: usize = 16;
+
+/// Phases of `indicator_status`.
+pub mod phase {
+    /// Computing the stored history (a new indicator, or after a late candle).
+    pub const COMPUTING: &str = "computing";
+    /// Up to date with the stored series; advanced by each closed candle written.
+    pub const LIVE: &str = "live";
+    pub const ERROR: &str = "error";
+}
+
+/// The daemon's task for one indicator of one pair: computes it over the stored history (from
+/// a checkpoint that still matches the stored series, else from the series start), then keeps
+/// it up to date as the writer commits closed candles of the pair; a candle committed before
+/// the newest computed one that changed the series (a healed hole, a late final) makes it
+/// recompute from a checkpoint before that candle and rewrite every later value.
+pub struct IndicatorTask {
+    pub pair: PairKey,
+    pub spec: Spec,
+    pub store: Store,
+    pub writer: WriterHandle,
+    /// Durable checkpoint interval in candles ([`CHECKPOINT_EVERY`]).
+    pub checkpoint_every: u64,
+}
+
+impl IndicatorTask {
+    pub fn new(pair: PairKey, spec: Spec, store: Store, writer: WriterHandle) -> IndicatorTask {
+        IndicatorTask {
+            pair,
+            spec,
+            store,
+            writer,
+            checkpoint_every: CHECKPOINT_EVERY,
+        }
+    }
+
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), crate::tasks::TaskError> {
+        let name = self.spec.to_string();
+        let result = self.run_inner(&name, &cancel).await;
+        if let Err(e) = &result {
+            if !matches!(e, IndicatorError::Cancelled) {
+                let _ = self
+                    .store
+                    .write_indicator_status(&self.pair, &name, phase::ERROR, 0, &e.to_string())
+                    .await;
+            }
+        }
+        match result {
+            Ok(()) | Err(IndicatorError::Cancelled) => Ok(()),
+            Err(e) => Err(crate::tasks::TaskError::Retryable(format!("indicator {name}: {e}"))),
+        }
+    }
+
+    async fn run_inner(&self, name: &str, cancel: &CancellationToken) -> Result<(), IndicatorError> {
+        // Subscribed before the first read: nothing committed meanwhile is missed.
+        let commits = self.writer.commits().subscribe(&self.pair);
+        let mut state = self.resume(i64::MAX).await?;
+        let resumed_at = state.last_open_time();
+        tracing::info!(pair = %self.pair, indicator = name, resumed_at = ?resumed_at,
+            bars = state.bars(), "Indicator computing the stored history.");
+        self.status(phase::COMPUTING, &state).await;
+        loop {
+            self.catch_up(&mut state, cancel).await?;
+            self.status(phase::LIVE, &state).await;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = commits.changed() => {}
+            }
+            let Some(earliest) = commits.take() else { continue };
+            if let Some(last) = state.last_open_time() {
+                if earliest <= last && self.series_changed_before(&state, last).await? {
+                    tracing::info!(pair = %self.pair, indicator = name, late = earliest, last,
+                        "A candle arrived before the newest computed value; recomputing from a checkpoint before it.");
+                    state = self.resume(earliest).await?;
+                    self.status(phase::COMPUTING, &state).await;
+                }
+            }
+        }
+        // A last checkpoint, so a restart resumes from here.
+        if let Some(cp) = state.checkpoint() {
+            let _ = self.writer.send_checkpoint(cp).await;
+        }
+        Err(IndicatorError::Cancelled)
+    }
+
+    /// Whether the stored series up to `last` is no longer the one `state` was computed over
+    /// (a candle was inserted before `last`).
+    async fn series_changed_before(&self, state: &SeriesState, last: i64) -> Result<bool, IndicatorError> {
+        let n = self
+            .store
+            .count_final_klines_upto(&self.pair, last)
+            .await
+            .map_err(|source| self.read_error(source))?;
+        Ok(n != state.bars())
+    }
+
+    /// The state from the newest stored checkpoint before `before` that still matches the
+    /// stored series (as many candles stored up to it as it had seen), else a fresh one.
+    async fn resume(&self, before: i64) -> Result<SeriesState, IndicatorError> {
+        let name = self.spec.to_string();
+        let mut before = before;
+        for _ in 0..MAX_CHECKPOINT_TRIES {
+            let Some(cp) = self
+                .store
+                .checkpoint_before(&self.pair, &name, before)
+                .await
+                .map_err(|source| self.read_error(source))?
+            else {
+                break;
+            };
+            let stored = self
+                .store
+                .count_final_klines_upto(&self.pair, cp.open_time)
+                .await
+                .map_err(|source| self.read_error(source))?;
+            if stored == cp.bars {
+                match SeriesState::restored(self.pair.clone(), &self.spec, cp.open_time, cp.bars, &cp.state) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => tracing::warn!(pair = %self.pair, indicator = %name, error = %e,
+                        "Unusable checkpoint; trying an older one."),
+                }
+            }
+            before = cp.open_time;
+        }
+        Ok(SeriesState::new(self.pair.clone(), std::slice::from_ref(&self.spec)))
+    }
+
+    /// Feeds every stored closed candle after the state's last one, sending the values (and a
+    /// checkpoint every `checkpoint_every` candles and at the end) to the writer.
+    async fn catch_up(&self, state: &mut SeriesState, cancel: &CancellationToken) -> Result<(), IndicatorError> {
+        let every = self.checkpoint_every.max(1);
+        let mut fed = 0u64;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(IndicatorError::Cancelled);
+            }
+            let after = state.last_open_time().unwrap_or(i64::MIN);
+            let chunk = self
+                .store
+                .final_klines_after(&self.pair, after, READ_CHUNK)
+                .await
+                .map_err(|source| self.read_error(source))?;
+            let mut rows = Vec::new();
+            let mut checkpoints = Vec::new();
+            for k in &chunk {
+                feed(state, k);
+                state.rows(&mut rows);
+                fed += 1;
+                if state.bars() % every == 0 {
+                    checkpoints.extend(state.checkpoint());
+                }
+            }
+            if (chunk.len() as u64) < READ_CHUNK && fed > 0 && state.bars() % every != 0 {
+                checkpoints.extend(state.checkpoint());
+            }
+            if !rows.is_empty() {
+                self.writer
+                    .send_indicators(rows)
+                    .await
+                    .map_err(|_| IndicatorError::WriterClosed(self.pair.clone()))?;
+            }
+            for cp in checkpoints {
+                self.writer
+                    .send_checkpoint(cp)
+                    .await
+                    .map_err(|_| IndicatorError::WriterClosed(self.pair.clone()))?;
+            }
+            if (chunk.len() as u64) < READ_CHUNK {
+                return Ok(());
+            }
+        }
+    }
+
+    fn read_error(&self, source: StoreError) -> IndicatorError {
+        IndicatorError::Read {
+            pair: self.pair.clone(),
+            source,
+        }
+    }
+
+    /// Writes the observed state; a failure is logged (the next change writes it again).
+    async fn status(&self, phase: &str, state: &SeriesState) {
+        let name = self.spec.to_string();
+        if let Err(e) = self
+            .store
+            .write_indicator_status(&self.pair, &name, phase, state.last_open_time().unwrap_or(0), "")
+            .await
+        {
+            tracing::warn!(pair = %self.pair, indicator = %name, error = %e,
+                "Cannot write indicator_status.");
+        }
+    }
 }
