@@ -12,8 +12,8 @@ use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
     BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    HttpConfig, IndicatorsConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints, OperatorConfig, ProxyConfig,
-    ProxyMode, StreamsConfig, WriterConfig,
+    HttpConfig, IndicatorsConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints,
+    OperatorConfig, ProxyConfig, ProxyMode, StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
 

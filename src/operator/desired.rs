@@ -1,7 +1,10 @@
-//! `desired()`: turns the raw `trading_pairs` rows into the set of pairs the daemon should run,
-//! plus the rows it must refuse (with why). Pure: no I/O, tested with tables of cases.
+//! `desired()`: turns the raw `trading_pairs` rows (and `app.indicators.default`) into the set
+//! of pairs and pair indicators the daemon should run, plus the rows and indicator specs it must
+//! refuse (with why). Pure: no I/O, tested with tables of cases.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use qs_core::indicators::{parse_list_lenient, Spec};
 
 use super::plan::State;
 use crate::market::PairKey;
@@ -25,6 +28,10 @@ pub struct Desired {
     /// Disabled rows (reported as `disabled`).
     pub disabled: Vec<PairKey>,
     pub invalid: Vec<InvalidRow>,
+    /// The indicators of the enabled pairs: the row's list, or the default when it is empty.
+    pub indicators: BTreeSet<(PairKey, Spec)>,
+    /// Bad specs of enabled pairs (the pair's good ones still run), with why.
+    pub bad_indicators: Vec<(PairKey, String)>,
 }
 
 impl Desired {
@@ -36,6 +43,12 @@ impl Desired {
                 .pairs
                 .iter()
                 .map(|(k, s)| (TaskKey::Pair(k.clone()), TaskSpec::Pair(*s)))
+                .chain(self.indicators.iter().map(|(k, spec)| {
+                    (
+                        TaskKey::Indicator(k.clone(), spec.clone()),
+                        TaskSpec::Indicator,
+                    )
+                }))
                 .collect(),
             streams: self
                 .pairs
@@ -48,8 +61,10 @@ impl Desired {
     }
 }
 
-/// The desired state from the latest row per key (the caller reads them with `FINAL`).
-pub fn desired(rows: &[PairRow]) -> Desired {
+/// The desired state from the latest row per key (the caller reads them with `FINAL`);
+/// `default_indicators` (`app.indicators.default`, already validated) apply to the pairs whose
+/// `indicators` is empty.
+pub fn desired(rows: &[PairRow], default_indicators: &[Spec]) -> Desired {
     let mut d = Desired::default();
     for r in rows {
         let invalid = |error: String| InvalidRow {
@@ -76,6 +91,19 @@ pub fn desired(rows: &[PairRow]) -> Desired {
             d.disabled.push(key);
             continue;
         }
+        if r.indicators.trim().is_empty() {
+            for spec in default_indicators {
+                d.indicators.insert((key.clone(), spec.clone()));
+            }
+        } else {
+            let (good, bad) = parse_list_lenient(&r.indicators);
+            for spec in good {
+                d.indicators.insert((key.clone(), spec));
+            }
+            for e in bad {
+                d.bad_indicators.push((key.clone(), e.to_string()));
+            }
+        }
         d.pairs.insert(
             key,
             PairSpec {
@@ -99,6 +127,7 @@ mod tests {
             enabled,
             backfill_from: from,
             stream,
+            indicators: String::new(),
         }
     }
 
@@ -175,7 +204,7 @@ mod tests {
             ),
         ];
         for (name, rows, want, disabled, errors) in cases {
-            let state = desired(&rows).state(None);
+            let state = desired(&rows, &[]).state(None);
             assert_eq!(state.tasks.len(), want.len(), "{name}");
             let streamed: Vec<&PairKey> = want
                 .iter()
@@ -183,7 +212,7 @@ mod tests {
                 .map(|(k, _)| k)
                 .collect();
             assert_eq!(state.streams.iter().collect::<Vec<_>>(), streamed, "{name}");
-            let d = desired(&rows);
+            let d = desired(&rows, &[]);
             let got: Vec<(PairKey, PairSpec)> = d.pairs.into_iter().collect();
             assert_eq!(got, want, "{name}");
             assert_eq!(d.disabled.len(), disabled, "{name}");
@@ -195,6 +224,101 @@ mod tests {
                     inv.error
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod indicator_tests {
+    use super::*;
+
+    fn row(s: &str, enabled: u8, indicators: &str) -> PairRow {
+        PairRow {
+            market: "um".into(),
+            symbol: s.into(),
+            period: "1m".into(),
+            enabled,
+            backfill_from: 0,
+            stream: 1,
+            indicators: indicators.into(),
+        }
+    }
+
+    fn spec(s: &str) -> Spec {
+        Spec::parse(s).unwrap()
+    }
+
+    #[test]
+    fn indicators_come_from_the_row_or_the_default_and_bad_specs_block_nothing_else() {
+        let default = [spec("rsi(14)")];
+        // (name, rows, expected (symbol, spec) tasks, bad (symbol, error fragment))
+        type Case = (
+            &'static str,
+            Vec<PairRow>,
+            Vec<(&'static str, &'static str)>,
+            Vec<(&'static str, &'static str)>,
+        );
+        let cases: Vec<Case> = vec![
+            ("no row", vec![], vec![], vec![]),
+            (
+                "empty list takes the default",
+                vec![row("BTCUSDT", 1, "")],
+                vec![("BTCUSDT", "rsi(14)")],
+                vec![],
+            ),
+            (
+                "a declared list replaces the default, normalised and deduplicated",
+                vec![row("BTCUSDT", 1, "MACD(12, 26, 9), sma(20),macd(12,26,9)")],
+                vec![("BTCUSDT", "macd(12,26,9)"), ("BTCUSDT", "sma(20)")],
+                vec![],
+            ),
+            (
+                "a bad spec is reported and the good ones of the pair still run",
+                vec![
+                    row("BTCUSDT", 1, "rsi(0),ema(10),foo(3)"),
+                    row("ETHUSDT", 1, "sma(5)"),
+                ],
+                vec![("BTCUSDT", "ema(10)"), ("ETHUSDT", "sma(5)")],
+                vec![("BTCUSDT", "rsi"), ("BTCUSDT", "foo")],
+            ),
+            (
+                "a disabled pair computes nothing",
+                vec![row("BTCUSDT", 0, "sma(5)"), row("ETHUSDT", 0, "")],
+                vec![],
+                vec![],
+            ),
+        ];
+        for (name, rows, want, bad) in cases {
+            let d = desired(&rows, &default);
+            let got: BTreeSet<(String, String)> = d
+                .indicators
+                .iter()
+                .map(|(k, s)| (k.symbol.to_string(), s.to_string()))
+                .collect();
+            let want: BTreeSet<(String, String)> = want
+                .iter()
+                .map(|(s, i)| (s.to_string(), spec(i).to_string()))
+                .collect();
+            assert_eq!(got, want, "{name}");
+            assert_eq!(
+                d.bad_indicators.len(),
+                bad.len(),
+                "{name}: {:?}",
+                d.bad_indicators
+            );
+            for ((k, e), (s, frag)) in d.bad_indicators.iter().zip(&bad) {
+                assert_eq!(k.symbol.as_str(), *s, "{name}");
+                assert!(e.contains(frag), "{name}: {e:?} lacks {frag}");
+            }
+            // Every indicator is a task of its own next to its pair's.
+            let state = d.state(None);
+            let tasks: Vec<&TaskKey> = state
+                .tasks
+                .keys()
+                .filter(|k| matches!(k, TaskKey::Indicator(..)))
+                .collect();
+            assert_eq!(tasks.len(), want.len(), "{name}");
+            assert_eq!(state.tasks.len(), d.pairs.len() + want.len(), "{name}");
         }
     }
 }

@@ -288,3 +288,80 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod indicator_tests {
+    use super::*;
+    use crate::tasks::PairSpec;
+    use qs_core::indicators::Spec;
+
+    fn state(indicators: &[&str]) -> State {
+        let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+        let mut tasks = BTreeMap::new();
+        tasks.insert(
+            TaskKey::Pair(pair.clone()),
+            TaskSpec::Pair(PairSpec {
+                backfill_from: 0,
+                stream: true,
+            }),
+        );
+        for i in indicators {
+            tasks.insert(
+                TaskKey::Indicator(pair.clone(), Spec::parse(i).unwrap()),
+                TaskSpec::Indicator,
+            );
+        }
+        State {
+            tasks,
+            streams: BTreeSet::from([pair]),
+            proxies: None,
+        }
+    }
+
+    fn names(keys: &[TaskKey]) -> Vec<String> {
+        keys.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn indicators_start_and_stop_alone() {
+        // (name, desired, running, added, removed)
+        let cases: &[(&str, &[&str], &[&str], &[&str], &[&str])] = &[
+            ("unchanged", &["rsi(14)"], &["rsi(14)"], &[], &[]),
+            (
+                "declared",
+                &["rsi(14)", "macd(12,26,9)"],
+                &["rsi(14)"],
+                &["macd(12,26,9)"],
+                &[],
+            ),
+            (
+                "removed",
+                &["rsi(14)"],
+                &["rsi(14)", "sma(5)"],
+                &[],
+                &["sma(5)"],
+            ),
+            (
+                "replaced",
+                &["sma(6)"],
+                &["sma(5)"],
+                &["sma(6)"],
+                &["sma(5)"],
+            ),
+        ];
+        for (name, want, running, added, removed) in cases {
+            let p = plan(&state(want), &state(running));
+            let label = |specs: &[&str]| -> Vec<String> {
+                specs
+                    .iter()
+                    .map(|s| format!("indicator {s} of um:BTCUSDT:1m"))
+                    .collect()
+            };
+            let add: Vec<TaskKey> = p.add.iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(names(&add), label(added), "{name}");
+            assert_eq!(names(&p.remove), label(removed), "{name}");
+            assert!(p.change.is_empty(), "{name}: the pair task is untouched");
+            assert!(!p.streams_changed(), "{name}");
+        }
+    }
+}

@@ -420,8 +420,10 @@ impl Generation {
                 crate::tasks::pair::PARALLEL_BACKFILLS,
             )),
         };
+        let ind_writer = handle.clone();
         let factory: Factory = Arc::new(move |key: TaskKey, spec: TaskSpec, cancel| {
             let d = deps.clone();
+            let writer = ind_writer.clone();
             Box::pin(async move {
                 match (key, spec) {
                     (TaskKey::Pair(pair), TaskSpec::Pair(spec)) => {
@@ -439,6 +441,14 @@ impl Generation {
                         .run(cancel)
                         .await
                     }
+                    (TaskKey::Indicator(pair, spec), TaskSpec::Indicator) => {
+                        crate::tasks::indicators::IndicatorTask::new(pair, spec, d.store, writer)
+                            .run(cancel)
+                            .await
+                    }
+                    (key, spec) => Err(crate::tasks::TaskError::Permanent(format!(
+                        "{key} cannot run with {spec:?}"
+                    ))),
                 }
             })
         });
@@ -703,7 +713,14 @@ impl Generation {
                 None
             }
         };
-        let d = desired(&rows);
+        let defaults: Vec<qs_core::indicators::Spec> = self
+            .cfg
+            .indicators
+            .default
+            .iter()
+            .filter_map(|s| qs_core::indicators::Spec::parse(s).ok())
+            .collect();
+        let d = desired(&rows, &defaults);
         self.report(&d);
         let running = State {
             tasks: self.supervisor.running(),
@@ -788,6 +805,22 @@ impl Generation {
             });
         }
         self.reported = seen;
+        // Bad indicator specs: the pair and its good indicators run; the pair's last_error
+        // says what is wrong (set again each pass, as the pair task clears it on progress).
+        let mut bad: BTreeMap<&PairKey, Vec<&str>> = BTreeMap::new();
+        for (pair, e) in &d.bad_indicators {
+            bad.entry(pair).or_default().push(e);
+        }
+        for (pair, errors) in bad {
+            let msg = format!(
+                "invalid indicator spec in trading_pairs.indicators: {}",
+                errors.join("; ")
+            );
+            if self.status.get(pair).is_none_or(|r| r.last_error != msg) {
+                error!(%pair, error = %msg, "Skipping an invalid indicator spec.");
+                self.status.update(pair, |r| r.last_error = msg);
+            }
+        }
         for k in &d.disabled {
             self.status.update(k, |r| {
                 r.phase = phase::DISABLED.into();

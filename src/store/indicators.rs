@@ -172,7 +172,9 @@ impl Store {
         };
         let client = self.client.clone();
         self.call(async move {
-            let mut insert = client.insert::<IndicatorStatusRow<'_>>("indicator_status").await?;
+            let mut insert = client
+                .insert::<IndicatorStatusRow<'_>>("indicator_status")
+                .await?;
             insert.write(&row).await?;
             insert.end().await
         })

@@ -15,6 +15,8 @@ pub struct PairRow {
     pub enabled: u8,
     pub backfill_from: i64,
     pub stream: u8,
+    /// Comma-separated indicator specs (`rsi(14),macd(12,26,9)`); empty: `app.indicators.default`.
+    pub indicators: String,
 }
 
 /// One `proxy_config` row as stored (the password is only ever handed to the proxy pool).
@@ -98,7 +100,7 @@ impl Store {
         self.call(
             self.client()
                 .query(
-                    "SELECT market, symbol, period, enabled, backfill_from, stream \
+                    "SELECT market, symbol, period, enabled, backfill_from, stream, indicators \
                      FROM trading_pairs FINAL ORDER BY market, symbol, period",
                 )
                 .fetch_all::<PairRow>(),

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::partitions::{self, DirtyMarks, DirtyTracker};
 use super::indicators::CheckpointRow;
+use super::partitions::{self, DirtyMarks, DirtyTracker};
 use super::{IndicatorRow, KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
@@ -594,7 +594,8 @@ impl Writer {
                 ViewKind::Indicators,
                 buf.indicators.iter().map(|v| &v.pair),
             );
-            self.ensure_views(ViewKind::Indicators, pairs, deadline).await;
+            self.ensure_views(ViewKind::Indicators, pairs, deadline)
+                .await;
             buf.indicators.clear();
         }
         if !buf.checkpoints.is_empty() {

@@ -346,11 +346,17 @@ impl IndicatorTask {
         }
         match result {
             Ok(()) | Err(IndicatorError::Cancelled) => Ok(()),
-            Err(e) => Err(crate::tasks::TaskError::Retryable(format!("indicator {name}: {e}"))),
+            Err(e) => Err(crate::tasks::TaskError::Retryable(format!(
+                "indicator {name}: {e}"
+            ))),
         }
     }
 
-    async fn run_inner(&self, name: &str, cancel: &CancellationToken) -> Result<(), IndicatorError> {
+    async fn run_inner(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), IndicatorError> {
         // Subscribed before the first read: nothing committed meanwhile is missed.
         let commits = self.writer.commits().subscribe(&self.pair);
         let mut state = self.resume(i64::MAX).await?;
@@ -366,7 +372,9 @@ impl IndicatorTask {
                 _ = cancel.cancelled() => break,
                 _ = commits.changed() => {}
             }
-            let Some(earliest) = commits.take() else { continue };
+            let Some(earliest) = commits.take() else {
+                continue;
+            };
             if let Some(last) = state.last_open_time() {
                 if earliest <= last && self.series_changed_before(&state, last).await? {
                     tracing::info!(pair = %self.pair, indicator = name, late = earliest, last,
@@ -385,7 +393,11 @@ impl IndicatorTask {
 
     /// Whether the stored series up to `last` is no longer the one `state` was computed over
     /// (a candle was inserted before `last`).
-    async fn series_changed_before(&self, state: &SeriesState, last: i64) -> Result<bool, IndicatorError> {
+    async fn series_changed_before(
+        &self,
+        state: &SeriesState,
+        last: i64,
+    ) -> Result<bool, IndicatorError> {
         let n = self
             .store
             .count_final_klines_upto(&self.pair, last)
@@ -414,7 +426,13 @@ impl IndicatorTask {
                 .await
                 .map_err(|source| self.read_error(source))?;
             if stored == cp.bars {
-                match SeriesState::restored(self.pair.clone(), &self.spec, cp.open_time, cp.bars, &cp.state) {
+                match SeriesState::restored(
+                    self.pair.clone(),
+                    &self.spec,
+                    cp.open_time,
+                    cp.bars,
+                    &cp.state,
+                ) {
                     Ok(s) => return Ok(s),
                     Err(e) => tracing::warn!(pair = %self.pair, indicator = %name, error = %e,
                         "Unusable checkpoint; trying an older one."),
@@ -422,12 +440,19 @@ impl IndicatorTask {
             }
             before = cp.open_time;
         }
-        Ok(SeriesState::new(self.pair.clone(), std::slice::from_ref(&self.spec)))
+        Ok(SeriesState::new(
+            self.pair.clone(),
+            std::slice::from_ref(&self.spec),
+        ))
     }
 
     /// Feeds every stored closed candle after the state's last one, sending the values (and a
     /// checkpoint every `checkpoint_every` candles and at the end) to the writer.
-    async fn catch_up(&self, state: &mut SeriesState, cancel: &CancellationToken) -> Result<(), IndicatorError> {
+    async fn catch_up(
+        &self,
+        state: &mut SeriesState,
+        cancel: &CancellationToken,
+    ) -> Result<(), IndicatorError> {
         let every = self.checkpoint_every.max(1);
         let mut fed = 0u64;
         loop {
@@ -483,7 +508,13 @@ impl IndicatorTask {
         let name = self.spec.to_string();
         if let Err(e) = self
             .store
-            .write_indicator_status(&self.pair, &name, phase, state.last_open_time().unwrap_or(0), "")
+            .write_indicator_status(
+                &self.pair,
+                &name,
+                phase,
+                state.last_open_time().unwrap_or(0),
+                "",
+            )
             .await
         {
             tracing::warn!(pair = %self.pair, indicator = %name, error = %e,

@@ -24,12 +24,16 @@ pub use pair::PairSpec;
 pub enum TaskKey {
     /// A pair's history: backfill, then scheduled gap scans.
     Pair(PairKey),
+    /// One indicator of a pair (its normalised spec): the stored history, then online.
+    Indicator(PairKey, qs_core::indicators::Spec),
 }
 
 /// What a keyed task was started with; a changed spec restarts it (and un-parks it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskSpec {
     Pair(PairSpec),
+    /// An indicator task has nothing to change: declared or not.
+    Indicator,
 }
 
 impl TaskKey {
@@ -37,6 +41,8 @@ impl TaskKey {
     pub fn pair(&self) -> Option<&PairKey> {
         match self {
             TaskKey::Pair(p) => Some(p),
+            // Reports to `indicator_status` itself; the pair's phase is the pair task's.
+            TaskKey::Indicator(..) => None,
         }
     }
 }
@@ -45,6 +51,7 @@ impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TaskKey::Pair(p) => write!(f, "pair {p}"),
+            TaskKey::Indicator(p, spec) => write!(f, "indicator {spec} of {p}"),
         }
     }
 }
