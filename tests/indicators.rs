@@ -308,3 +308,185 @@ async fn clear_errors_exit_1() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("unreachable"), "{stderr}");
 }
+
+/// Every value of the pair in `indicators` (FINAL), keyed like `expected()`.
+async fn stored_values(store: &Store, pair: &PairKey) -> BTreeMap<(i64, String, String), f64> {
+    let rows: Vec<(i64, String, String, f64)> = store
+        .client()
+        .query(
+            "SELECT open_time, indicator, output, value FROM indicators FINAL \
+             WHERE market = ? AND symbol = ? AND period = ?",
+        )
+        .bind(pair.market.as_str())
+        .bind(pair.symbol.as_str())
+        .bind(pair.period.as_str())
+        .fetch_all()
+        .await
+        .unwrap_or_default();
+    rows.into_iter()
+        .map(|(t, i, o, v)| ((t, i, o), v))
+        .collect()
+}
+
+fn same_bits(
+    a: &BTreeMap<(i64, String, String), f64>,
+    b: &BTreeMap<(i64, String, String), f64>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && va.to_bits() == vb.to_bits())
+}
+
+/// Waits until the stored values are exactly `want` (the offline computation).
+async fn wait_values(
+    store: &Store,
+    pair: &PairKey,
+    want: &BTreeMap<(i64, String, String), f64>,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let got = stored_values(store, pair).await;
+        if same_bits(&got, want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: stored values never matched the offline ones ({} stored, {} expected; first difference {:?})",
+            got.len(),
+            want.len(),
+            want.iter().find(|(k, v)| got.get(*k).map(|g| g.to_bits()) != Some(v.to_bits()))
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The daemon's indicator tasks on one writer: the stored history first, then each closed
+/// candle the writer commits; a hole healed after the online state passed it is recomputed
+/// (values equal the offline computation over the completed series, bit for bit, no stale
+/// value); after a restart the task resumes from a checkpoint (earlier values are not
+/// rewritten) and still equals the computation from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_values_heal_with_late_candles_and_resume_from_checkpoints() {
+    use quantservice::tasks::indicators::IndicatorTask;
+
+    let db = TestDb::new("ind_online");
+    let pair = PairKey::parse("um", "ETHUSDT", "1h").unwrap();
+    let klines: Vec<Kline> = load_csv("um/ETHUSDT-1h-2024-01-01_2025-12-20.csv", &pair)
+        .into_iter()
+        .take(2_000)
+        .collect();
+    const ONLINE: &[&str] = &["rsi(14)", "macd(12,26,9)", "bbands(20,2,2)", "adx(14)"];
+    let cfg = db.config("  writer:\n    batch_rows: 5000\n    flush_interval: 50ms\n");
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
+    let writer_task = tokio::spawn(writer.run(CancellationToken::new()));
+
+    // History with a hole at 500..503.
+    let hole = 500..503;
+    let history: Vec<Kline> = klines[..1_000]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !hole.contains(i))
+        .map(|(_, k)| k.clone())
+        .collect();
+    handle.send_many(history.clone()).await.unwrap();
+
+    let start = |cancel: &CancellationToken| {
+        ONLINE
+            .iter()
+            .map(|s| {
+                let mut task = IndicatorTask::new(
+                    pair.clone(),
+                    Spec::parse(s).unwrap(),
+                    store.clone(),
+                    handle.clone(),
+                );
+                task.checkpoint_every = 200;
+                tokio::spawn(task.run(cancel.child_token()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let cancel = CancellationToken::new();
+    let tasks = start(&cancel);
+    wait_values(
+        &store,
+        &pair,
+        &expected(&history, ONLINE, i64::MIN, i64::MAX),
+        "history",
+    )
+    .await;
+
+    // Online: candles as the live stream writes them, one by one.
+    let mut series = history.clone();
+    for k in &klines[1_000..1_300] {
+        handle.send(k.clone()).await.unwrap();
+        series.push(k.clone());
+    }
+    wait_values(
+        &store,
+        &pair,
+        &expected(&series, ONLINE, i64::MIN, i64::MAX),
+        "online",
+    )
+    .await;
+
+    // The hole is healed after the online state passed it.
+    handle
+        .send_many(klines[hole.clone()].to_vec())
+        .await
+        .unwrap();
+    let complete: Vec<Kline> = klines[..1_300].to_vec();
+    wait_values(
+        &store,
+        &pair,
+        &expected(&complete, ONLINE, i64::MIN, i64::MAX),
+        "healed",
+    )
+    .await;
+    let status = db.sql(
+        "SELECT indicator, phase, last_open_time FROM indicator_status FINAL ORDER BY indicator",
+    );
+    for line in status.lines() {
+        assert!(
+            line.ends_with(&format!("live\t{}", klines[1_299].open_time)),
+            "{status}"
+        );
+    }
+
+    // Restart: stopped, more candles meanwhile, started again.
+    cancel.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let early = klines[1_000].open_time;
+    let versions = |db: &TestDb| {
+        db.sql(&format!(
+            "SELECT max(version) FROM indicators WHERE open_time < {early}"
+        ))
+    };
+    let before = versions(&db);
+    handle.send_many(klines[1_300..].to_vec()).await.unwrap();
+    let cancel = CancellationToken::new();
+    let tasks = start(&cancel);
+    wait_values(
+        &store,
+        &pair,
+        &expected(&klines, ONLINE, i64::MIN, i64::MAX),
+        "resumed",
+    )
+    .await;
+    assert_eq!(
+        versions(&db),
+        before,
+        "resumed from a checkpoint: values before it are not recomputed"
+    );
+    cancel.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    drop(handle);
+    writer_task.await.unwrap().unwrap();
+}

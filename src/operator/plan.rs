@@ -325,7 +325,14 @@ mod indicator_tests {
     #[test]
     fn indicators_start_and_stop_alone() {
         // (name, desired, running, added, removed)
-        let cases: &[(&str, &[&str], &[&str], &[&str], &[&str])] = &[
+        type Case<'a> = (
+            &'a str,
+            &'a [&'a str],
+            &'a [&'a str],
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
             ("unchanged", &["rsi(14)"], &["rsi(14)"], &[], &[]),
             (
                 "declared",
