@@ -490,3 +490,89 @@ async fn online_values_heal_with_late_candles_and_resume_from_checkpoints() {
     drop(handle);
     writer_task.await.unwrap().unwrap();
 }
+
+/// The daemon end to end: an indicator declared with SQL on a running daemon (next to a bad
+/// one, reported in pair_status and blocking nothing) is computed over the pair's whole stored
+/// history and then kept up to date live, equal to the offline computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indicator_declared_with_sql_on_a_running_daemon_covers_history_then_live() {
+    use quantservice::market::{Market, Period};
+    let sim = qs_sim::start(qs_sim::SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    sim.set_ws_update_interval(Some(std::time::Duration::from_millis(100)));
+    let db = TestDb::new("ind_daemon");
+    let fast = "  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n    stop_timeout: 2s\n    restart_backoff: 200ms\n  streams:\n    late_grace: 1s\n  gap_scan:\n    grace: 3s\n    schedules:\n      1s: \"* * * * * *\"\n";
+    let yaml = db.yaml(&format!(
+        "{}{fast}",
+        common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
+    ));
+    let (_dir, path, cfg) = common::write_config(&yaml);
+    let (task, shutdown) = common::spawn_daemon(cfg, &path);
+    common::wait_for(30, "the schema", || async {
+        db.try_sql("SELECT count() FROM trading_pairs").is_ok()
+    })
+    .await;
+    let pair = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
+    let from = Period::S1.align(qs_sim::now_ms()) - 60_000;
+    let insert = |indicators: &str| {
+        db.sql(&format!(
+            "INSERT INTO trading_pairs (market, symbol, period, backfill_from, indicators) \
+             VALUES ('spot', 'BTCUSDT', '1s', {from}, '{indicators}')"
+        ));
+    };
+    insert("");
+    common::wait_for(30, "history stored", || async {
+        common::count(&db, "SELECT count() FROM klines FINAL WHERE is_final = 1") >= 60
+    })
+    .await;
+
+    let declared_at = qs_sim::now_ms();
+    insert("SMA(5), bad(1)");
+    let store = Store::new(&db.config("").clickhouse).unwrap();
+    common::wait_for(30, "the bad spec in pair_status", || async {
+        db.try_sql("SELECT last_error FROM pair_status FINAL WHERE symbol = 'BTCUSDT'")
+            .is_ok_and(|s| s.contains("invalid indicator spec") && s.contains("bad"))
+    })
+    .await;
+    // Live: values for candles that closed after the declaration, equal to offline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let last: i64 = db
+            .try_sql(
+                "SELECT last_open_time FROM indicator_status FINAL \
+                 WHERE indicator = 'sma(5)' AND phase = 'live'",
+            )
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if last > declared_at + 3_000 {
+            let series = store
+                .final_klines_after(&pair, i64::MIN, 1_000_000)
+                .await
+                .unwrap();
+            let upto: Vec<Kline> = series.into_iter().filter(|k| k.open_time <= last).collect();
+            let want = expected(&upto, &["sma(5)"], i64::MIN, i64::MAX);
+            let got: BTreeMap<_, _> = stored_values(&store, &pair)
+                .await
+                .into_iter()
+                .filter(|((t, _, _), _)| *t <= last)
+                .collect();
+            if same_bits(&got, &want) {
+                // The whole history: the first value is at the 5th stored candle.
+                assert_eq!(got.keys().next().map(|k| k.0), Some(upto[4].open_time));
+                assert!(
+                    upto[0].open_time <= from + 1_000 && upto[0].open_time < declared_at - 30_000
+                );
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sma(5) never matched the offline computation live (last computed {last})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
