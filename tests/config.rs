@@ -453,3 +453,49 @@ fn the_ops_endpoint_listen_address() {
         ]
     );
 }
+
+#[test]
+fn default_indicators_are_validated_and_normalised() {
+    assert!(parse("app: {}\n").unwrap().indicators.default.is_empty());
+    assert_eq!(
+        parse(
+            "app:\n  indicators:\n    default: [\"RSI(14)\", \"macd(12, 26, 9)\", \"rsi(14)\"]\n"
+        )
+        .unwrap()
+        .indicators
+        .default,
+        ["rsi(14)", "macd(12,26,9)"]
+    );
+    let errs = problems(
+        "app:\n  indicators:\n    default: [\"rsi(0)\", \"foo(3)\", 7]\n    defaults: []\n",
+    );
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    assert!(
+        errs[0].starts_with("app.indicators.default[0]: ") && errs[0].ends_with("got \"rsi(0)\""),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("app.indicators.default[1]: ") && errs[1].contains("foo"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].starts_with("app.indicators.default[2]: expected an indicator spec"),
+        "{errs:?}"
+    );
+    assert_eq!(
+        errs[3],
+        "app.indicators.defaults: unknown key (expected one of: default)"
+    );
+    assert_eq!(
+        problems("app:\n  indicators:\n    default: \"rsi(14)\"\n"),
+        ["app.indicators.default: expected a list of indicator specs like [\"rsi(14)\", \"macd(12,26,9)\"], got \"rsi(14)\""]
+    );
+    // --check-config prints it.
+    let cfg = parse("app:\n  indicators:\n    default: [\"sma(20)\"]\n").unwrap();
+    assert!(
+        cfg.redacted_yaml()
+            .contains("indicators:\n    default:\n    - sma(20)"),
+        "{}",
+        cfg.redacted_yaml()
+    );
+}
