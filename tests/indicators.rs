@@ -446,15 +446,15 @@ async fn online_values_heal_with_late_candles_and_resume_from_checkpoints() {
         "healed",
     )
     .await;
-    let status = db.sql(
-        "SELECT indicator, phase, last_open_time FROM indicator_status FINAL ORDER BY indicator",
-    );
-    for line in status.lines() {
-        assert!(
-            line.ends_with(&format!("live\t{}", klines[1_299].open_time)),
-            "{status}"
+    // Observed state: every indicator live at the last candle.
+    let live = format!("live\t{}", klines[1_299].open_time);
+    common::wait_for(30, "indicator_status live at the last candle", || async {
+        let status = db.sql(
+            "SELECT indicator, phase, last_open_time FROM indicator_status FINAL ORDER BY indicator",
         );
-    }
+        status.lines().count() == ONLINE.len() && status.lines().all(|l| l.ends_with(&live))
+    })
+    .await;
 
     // Restart: stopped, more candles meanwhile, started again.
     cancel.cancel();

@@ -85,6 +85,9 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
         tables.lines().collect::<Vec<_>>(),
         vec![
             "exchange_gaps",
+            "indicator_checkpoints",
+            "indicator_status",
+            "indicators",
             "klines",
             "pair_status",
             "partition_maintenance",

@@ -472,10 +472,12 @@ impl Writer {
         deadline: &mut Option<Instant>,
     ) -> Result<(), WriterError> {
         let mut attempt: u32 = 0;
+        // The batch is counted once, when its first table is committed.
+        let mut counted = false;
         loop {
             let limit = attempt_limit(self.store.timeout(), *deadline);
             let result = match limit {
-                Some(_) => self.insert_batch(buf, *deadline).await,
+                Some(_) => self.insert_batch(buf, *deadline, &mut counted).await,
                 None => Err(StoreError::Timeout {
                     url: self.store.url().to_string(),
                     timeout: Duration::ZERO,
@@ -484,7 +486,6 @@ impl Writer {
             match result {
                 Ok(()) => {
                     self.stats.set_buffered(0);
-                    self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
                     if attempt > 0 {
                         info!(
                             attempts = attempt + 1,
@@ -541,11 +542,13 @@ impl Writer {
         &mut self,
         buf: &mut Batch,
         deadline: Option<Instant>,
+        counted: &mut bool,
     ) -> Result<(), StoreError> {
         let timeout = self.store.timeout();
         let limit = || attempt_limit(timeout, deadline).unwrap_or(Duration::ZERO);
         if !buf.klines.is_empty() {
             self.insert_klines(&buf.klines, limit()).await?;
+            count_batch(&self.stats, counted);
             // Written: no longer queued (whatever the views below take); counted before the
             // rows count, so no scrape sees a row both written and queued.
             self.stats
@@ -576,6 +579,7 @@ impl Writer {
         }
         if !buf.indicators.is_empty() {
             self.insert_indicators(&buf.indicators, limit()).await?;
+            count_batch(&self.stats, counted);
             self.stats.set_buffered(buf.checkpoints.len());
             self.stats
                 .indicator_rows_written
@@ -600,6 +604,7 @@ impl Writer {
         }
         if !buf.checkpoints.is_empty() {
             self.insert_checkpoints(&buf.checkpoints, limit()).await?;
+            count_batch(&self.stats, counted);
             self.stats.set_buffered(0);
             buf.checkpoints.clear();
         }
@@ -697,6 +702,13 @@ impl Writer {
                 Err(e) => warn!(%pair, error = %e, "Cannot create per-pair view; will retry."),
             }
         }
+    }
+}
+
+/// Counts a flush's batch once (before its rows count, as a scrape may look in between).
+fn count_batch(stats: &WriterStats, counted: &mut bool) {
+    if !std::mem::replace(counted, true) {
+        stats.batches_written.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -295,6 +295,8 @@ pub fn feed(state: &mut SeriesState, k: &Kline) {
 
 /// Durable checkpoints are written every this many candles of a computation, and at its end.
 pub const CHECKPOINT_EVERY: u64 = 10_000;
+/// How often, at most, a live indicator's `indicator_status` row is rewritten.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// How far back a late candle's recomputation looks for a checkpoint that still matches the
 /// stored series before starting from the series start.
 const MAX_CHECKPOINT_TRIES: usize = 16;
@@ -364,13 +366,32 @@ impl IndicatorTask {
         tracing::info!(pair = %self.pair, indicator = name, resumed_at = ?resumed_at,
             bars = state.bars(), "Indicator computing the stored history.");
         self.status(phase::COMPUTING, &state).await;
+        let mut written_phase = phase::COMPUTING;
+        let mut written_at = tokio::time::Instant::now();
+        // The newest computed candle not yet in `indicator_status`.
+        let mut unwritten: Option<i64> = None;
         loop {
             self.catch_up(&mut state, cancel).await?;
-            self.status(phase::LIVE, &state).await;
+            // While live, the status follows at most every STATUS_INTERVAL (one small insert per
+            // flush and indicator would be too many); a phase change is written at once.
+            if written_phase != phase::LIVE || written_at.elapsed() >= STATUS_INTERVAL {
+                self.status(phase::LIVE, &state).await;
+                written_phase = phase::LIVE;
+                written_at = tokio::time::Instant::now();
+                unwritten = None;
+            } else if state.last_open_time().is_some() {
+                unwritten = state.last_open_time();
+            }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 _ = commits.changed() => {}
+                _ = tokio::time::sleep_until(written_at + STATUS_INTERVAL), if unwritten.is_some() => {
+                    self.status(phase::LIVE, &state).await;
+                    written_at = tokio::time::Instant::now();
+                    unwritten = None;
+                    continue;
+                }
             }
             let Some(earliest) = commits.take() else {
                 continue;
@@ -381,8 +402,12 @@ impl IndicatorTask {
                         "A candle arrived before the newest computed value; recomputing from a checkpoint before it.");
                     state = self.resume(earliest).await?;
                     self.status(phase::COMPUTING, &state).await;
+                    written_phase = phase::COMPUTING;
                 }
             }
+        }
+        if unwritten.is_some() {
+            self.status(phase::LIVE, &state).await;
         }
         // A last checkpoint, so a restart resumes from here.
         if let Some(cp) = state.checkpoint() {
