@@ -1,5 +1,5 @@
 //! Unit tests: spec parsing table, hand-computed SMA/EMA, update == batch, checkpoint round
-//! trips. The TA-Lib comparison lives in tests/indicators_golden.rs.
+//! trips. The TA-Lib comparison lives in crates/core/tests/indicators_golden.rs.
 
 use super::*;
 
