@@ -259,12 +259,16 @@ impl Wma {
     }
 }
 
-/// Wilder's RSI as TA-Lib computes it: simple means of the first `n` changes, then
-/// `avg = (avg·(n−1) + cur)/n`; 0 when gain + loss is not positive.
+/// Wilder's RSI as TA-Lib computes it: simple means of the first `n` changes, then Wilder's
+/// `avg = (avg·(n−1) + cur)/n`, evaluated as `avg·((n−1)/n) + cur·(1/n)` (two multiplies
+/// instead of a division on the loop-carried chain; the recurrence is contractive, so this
+/// stays within a few ulp of TA-Lib's division); 0 when gain + loss is not positive.
 #[derive(Debug, Clone)]
 pub(crate) struct Rsi {
     n: f64,
-    n1: f64,
+    /// (n−1)/n and 1/n, Wilder's weights.
+    keep: f64,
+    inv: f64,
     warm: u64,
     prev: f64,
     gain: f64,
@@ -275,7 +279,8 @@ impl Rsi {
     pub(crate) fn new(n: usize) -> Rsi {
         Rsi {
             n: n as f64,
-            n1: (n - 1) as f64,
+            keep: (n - 1) as f64 / n as f64,
+            inv: 1.0 / n as f64,
             warm: n as u64,
             prev: 0.0,
             gain: 0.0,
@@ -313,15 +318,9 @@ impl Rsi {
             self.loss /= self.n;
             self.gain /= self.n;
         } else {
-            self.loss *= self.n1;
-            self.gain *= self.n1;
-            if d < 0.0 {
-                self.loss -= d;
-            } else {
-                self.gain += d;
-            }
-            self.loss /= self.n;
-            self.gain /= self.n;
+            let (g, l) = if d < 0.0 { (0.0, -d) } else { (d, 0.0) };
+            self.loss = self.loss * self.keep + l * self.inv;
+            self.gain = self.gain * self.keep + g * self.inv;
         }
         out[0] = self.value();
         true
