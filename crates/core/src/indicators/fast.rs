@@ -162,9 +162,8 @@ pub(crate) fn bbands(xs: &[f64], n: usize, up: f64, down: f64, cols: &mut [Vec<f
             t2 += d * d;
         }
         let mut since = 32 * n;
-        for i in n - 1..len {
-            let x = xs[i];
-            let oldest = xs[i + 1 - n];
+        // `start` is the first bar of the window that ends with `x`.
+        for (start, (&x, &oldest)) in xs[n - 1..].iter().zip(xs).enumerate() {
             total += x;
             let d = x - shift;
             t1 += d;
@@ -180,7 +179,7 @@ pub(crate) fn bbands(xs: &[f64], n: usize, up: f64, down: f64, cols: &mut [Vec<f
             since -= 1;
             if variance < 0.000001 * (t2 * inv) || r > 1000000.0 * t2 || since == 0 {
                 since = 32 * n;
-                let window = &xs[i + 1 - n..=i];
+                let window = &xs[start..start + n];
                 let mut sum = 0.0;
                 for &v in window {
                     sum += v;
