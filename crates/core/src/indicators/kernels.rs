@@ -193,7 +193,8 @@ impl Ema {
     }
 }
 
-/// TA-Lib's WMA: a weighted sum and a plain sum kept running (`periodSum`, `periodSub`).
+/// TA-Lib 0.8.1's WMA: a weighted sum and a plain sum kept running (`periodSum`,
+/// `periodSub`), both rebuilt from the window (oldest first, weights 1..n) every 8·n bars.
 #[derive(Debug, Clone)]
 pub(crate) struct Wma {
     n: f64,
@@ -203,6 +204,7 @@ pub(crate) struct Wma {
     sum: f64,
     sub: f64,
     trailing: f64,
+    since_reseed: u64,
 }
 
 impl Wma {
@@ -210,11 +212,12 @@ impl Wma {
         Wma {
             n: n as f64,
             warm: n as u64 - 1,
-            divider: ((n * (n + 1)) >> 1) as f64,
+            divider: (n as f64) * ((n + 1) as f64) / 2.0,
             ring: Ring::new(n),
             sum: 0.0,
             sub: 0.0,
             trailing: 0.0,
+            since_reseed: 8 * n as u64,
         }
     }
 
@@ -229,6 +232,18 @@ impl Wma {
         self.sub += x;
         self.sub -= self.trailing;
         self.sum += x * self.n;
+        self.since_reseed = self.since_reseed.saturating_sub(1);
+        if self.since_reseed == 0 {
+            self.since_reseed = 8 * self.ring.buf.len() as u64;
+            let (a, b) = self.ring.buf.split_at(self.ring.head);
+            let (mut sub, mut sum) = (0.0, 0.0);
+            for (w, &v) in b.iter().chain(a.iter()).enumerate() {
+                sub += v;
+                sum += v * ((w + 1) as f64);
+            }
+            self.sub = sub;
+            self.sum = sum;
+        }
         self.trailing = oldest;
         out[0] = self.sum / self.divider;
         self.sum -= self.sub;
@@ -239,16 +254,21 @@ impl Wma {
         v.f(&mut self.sum);
         v.f(&mut self.sub);
         v.f(&mut self.trailing);
+        v.u(&mut self.since_reseed);
         self.ring.visit(v);
     }
 }
 
-/// Wilder's RSI as TA-Lib computes it: simple means of the first `n` changes, then
-/// `avg = (avg·(n−1) + cur)/n`; 0 when gain + loss is not positive.
+/// Wilder's RSI as TA-Lib computes it: simple means of the first `n` changes, then Wilder's
+/// `avg = (avg·(n−1) + cur)/n`, evaluated as `avg·((n−1)/n) + cur·(1/n)` (two multiplies
+/// instead of a division on the loop-carried chain; the recurrence is contractive, so this
+/// stays within a few ulp of TA-Lib's division); 0 when gain + loss is not positive.
 #[derive(Debug, Clone)]
 pub(crate) struct Rsi {
     n: f64,
-    n1: f64,
+    /// (n−1)/n and 1/n, Wilder's weights.
+    keep: f64,
+    inv: f64,
     warm: u64,
     prev: f64,
     gain: f64,
@@ -259,7 +279,8 @@ impl Rsi {
     pub(crate) fn new(n: usize) -> Rsi {
         Rsi {
             n: n as f64,
-            n1: (n - 1) as f64,
+            keep: (n - 1) as f64 / n as f64,
+            inv: 1.0 / n as f64,
             warm: n as u64,
             prev: 0.0,
             gain: 0.0,
@@ -297,15 +318,9 @@ impl Rsi {
             self.loss /= self.n;
             self.gain /= self.n;
         } else {
-            self.loss *= self.n1;
-            self.gain *= self.n1;
-            if d < 0.0 {
-                self.loss -= d;
-            } else {
-                self.gain += d;
-            }
-            self.loss /= self.n;
-            self.gain /= self.n;
+            let (g, l) = if d < 0.0 { (0.0, -d) } else { (d, 0.0) };
+            self.loss = self.loss * self.keep + l * self.inv;
+            self.gain = self.gain * self.keep + g * self.inv;
         }
         out[0] = self.value();
         true
@@ -369,12 +384,20 @@ impl Macd {
     }
 }
 
-/// TA-Lib's BBANDS with an SMA middle: population σ = sqrt(E[x²] − mean²) from a running sum of
-/// squares (TA-Lib's `TA_INT_stddev_using_precalc_ma`), 0 when that variance is not positive.
+/// TA-Lib 0.8.1's BBANDS with an SMA middle (its fused SMA fast path): the middle band is the
+/// running-total SMA; σ is the population deviation from TA-Lib's cancellation-free variance
+/// (`var.c`): running sums of deviations from a shift near the window, rebuilt by a fresh
+/// two-pass over the window when the variance falls below 1e-6 of the mean squared deviation,
+/// when a removed outlier dwarfs the remaining sum, or every 32·n bars; a rebuilt variance
+/// below 1e-12 of its mean square is 0.
 #[derive(Debug, Clone)]
 pub(crate) struct Bbands {
     sma: Sma,
+    inv: f64,
+    shift: f64,
+    total1: f64,
     total2: f64,
+    since_reseed: u64,
     up: f64,
     down: f64,
 }
@@ -383,26 +406,77 @@ impl Bbands {
     pub(crate) fn new(n: usize, up: f64, down: f64) -> Bbands {
         Bbands {
             sma: Sma::new(n),
+            inv: 1.0 / (n as f64),
+            shift: 0.0,
+            total1: 0.0,
             total2: 0.0,
+            since_reseed: 32 * n as u64,
             up,
             down,
         }
     }
 
+    /// The window in time order, oldest first (the ring's head is the oldest slot once the
+    /// window is full).
+    #[inline(always)]
+    fn window(&self) -> impl Iterator<Item = &f64> {
+        let (a, b) = self.sma.ring.buf.split_at(self.sma.ring.head);
+        b.iter().chain(a.iter())
+    }
+
     #[inline(always)]
     pub(crate) fn step_x(&mut self, t: u64, x: f64, out: &mut [f64]) -> bool {
         self.sma.total += x;
-        self.total2 += x * x;
+        if t == 0 {
+            self.shift = x;
+        }
+        let d = x - self.shift;
+        self.total1 += d;
+        self.total2 += d * d;
         let oldest = self.sma.ring.push(x);
         if t < self.sma.warm {
             return false;
         }
         let mean = self.sma.total / self.sma.n;
         self.sma.total -= oldest;
-        let mut var = self.total2 / self.sma.n;
-        self.total2 -= oldest * oldest;
-        var -= mean * mean;
-        let sd = if var > 0.0 { var.sqrt() } else { 0.0 };
+
+        let m1 = self.total1 * self.inv;
+        let mut variance = self.total2 * self.inv - m1 * m1;
+        let mut r = oldest - self.shift;
+        self.total1 -= r;
+        r *= r;
+        self.total2 -= r;
+        self.since_reseed = self.since_reseed.saturating_sub(1);
+        if variance < 0.000001 * (self.total2 * self.inv)
+            || r > 1000000.0 * self.total2
+            || self.since_reseed == 0
+        {
+            self.since_reseed = 32 * (self.sma.ring.buf.len() as u64);
+            // The ring now holds exactly the window ending at this bar, oldest at `head`.
+            let mut sum = 0.0;
+            for &v in self.window() {
+                sum += v;
+            }
+            let shift = sum * self.inv;
+            let (mut t1, mut t2) = (0.0, 0.0);
+            for &v in self.window() {
+                let d = v - shift;
+                t1 += d;
+                t2 += d * d;
+            }
+            let m1 = t1 * self.inv;
+            variance = t2 * self.inv - m1 * m1;
+            if variance < 0.000000000001 * (t2 * self.inv) {
+                variance = 0.0;
+            }
+            let d = oldest - shift;
+            t1 -= d;
+            t2 -= d * d;
+            self.shift = shift;
+            self.total1 = t1;
+            self.total2 = t2;
+        }
+        let sd = variance.sqrt();
         out[0] = mean + sd * self.up;
         out[1] = mean;
         out[2] = mean - sd * self.down;
@@ -411,7 +485,10 @@ impl Bbands {
 
     pub(crate) fn visit(&mut self, v: &mut impl Visit) {
         self.sma.visit(v);
+        v.f(&mut self.shift);
+        v.f(&mut self.total1);
         v.f(&mut self.total2);
+        v.u(&mut self.since_reseed);
     }
 }
 

@@ -8,6 +8,7 @@
 //! tests (exact or relative to the operands' scale, so 1e-8-priced instruments work).
 //! `vwap(n)` and `donchian(n)`, which TA-Lib lacks, are defined in their state's doc.
 
+mod fast;
 mod kernels;
 mod spec;
 
@@ -355,21 +356,40 @@ pub fn batch(spec: &Spec, bars: &[Bar]) -> Vec<Vec<f64>> {
 
 /// Batch over a series of closes for the kinds that read only the close (`sma`, `ema`, `wma`,
 /// `rsi`, `macd`, `bbands`), as TA-Lib's single-input functions take; `None` for the others.
-/// Same `step` as `update` with `Bar::from_close`, so the values are bit-identical to it.
+/// Equal to `update` with `Bar::from_close` on every value, bit for bit: SMA, EMA, RSI, MACD
+/// and BBANDS run dedicated slice kernels (fast.rs, the same operations in the same order,
+/// proven equal by a test), WMA the incremental step.
 pub fn batch_closes(spec: &Spec, closes: &[f64]) -> Option<Vec<Vec<f64>>> {
+    let mut cols = Vec::new();
+    batch_closes_into(spec, closes, &mut cols).then_some(cols)
+}
+
+/// [`batch_closes`] into caller-owned columns, reusing their allocations (one Vec per output,
+/// resized to `closes.len()`). Returns false (and leaves `cols` alone) for kinds that read more
+/// than the close.
+pub fn batch_closes_into(spec: &Spec, closes: &[f64], cols: &mut Vec<Vec<f64>>) -> bool {
+    let p = |i| spec.int(i);
     let k = spec.outputs().len();
-    let mut cols = vec![vec![f64::NAN; closes.len()]; k];
-    let mut ind = Indicator::new(spec);
-    match &mut ind.state {
-        State::Sma(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        State::Ema(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        State::Wma(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        State::Rsi(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        State::Macd(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        State::Bbands(s) => run!(closes, cols, k, |t, x, o| s.step_x(t, *x, &mut o)),
-        _ => return None,
+    match spec.kind() {
+        Kind::Sma | Kind::Ema | Kind::Rsi | Kind::Macd | Kind::Bbands | Kind::Wma => {}
+        _ => return false,
     }
-    Some(cols)
+    cols.resize_with(k, Vec::new);
+    match spec.kind() {
+        Kind::Sma => fast::sma(closes, p(0), cols),
+        Kind::Ema => fast::ema(closes, p(0), cols),
+        Kind::Rsi => fast::rsi(closes, p(0), cols),
+        Kind::Macd => fast::macd(closes, p(0), p(1), p(2), cols),
+        Kind::Bbands => fast::bbands(closes, p(0), spec.float(0), spec.float(1), cols),
+        _ => {
+            let col = &mut cols[0];
+            col.clear();
+            col.resize(closes.len(), f64::NAN);
+            let mut s = kernels::Wma::new(p(0));
+            run!(closes, cols, 1, |t, x, o| s.step_x(t, *x, &mut o));
+        }
+    }
+    true
 }
 
 #[cfg(test)]

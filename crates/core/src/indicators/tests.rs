@@ -1,5 +1,5 @@
 //! Unit tests: spec parsing table, hand-computed SMA/EMA, update == batch, checkpoint round
-//! trips. The TA-Lib comparison lives in tests/indicators_golden.rs.
+//! trips. The TA-Lib comparison lives in crates/core/tests/indicators_golden.rs.
 
 use super::*;
 
@@ -198,6 +198,7 @@ fn sma_and_ema_by_hand() {
 
 #[test]
 fn warm_up_is_the_lookback_and_update_equals_batch_bit_for_bit() {
+    // batch_closes runs separate slice kernels: this is also their proof of equality.
     let bars = series(3000, 7);
     for s in ALL {
         let sp = spec(s);
@@ -304,4 +305,71 @@ fn from_kline_converts_exactly() {
         let d: Decimal = s.parse().unwrap();
         assert_eq!(super::dec_to_f64(d), s.parse::<f64>().unwrap(), "{s}");
     }
+}
+
+/// The slice kernels behind `batch_closes` against `update`, on every value: random, flat,
+/// near-flat (BBANDS' reseed and variance floor), outliers leaving the window, tiny prices, and
+/// every length around the warm-up.
+#[test]
+fn batch_closes_equals_update_bit_for_bit() {
+    let mut series: Vec<Vec<f64>> = vec![
+        series(5000, 3).iter().map(|b| b.close).collect(),
+        vec![100.0; 300],
+        (0..400)
+            .map(|i| 1.0 + if i % 2 == 0 { 1e-9 } else { -1e-9 })
+            .collect(),
+        (0..400)
+            .map(|i| {
+                if i % 97 == 50 {
+                    1e9
+                } else {
+                    40_000.0 + (i % 7) as f64
+                }
+            })
+            .collect(),
+        series(800, 5).iter().map(|b| b.close * 1e-10).collect(),
+    ];
+    let base = series[0].clone();
+    for len in 0..45 {
+        series.push(base[..len].to_vec());
+    }
+    let specs = [
+        "sma(20)",
+        "sma(2)",
+        "ema(20)",
+        "ema(2)",
+        "wma(20)",
+        "rsi(14)",
+        "rsi(2)",
+        "macd(12,26,9)",
+        "macd(2,3,1)",
+        "macd(5,13,4)",
+        "bbands(20,2,2)",
+        "bbands(2,1,3)",
+        "bbands(5,1.5,0.5)",
+    ];
+    for s in specs {
+        let sp = spec(s);
+        let k = sp.outputs().len();
+        for (si, xs) in series.iter().enumerate() {
+            let cols = batch_closes(&sp, xs).unwrap();
+            assert_eq!(cols.len(), k);
+            let mut ind = Indicator::new(&sp);
+            let mut out = [0.0; 3];
+            for (i, &x) in xs.iter().enumerate() {
+                ind.update(&Bar::from_close(x), &mut out[..k]);
+                for j in 0..k {
+                    assert_eq!(cols[j].len(), xs.len());
+                    assert_eq!(
+                        out[j].to_bits(),
+                        cols[j][i].to_bits(),
+                        "{s} series {si} output {j} at {i}: {} vs {}",
+                        out[j],
+                        cols[j][i]
+                    );
+                }
+            }
+        }
+    }
+    assert!(batch_closes(&spec("atr(14)"), &base).is_none());
 }
