@@ -10,10 +10,10 @@
 //!  trading_pairs  ──poll──►    ├─► desired() ─► plan(desired, running) ─► Supervisor ─► tasks
 //!  proxy_config   ──poll──►    ┘     (pure)          (pure)                  │
 //!                                                                            ▼
-//!    tasks: stream (WS) · live sink · backfill (archive + REST) · gap scan
+//!    tasks: stream (WS) · live sink · backfill (archive + REST) · gap scan · indicators
 //!       │  exchange transport (rate governor, egress pool)
 //!       ▼
-//!    writer (batched ClickHouse inserts) ──► klines · status flusher ──► *_status
+//!    writer (batched ClickHouse inserts) ──► klines · indicators · status flusher ──► *_status
 //! ```
 //!
 //! Modules, in data-flow order (each uses only the ones above it, plus the cross-cutting
@@ -40,7 +40,7 @@
 //!   services that outlive generations (the ops endpoint); feeds `proxy_config` rows to the
 //!   egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
-//!   `ws-start`, `optimize`, `ready`).
+//!   `ws-start`, `optimize`, `indicators`, `ready`).
 //!
 //! Cross-cutting:
 //! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;

@@ -1,5 +1,6 @@
 //! Tasks: units of work the daemon (and the CLI) run — historical backfill, a pair's history
-//! and gap scans, the live stream sink, maintenance (`OPTIMIZE` of dirty partitions) — and the
+//! and gap scans, the live stream sink, maintenance (`OPTIMIZE` of dirty partitions), a pair's
+//! indicators (offline over the stored series, and online per (pair, indicator)) — and the
 //! vocabulary the supervisor runs them by: [`TaskKey`] and [`TaskSpec`] (one enum variant per
 //! kind of keyed task) and [`TaskError`] (retry with backoff, or park until the spec changes).
 //! Only the operator's supervisor (or a CLI command) starts them; nothing here spawns a
