@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo bench --bench indicators_offline` (starts a private ClickHouse; needs
 //! `clickhouse-client`). `QS_BENCH_CANDLES` = N (default 1,000,000), `QS_BENCH_RUNS` = runs
-//! of each side, interleaved (default 3; the table shows medians).
+//! of each side, interleaved (default 3; the table shows medians); `QS_BENCH_EXTRA` = YAML
+//! appended under `app:` of the command's config (e.g. a `writer:` section).
 #![allow(clippy::unwrap_used)] // a benchmark driver, like a test
 
 #[path = "../tests/common/mod.rs"]
@@ -106,14 +107,15 @@ fn main() {
     let db = TestDb::new_private("bench_ind");
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("app.yaml");
-    std::fs::write(&cfg_path, db.yaml("")).unwrap();
+    let extra = std::env::var("QS_BENCH_EXTRA").unwrap_or_default();
+    std::fs::write(&cfg_path, db.yaml(&extra)).unwrap();
 
     // Schema (the real migrations), then the candles: not measured.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let cfg = db.config("");
+    let cfg = db.config(&extra);
     rt.block_on(async {
         let store = Store::new(&cfg.clickhouse).unwrap();
         migrate::run(&store).await.unwrap();
@@ -164,7 +166,7 @@ fn main() {
     }
     db.sql("CREATE TABLE anchor AS indicators");
 
-    let (mut ours_s, mut anchor_s) = (Vec::new(), Vec::new());
+    let (mut ours_s, mut anchor_s, mut csv_s) = (Vec::new(), Vec::new(), Vec::new());
     let mut rows = 0u64;
     for run in 0..runs {
         // Ours: the real binary, end to end (read, compute, write back, flushed).
@@ -226,6 +228,22 @@ fn main() {
         );
         anchor_s.push(secs);
         eprintln!("run {run}: anchor {secs:.2} s");
+
+        // Where the time goes: the same command with `--csv` (read and compute, no insert).
+        let csv = dir.path().join("values.csv");
+        let t = Instant::now();
+        let out = Command::new(bin)
+            .args(&args)
+            .arg("--csv")
+            .arg(&csv)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert!(out.status.success(), "quantservice indicators --csv failed");
+        std::fs::remove_file(&csv).unwrap();
+        csv_s.push(secs);
+        eprintln!("run {run}: read + compute only (--csv) {secs:.2} s");
     }
     let what = if runs > 1 {
         format!("median of {runs}")
@@ -241,5 +259,9 @@ fn main() {
     println!(
         "| 15 indicators offline over {n} stored um 1m candles, {rows} `indicators` rows ({what}) | {o:.2} | {or:.0} | {a:.2} | {ar:.0} (`clickhouse-client`, TSV) | {:.2}× | ≥ 0.8× |",
         or / ar
+    );
+    println!(
+        "| the same command with `--csv` (read + compute + CSV, no insert; {what}) | {:.2} | — | — | — | — | — |",
+        median(&mut csv_s)
     );
 }
