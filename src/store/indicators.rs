@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::writer::Checkpoint;
-use super::{KlineRow, Store, StoreError, KLINE_COLUMNS};
+use super::{Store, StoreError, KLINE_COLUMNS};
 use crate::market::{Kline, PairKey};
 
 impl Store {
@@ -34,26 +34,20 @@ impl Store {
         after: i64,
         limit: u64,
     ) -> Result<Vec<Kline>, StoreError> {
-        let rows: Vec<KlineRow<String>> = self
-            .call(
-                self.client
-                    .query(&format!(
-                        "SELECT {KLINE_COLUMNS} FROM klines FINAL \
-                         WHERE market = ? AND symbol = ? AND period = ? AND open_time > ? \
-                         AND is_final = 1 ORDER BY open_time LIMIT ?"
-                    ))
-                    .bind(pair.market.as_str())
-                    .bind(pair.symbol.as_str())
-                    .bind(pair.period.as_str())
-                    .bind(after)
-                    .bind(limit)
-                    .fetch_all::<KlineRow<String>>(),
-            )
-            .await?;
-        rows.into_iter()
-            .map(KlineRow::into_kline)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::Protocol)
+        self.fetch_klines(
+            self.client
+                .query(&format!(
+                    "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                     WHERE market = ? AND symbol = ? AND period = ? AND open_time > ? \
+                     AND is_final = 1 ORDER BY open_time LIMIT ?"
+                ))
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(after)
+                .bind(limit),
+        )
+        .await
     }
 }
 

@@ -285,6 +285,18 @@ impl Store {
         self.call(self.client.query(sql).execute()).await
     }
 
+    /// Runs a `SELECT {KLINE_COLUMNS} …` and converts its rows to candles.
+    pub(crate) async fn fetch_klines(
+        &self,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<Kline>, StoreError> {
+        let rows = self.call(query.fetch_all::<KlineRow<String>>()).await?;
+        rows.into_iter()
+            .map(KlineRow::into_kline)
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Protocol)
+    }
+
     /// The stored candles of one pair in `[from, to)`, deduplicated (`FINAL`), by open time.
     pub async fn klines(
         &self,
@@ -292,26 +304,20 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Kline>, StoreError> {
-        let rows: Vec<KlineRow<String>> = self
-            .call(
-                self.client
-                    .query(&format!(
-                        "SELECT {KLINE_COLUMNS} FROM klines FINAL \
-                             WHERE market = ? AND symbol = ? AND period = ? \
-                             AND open_time >= ? AND open_time < ? ORDER BY open_time"
-                    ))
-                    .bind(pair.market.as_str())
-                    .bind(pair.symbol.as_str())
-                    .bind(pair.period.as_str())
-                    .bind(from_ms)
-                    .bind(to_ms)
-                    .fetch_all::<KlineRow<String>>(),
-            )
-            .await?;
-        rows.into_iter()
-            .map(KlineRow::into_kline)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::Protocol)
+        self.fetch_klines(
+            self.client
+                .query(&format!(
+                    "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                     WHERE market = ? AND symbol = ? AND period = ? \
+                     AND open_time >= ? AND open_time < ? ORDER BY open_time"
+                ))
+                .bind(pair.market.as_str())
+                .bind(pair.symbol.as_str())
+                .bind(pair.period.as_str())
+                .bind(from_ms)
+                .bind(to_ms),
+        )
+        .await
     }
 }
 

@@ -547,7 +547,8 @@ impl Writer {
         let timeout = self.store.timeout();
         let limit = || attempt_limit(timeout, deadline).unwrap_or(Duration::ZERO);
         if !buf.klines.is_empty() {
-            self.insert_klines(&buf.klines, limit()).await?;
+            self.insert_rows("klines", &buf.klines, limit(), KlineRow::new)
+                .await?;
             count_batch(&self.stats, counted);
             // Written: no longer queued (whatever the views below take); counted before the
             // rows count, so no scrape sees a row both written and queued.
@@ -578,7 +579,8 @@ impl Writer {
             buf.klines.clear();
         }
         if !buf.indicators.is_empty() {
-            self.insert_indicators(&buf.indicators, limit()).await?;
+            self.insert_rows("indicators", &buf.indicators, limit(), IndicatorRow::new)
+                .await?;
             count_batch(&self.stats, counted);
             self.stats.set_buffered(buf.checkpoints.len());
             self.stats
@@ -603,7 +605,13 @@ impl Writer {
             buf.indicators.clear();
         }
         if !buf.checkpoints.is_empty() {
-            self.insert_checkpoints(&buf.checkpoints, limit()).await?;
+            self.insert_rows(
+                "indicator_checkpoints",
+                &buf.checkpoints,
+                limit(),
+                CheckpointRow::new,
+            )
+            .await?;
             count_batch(&self.stats, counted);
             self.stats.set_buffered(0);
             buf.checkpoints.clear();
@@ -611,52 +619,25 @@ impl Writer {
         Ok(())
     }
 
-    async fn insert_klines(&self, rows: &[Kline], limit: Duration) -> Result<(), StoreError> {
-        let ingested_us = now_us();
-        let client = self.store.client();
-        self.store
-            .call_with_timeout(limit, async {
-                let mut insert = client.insert::<KlineRow<&str>>("klines").await?;
-                for k in rows {
-                    insert.write(&KlineRow::new(k, ingested_us)).await?;
-                }
-                insert.end().await
-            })
-            .await
-    }
-
-    async fn insert_checkpoints(
+    /// One `INSERT` of `rows` into `table`, each row turned into its column-order struct by
+    /// `row` (stamped with one ingest version per batch), within `limit`.
+    async fn insert_rows<'r, S: Sync, T>(
         &self,
-        rows: &[Checkpoint],
+        table: &str,
+        rows: &'r [S],
         limit: Duration,
-    ) -> Result<(), StoreError> {
+        row: impl Fn(&'r S, u64) -> T + Send + Sync,
+    ) -> Result<(), StoreError>
+    where
+        T: clickhouse::RowWrite + for<'a> clickhouse::Row<Value<'a> = T> + Send + Sync,
+    {
         let version = now_us();
         let client = self.store.client();
         self.store
             .call_with_timeout(limit, async {
-                let mut insert = client
-                    .insert::<CheckpointRow<&str>>("indicator_checkpoints")
-                    .await?;
-                for c in rows {
-                    insert.write(&CheckpointRow::new(c, version)).await?;
-                }
-                insert.end().await
-            })
-            .await
-    }
-
-    async fn insert_indicators(
-        &self,
-        rows: &[IndicatorValue],
-        limit: Duration,
-    ) -> Result<(), StoreError> {
-        let version = now_us();
-        let client = self.store.client();
-        self.store
-            .call_with_timeout(limit, async {
-                let mut insert = client.insert::<IndicatorRow<&str>>("indicators").await?;
-                for v in rows {
-                    insert.write(&IndicatorRow::new(v, version)).await?;
+                let mut insert = client.insert::<T>(table).await?;
+                for r in rows {
+                    insert.write(&row(r, version)).await?;
                 }
                 insert.end().await
             })
