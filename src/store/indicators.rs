@@ -27,27 +27,83 @@ impl Store {
     }
 
     /// Up to `limit` stored closed candles of the pair with `open_time > after`, deduplicated
-    /// (`FINAL`), in `open_time` order: one chunk of the pair's series.
+    /// (`FINAL`), in `open_time` order: one chunk of the pair's series. Fewer than `limit`
+    /// means the series ends there.
+    ///
+    /// `FINAL` with `ORDER BY … LIMIT` does not stop early (18.16 merges every row after
+    /// `after` before limiting), so the chunk is read through windows of the primary key
+    /// (`limit` periods wide) that cover only what it needs: a whole series costs one pass
+    /// instead of one pass per chunk. Where the series has holes wider than a window, the
+    /// next window starts at the next stored candle (found without `FINAL`: a final candle
+    /// is only ever replaced by a final one, so the bounds are the same).
     pub async fn final_klines_after(
         &self,
         pair: &PairKey,
         after: i64,
         limit: u64,
     ) -> Result<Vec<Kline>, StoreError> {
-        self.fetch_klines(
-            self.client
-                .query(&format!(
-                    "SELECT {KLINE_COLUMNS} FROM klines FINAL \
-                     WHERE market = ? AND symbol = ? AND period = ? AND open_time > ? \
-                     AND is_final = 1 ORDER BY open_time LIMIT ?"
-                ))
-                .bind(pair.market.as_str())
-                .bind(pair.symbol.as_str())
-                .bind(pair.period.as_str())
-                .bind(after)
-                .bind(limit),
-        )
-        .await
+        // A month is at most 31 days: windows for `1M` are wide enough, never too narrow.
+        let period = pair.period.fixed_ms().unwrap_or(31 * 86_400_000);
+        let span = period.saturating_mul(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut out: Vec<Kline> = Vec::new();
+        let mut after = after;
+        while (out.len() as u64) < limit {
+            let Some(next) = self.next_final_open_time(pair, after).await? else {
+                break;
+            };
+            // The window: from the next stored candle, `limit` periods wide.
+            let upto = next.saturating_add(span);
+            let want = limit - out.len() as u64;
+            let chunk = self
+                .fetch_klines(
+                    self.client
+                        .query(&format!(
+                            "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                             WHERE market = ? AND symbol = ? AND period = ? \
+                             AND open_time > ? AND open_time < ? \
+                             AND is_final = 1 ORDER BY open_time LIMIT ?"
+                        ))
+                        .bind(pair.market.as_str())
+                        .bind(pair.symbol.as_str())
+                        .bind(pair.period.as_str())
+                        .bind(after)
+                        .bind(upto)
+                        .bind(want),
+                )
+                .await?;
+            let full = chunk.len() as u64 == want;
+            after = match chunk.last() {
+                Some(k) if full => k.open_time,
+                _ => upto - 1,
+            };
+            out.extend(chunk);
+        }
+        Ok(out)
+    }
+
+    /// The first `open_time` of a closed candle of the pair after `after`, if any (cheap: no
+    /// `FINAL`, only the key columns).
+    async fn next_final_open_time(
+        &self,
+        pair: &PairKey,
+        after: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let (n, first) = self
+            .call(
+                self.client
+                    .query(
+                        "SELECT count(), min(open_time) FROM klines \
+                         WHERE market = ? AND symbol = ? AND period = ? AND open_time > ? \
+                         AND is_final = 1",
+                    )
+                    .bind(pair.market.as_str())
+                    .bind(pair.symbol.as_str())
+                    .bind(pair.period.as_str())
+                    .bind(after)
+                    .fetch_one::<(u64, i64)>(),
+            )
+            .await?;
+        Ok((n > 0).then_some(first))
     }
 }
 

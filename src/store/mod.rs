@@ -5,6 +5,7 @@
 
 pub mod indicators;
 pub mod migrate;
+mod native;
 pub mod partitions;
 pub mod state;
 pub mod writer;
@@ -416,34 +417,6 @@ pub(crate) struct KlineRow<S> {
     source: S,
     ingested_at: i64,
     version: u64,
-}
-
-/// One `indicators` row in column order (RowBinary inserts borrow the value's strings).
-#[derive(clickhouse::Row, Serialize, Deserialize)]
-pub(crate) struct IndicatorRow<S> {
-    market: S,
-    symbol: S,
-    period: S,
-    open_time: i64,
-    indicator: S,
-    output: S,
-    value: f64,
-    version: u64,
-}
-
-impl<'a> IndicatorRow<&'a str> {
-    pub(crate) fn new(v: &'a writer::IndicatorValue, version: u64) -> IndicatorRow<&'a str> {
-        IndicatorRow {
-            market: v.pair.market.as_str(),
-            symbol: v.pair.symbol.as_str(),
-            period: v.pair.period.as_str(),
-            open_time: v.open_time,
-            indicator: &v.indicator,
-            output: v.output,
-            value: v.value,
-            version,
-        }
-    }
 }
 
 /// The columns of `KlineRow`, in order, for SELECTs.

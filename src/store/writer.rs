@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::indicators::CheckpointRow;
 use super::partitions::{self, DirtyMarks, DirtyTracker};
-use super::{IndicatorRow, KlineRow, Store, StoreError};
+use super::{native, KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
 use crate::market::{Kline, PairKey};
 
@@ -579,8 +579,13 @@ impl Writer {
             buf.klines.clear();
         }
         if !buf.indicators.is_empty() {
-            self.insert_rows("indicators", &buf.indicators, limit(), IndicatorRow::new)
-                .await?;
+            self.insert_native(
+                "indicators",
+                &buf.indicators,
+                limit(),
+                &indicator_columns(now_us()),
+            )
+            .await?;
             count_batch(&self.stats, counted);
             self.stats.set_buffered(buf.checkpoints.len());
             self.stats
@@ -644,6 +649,33 @@ impl Writer {
             .await
     }
 
+    /// One `INSERT … FORMAT Native` of `rows` into `table`, in blocks of up to
+    /// [`NATIVE_BLOCK_ROWS`] (encoded while earlier ones are on the wire), within `limit`.
+    async fn insert_native<R: Sync>(
+        &self,
+        table: &str,
+        rows: &[R],
+        limit: Duration,
+        columns: &[native::Column<'_, R>],
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {table} {} FORMAT Native",
+            native::column_list(columns)
+        );
+        let client = self.store.client();
+        self.store
+            .call_with_timeout(limit, async {
+                let mut insert = client.insert_formatted_with(sql);
+                for block in rows.chunks(NATIVE_BLOCK_ROWS) {
+                    let mut bytes = Vec::with_capacity(block.len() * 64);
+                    native::encode_block(block, columns, &mut bytes);
+                    insert.send(bytes::Bytes::from(bytes)).await?;
+                }
+                insert.end().await
+            })
+            .await
+    }
+
     /// Creates the per-pair views of `kind` for pairs written for the first time.
     /// A failure is logged and retried with the next batch of that pair. An existing object
     /// of that name that is not a view (a table from an older deployment) is left alone,
@@ -684,6 +716,25 @@ impl Writer {
             }
         }
     }
+}
+
+/// Rows per block of a Native insert: big enough that the per-block cost vanishes, small
+/// enough that the server parses one while the next is encoded.
+const NATIVE_BLOCK_ROWS: usize = 16_384;
+
+/// The columns of an `indicators` insert, every row stamped with `version`.
+fn indicator_columns(version: u64) -> [native::Column<'static, IndicatorValue>; 8] {
+    use native::Column::{ConstU64, Str, F64, I64};
+    [
+        Str("market", |v| v.pair.market.as_str()),
+        Str("symbol", |v| v.pair.symbol.as_str()),
+        Str("period", |v| v.pair.period.as_str()),
+        I64("open_time", |v| v.open_time),
+        Str("indicator", |v| &v.indicator),
+        Str("output", |v| v.output),
+        F64("value", |v| v.value),
+        ConstU64("version", version),
+    ]
 }
 
 /// Counts a flush's batch once (before its rows count, as a scrape may look in between).

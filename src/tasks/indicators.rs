@@ -132,18 +132,17 @@ impl SeriesState {
         self.bars += 1;
     }
 
-    /// The values of the last candle fed, as `indicators` rows (warm-up outputs omitted).
-    pub fn rows(&self, out: &mut Vec<IndicatorValue>) {
+    /// Adds the values of the last candle fed to `rows`, series by series (see
+    /// [`SeriesRows`]).
+    pub fn collect(&self, rows: &mut SeriesRows) {
         let Some(open_time) = self.last else { return };
-        for s in self.slots.iter().filter(|s| s.defined) {
-            for (output, value) in s.ind.spec().outputs().iter().zip(&s.out) {
-                out.push(IndicatorValue {
-                    pair: self.pair.clone(),
-                    open_time,
-                    indicator: s.name.clone(),
-                    output,
-                    value: *value,
-                });
+        let mut col = 0;
+        for s in &self.slots {
+            for v in &s.out {
+                if s.defined {
+                    rows.cols[col].push((open_time, *v));
+                }
+                col += 1;
             }
         }
     }
@@ -188,6 +187,69 @@ impl SeriesState {
             }
         }
         line
+    }
+}
+
+/// The `indicators` rows of many candles of one [`SeriesState`], kept series by series (one
+/// output of one indicator) and handed out in the table's sort key order: by indicator, then
+/// output, then `open_time`. ClickHouse skips sorting an insert block that is already in key
+/// order, which more than halves its work for an offline run's millions of rows.
+#[derive(Debug)]
+pub struct SeriesRows {
+    pair: PairKey,
+    /// Per column (one output of one slot, in slot order): `(open_time, value)`.
+    cols: Vec<Vec<(i64, f64)>>,
+    /// Per column: its indicator and output.
+    keys: Vec<(Arc<str>, &'static str)>,
+    /// The columns in key order.
+    order: Vec<usize>,
+}
+
+impl SeriesRows {
+    pub fn new(state: &SeriesState) -> SeriesRows {
+        let keys: Vec<(Arc<str>, &'static str)> = state
+            .slots
+            .iter()
+            .flat_map(|s| s.ind.spec().outputs().iter().map(|o| (s.name.clone(), *o)))
+            .collect();
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        // Bytewise, as ClickHouse compares `String`s.
+        order.sort_by(|&a, &b| {
+            let (ka, kb) = (&keys[a], &keys[b]);
+            (ka.0.as_bytes(), ka.1.as_bytes()).cmp(&(kb.0.as_bytes(), kb.1.as_bytes()))
+        });
+        SeriesRows {
+            pair: state.pair.clone(),
+            cols: vec![Vec::new(); keys.len()],
+            keys,
+            order,
+        }
+    }
+
+    /// Values collected and not yet taken.
+    pub fn len(&self) -> usize {
+        self.cols.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves every collected value to `out` as rows, in key order.
+    pub fn take(&mut self, out: &mut Vec<IndicatorValue>) {
+        out.reserve(self.len());
+        for &c in &self.order {
+            let (indicator, output) = &self.keys[c];
+            for (open_time, value) in self.cols[c].drain(..) {
+                out.push(IndicatorValue {
+                    pair: self.pair.clone(),
+                    open_time,
+                    indicator: indicator.clone(),
+                    output,
+                    value,
+                });
+            }
+        }
     }
 }
 
@@ -237,6 +299,7 @@ pub async fn compute_stored(
     }
     let mut after = i64::MIN;
     let mut rows = Vec::new();
+    let mut collected = SeriesRows::new(&state);
     let mut done = false;
     while !done {
         if cancel.is_cancelled() {
@@ -262,7 +325,7 @@ pub async fn compute_stored(
             if k.open_time >= from {
                 summary.in_range += 1;
                 match &mut output {
-                    Output::Writer(_) => state.rows(&mut rows),
+                    Output::Writer(_) => state.collect(&mut collected),
                     Output::Csv(w) => {
                         summary.values += state.defined_values();
                         writeln!(w, "{}", state.csv_line())?;
@@ -271,6 +334,7 @@ pub async fn compute_stored(
             }
         }
         if let Output::Writer(handle) = &output {
+            collected.take(&mut rows);
             summary.values += rows.len() as u64;
             handle
                 .send_indicators(std::mem::take(&mut rows))
@@ -490,11 +554,11 @@ impl IndicatorTask {
                 .final_klines_after(&self.pair, after, READ_CHUNK)
                 .await
                 .map_err(|source| self.read_error(source))?;
-            let mut rows = Vec::new();
+            let mut collected = SeriesRows::new(state);
             let mut checkpoints = Vec::new();
             for k in &chunk {
                 feed(state, k);
-                state.rows(&mut rows);
+                state.collect(&mut collected);
                 fed += 1;
                 if state.bars() % every == 0 {
                     checkpoints.extend(state.checkpoint());
@@ -503,6 +567,8 @@ impl IndicatorTask {
             if (chunk.len() as u64) < READ_CHUNK && fed > 0 && state.bars() % every != 0 {
                 checkpoints.extend(state.checkpoint());
             }
+            let mut rows = Vec::new();
+            collected.take(&mut rows);
             if !rows.is_empty() {
                 self.writer
                     .send_indicators(rows)
