@@ -173,6 +173,43 @@ async fn offline_values_written_to_clickhouse_equal_batch_bit_for_bit() {
     assert_eq!(n.trim(), all.len().to_string());
 }
 
+/// The series is read in chunks through primary-key windows `limit` periods wide: holes wider
+/// than a window, replaced versions and open candles must not change what a chunked read sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_reads_see_the_whole_series_across_holes_wider_than_a_window() {
+    let db = TestDb::new("ind_chunks");
+    let pair = PairKey::parse("um", "ETHUSDT", "1h").unwrap();
+    let klines = load_csv("um/ETHUSDT-1h-2024-01-01_2025-12-20.csv", &pair);
+    // Holes of 1, 40 and 3,000 hours (the last is wider than windows of 50 and 997 hours).
+    let mut series: Vec<Kline> = klines[..2_000].to_vec();
+    series.extend(klines[2_001..2_500].iter().cloned());
+    series.extend(klines[2_540..4_000].iter().cloned());
+    series.extend(klines[7_000..7_300].iter().cloned());
+    let mut rows = series.clone();
+    rows.extend(series[100..300].iter().cloned()); // replaced versions
+    let mut open = klines[7_300].clone(); // an open candle after the last final one
+    open.is_final = false;
+    rows.push(open);
+    let store = stored(&db, rows).await;
+
+    for limit in [50u64, 997, 10_000] {
+        let mut seen = Vec::new();
+        let mut after = i64::MIN;
+        loop {
+            let chunk = store.final_klines_after(&pair, after, limit).await.unwrap();
+            assert!(chunk.len() as u64 <= limit);
+            seen.extend(chunk.iter().map(|k| k.open_time));
+            match chunk.last() {
+                Some(k) if chunk.len() as u64 == limit => after = k.open_time,
+                _ => break,
+            }
+        }
+        let want: Vec<i64> = series.iter().map(|k| k.open_time).collect();
+        assert_eq!(seen.len(), want.len(), "limit {limit}");
+        assert!(seen == want, "limit {limit}: chunks differ from the series");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_has_one_column_per_output_and_empty_warm_up_cells() {
     let db = TestDb::new("ind_csv");
