@@ -123,7 +123,9 @@ impl<S: Eq + Hash + Clone> DirtyTracker<S> {
     }
 
     /// Takes note of rows `(series, key)` just committed, in commit order, at wall time
-    /// `now_ms`; returns the IDs of the partitions they make dirty.
+    /// `now_ms`; returns the IDs of the partitions they make dirty. Consecutive rows of the same
+    /// series value (the same reference) are looked up once: a batch of a few long series costs
+    /// a hash lookup per series, not per row.
     pub fn committed<'a>(
         &mut self,
         rows: impl IntoIterator<Item = (&'a S, i64)>,
@@ -135,24 +137,48 @@ impl<S: Eq + Hash + Clone> DirtyTracker<S> {
         let scheme = self.table.scheme;
         let current = scheme.ordinal(now_ms);
         let mut dirty = BTreeSet::new();
+        // The series of the current run and its newest key so far (written back on change).
+        let mut run: Option<(&'a S, Option<i64>)> = None;
         for (series, key) in rows {
-            let ordinal = scheme.ordinal(key);
-            let behind = match self.newest.get_mut(series) {
-                Some(newest) => {
-                    let behind = key <= *newest;
-                    *newest = (*newest).max(key);
+            let newest = match &mut run {
+                Some((s, newest)) if std::ptr::eq(*s, series) => newest,
+                _ => {
+                    if let Some((s, Some(n))) = run.take() {
+                        self.remember(s, n);
+                    }
+                    let (_, newest) = run.insert((series, self.newest.get(series).copied()));
+                    newest
+                }
+            };
+            let behind = match newest {
+                Some(n) => {
+                    let behind = key <= *n;
+                    *n = (*n).max(key);
                     behind
                 }
                 None => {
-                    self.newest.insert(series.clone(), key);
+                    *newest = Some(key);
                     false
                 }
             };
+            let ordinal = scheme.ordinal(key);
             if behind || ordinal < current {
                 dirty.insert(ordinal);
             }
         }
+        if let Some((s, Some(n))) = run {
+            self.remember(s, n);
+        }
         dirty.into_iter().map(|o| scheme.id_of_ordinal(o)).collect()
+    }
+
+    fn remember(&mut self, series: &S, newest: i64) {
+        match self.newest.get_mut(series) {
+            Some(n) => *n = newest,
+            None => {
+                self.newest.insert(series.clone(), newest);
+            }
+        }
     }
 }
 
@@ -595,6 +621,34 @@ mod tests {
                 assert_eq!(got, want, "{}: batch {i}", c.name);
             }
         }
+    }
+
+    /// The writer passes runs of rows that share one series value; a run's newest key must
+    /// carry over to later runs of the same series, by the same or an equal value.
+    #[test]
+    fn runs_of_one_series_value_keep_the_rule() {
+        let now = Y2026 + 300 * 86_400_000;
+        let m = 60_000;
+        let live = Y2026 + 299 * 86_400_000;
+        let (a, b, a_again) = ("a".to_string(), "b".to_string(), "a".to_string());
+        let mut t = DirtyTracker::new(&KLINES);
+        let in_order = [(&a, live), (&a, live + m), (&b, live), (&a, live + 2 * m)];
+        assert!(t.committed(in_order, now).is_empty(), "in order");
+        // `a` at live + m again, first in a run of another reference to an equal value.
+        let late = [
+            (&b, live + m),
+            (&a_again, live + m),
+            (&a_again, live + 3 * m),
+        ];
+        assert_eq!(t.committed(late, now), BTreeSet::from(["2026".to_string()]));
+        // The run wrote its newest key back: live + 3m is now behind for `a`.
+        assert_eq!(
+            t.committed([(&a, live + 3 * m)], now),
+            BTreeSet::from(["2026".to_string()])
+        );
+        assert!(t
+            .committed([(&a, live + 4 * m), (&b, live + 2 * m)], now)
+            .is_empty());
     }
 
     #[test]

@@ -591,19 +591,21 @@ impl Writer {
             self.stats
                 .indicator_rows_written
                 .fetch_add(buf.indicators.len() as u64, Ordering::Relaxed);
-            let keys: Vec<(IndicatorSeries, i64)> = buf
-                .indicators
-                .iter()
-                .map(|v| ((v.pair.clone(), v.indicator.clone(), v.output), v.open_time))
-                .collect();
-            let dirty = self
-                .dirty_indicators
-                .committed(keys.iter().map(|(s, t)| (s, *t)), crate::market::now_ms());
+            // One key per run of rows of the same series (offline runs send long runs).
+            let runs = series_runs(&buf.indicators);
+            let dirty = self.dirty_indicators.committed(
+                runs.iter().flat_map(|(series, rows)| {
+                    buf.indicators[rows.clone()]
+                        .iter()
+                        .map(move |v| (series, v.open_time))
+                }),
+                crate::market::now_ms(),
+            );
             self.marks.add(self.dirty_indicators.table().name, dirty);
             let pairs = new_pairs(
                 &self.views,
                 ViewKind::Indicators,
-                buf.indicators.iter().map(|v| &v.pair),
+                runs.iter().map(|((pair, _, _), _)| pair),
             );
             self.ensure_views(ViewKind::Indicators, pairs, deadline)
                 .await;
@@ -744,6 +746,23 @@ fn count_batch(stats: &WriterStats, counted: &mut bool) {
     }
 }
 
+/// The runs of consecutive values of the same series, with their index ranges.
+fn series_runs(values: &[IndicatorValue]) -> Vec<(IndicatorSeries, std::ops::Range<usize>)> {
+    let same = |a: &IndicatorValue, b: &IndicatorValue| {
+        a.output == b.output && a.indicator == b.indicator && a.pair == b.pair
+    };
+    let mut runs: Vec<(IndicatorSeries, std::ops::Range<usize>)> = Vec::new();
+    let mut start = 0;
+    for i in 1..=values.len() {
+        if i == values.len() || !same(&values[i], &values[start]) {
+            let v = &values[start];
+            runs.push(((v.pair.clone(), v.indicator.clone(), v.output), start..i));
+            start = i;
+        }
+    }
+    runs
+}
+
 /// The distinct pairs of `pairs` that have no view of `kind` yet.
 fn new_pairs<'a>(
     views: &HashSet<(ViewKind, PairKey)>,
@@ -751,8 +770,14 @@ fn new_pairs<'a>(
     pairs: impl Iterator<Item = &'a PairKey>,
 ) -> Vec<PairKey> {
     let mut new: Vec<PairKey> = Vec::new();
+    let mut last: Option<&PairKey> = None;
     for p in pairs {
-        if !views.contains(&(kind, p.clone())) && !new.contains(p) {
+        // Rows come in runs of one pair: check each run once.
+        if last == Some(p) {
+            continue;
+        }
+        last = Some(p);
+        if !new.contains(p) && !views.contains(&(kind, p.clone())) {
             new.push(p.clone());
         }
     }

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use api::{Bar, Indicator, Spec};
 pub use qs_core::indicators as api;
@@ -297,29 +298,38 @@ pub async fn compute_stored(
     if let Output::Csv(w) = &mut output {
         writeln!(w, "{}", state.csv_header())?;
     }
-    let mut after = i64::MIN;
     let mut rows = Vec::new();
     let mut collected = SeriesRows::new(&state);
-    let mut done = false;
-    while !done {
+    // The next chunk is read while this one is computed and handed on (dropping the handle,
+    // on an error or at the end of the range, stops that read).
+    let read = |after: i64| {
+        let (store, pair) = (store.clone(), pair.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            store.final_klines_after(&pair, after, READ_CHUNK).await
+        }))
+    };
+    let mut next = Some(read(i64::MIN));
+    while let Some(reading) = next.take() {
         if cancel.is_cancelled() {
             return Err(IndicatorError::Cancelled);
         }
-        let chunk = store
-            .final_klines_after(pair, after, READ_CHUNK)
-            .await
-            .map_err(|source| IndicatorError::Read {
-                pair: pair.clone(),
-                source,
-            })?;
-        let Some(last) = chunk.last() else { break };
-        after = last.open_time;
-        done = (chunk.len() as u64) < READ_CHUNK;
-        for k in &chunk {
-            if k.open_time >= to {
-                done = true;
-                break;
+        let chunk = match reading.await {
+            Ok(read) => read,
+            Err(e) => Err(StoreError::Protocol(format!(
+                "the chunk reader failed: {e}"
+            ))),
+        }
+        .map_err(|source| IndicatorError::Read {
+            pair: pair.clone(),
+            source,
+        })?;
+        match chunk.last() {
+            Some(last) if chunk.len() as u64 == READ_CHUNK && last.open_time < to => {
+                next = Some(read(last.open_time));
             }
+            _ => {}
+        }
+        for k in chunk.iter().take_while(|k| k.open_time < to) {
             state.advance(k.open_time, &Bar::from_kline(k));
             summary.candles += 1;
             if k.open_time >= from {
