@@ -223,6 +223,92 @@ async fn no_indicator_value_is_lost_when_clickhouse_is_killed_and_restarted() {
     );
 }
 
+/// Batches of indicator values alone go in flight (the next batch is taken while the server
+/// finishes one): across an outage none is lost, and a value recomputed later (a late candle)
+/// still wins over the first computation when that one's insert had to be retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_indicator_inserts_lose_nothing_and_later_values_win() {
+    let server = Arc::new(ChServer::start());
+    let db = TestDb::on_server(&server, "ind_in_flight");
+    let cfg = db.config(
+        "  writer:\n    batch_rows: 400\n    flush_interval: 50ms\n    channel_capacity: 400\n    max_backoff: 300ms\n",
+    );
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let pair = PairKey::parse("um", "ETHUSDT", "1m").unwrap();
+    const N: i64 = 6_000;
+    let name: Arc<str> = Arc::from("rsi(14)");
+    // First computation: `first(i)`; every third value is then recomputed as `second(i)`.
+    let first = |i: i64| (i as f64).sqrt() * 1.000_000_1;
+    let second = |i: i64| -(i as f64) / 7.0;
+    let value = move |pair: &PairKey, i: i64, v: f64| IndicatorValue {
+        pair: pair.clone(),
+        open_time: candle(pair, i).open_time,
+        indicator: name.clone(),
+        output: "value",
+        value: v,
+    };
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+    let writer_task = tokio::spawn(writer.run(CancellationToken::new()));
+    let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
+    let producer = {
+        let (handle, pair) = (handle.clone(), pair.clone());
+        tokio::spawn(async move {
+            let mut killed = Some(killed_rx);
+            for chunk in 0..N / 200 {
+                let mut values: Vec<IndicatorValue> = (chunk * 200..(chunk + 1) * 200)
+                    .map(|i| value(&pair, i, first(i)))
+                    .collect();
+                // The recomputation of the previous chunk's every third value.
+                values.extend(
+                    ((chunk - 1) * 200..chunk * 200)
+                        .filter(|i| *i >= 0 && i % 3 == 0)
+                        .map(|i| value(&pair, i, second(i))),
+                );
+                handle.send_indicators(values).await.unwrap();
+                if chunk == N / 400 {
+                    // Halfway: the rest is sent into the outage.
+                    killed.take().unwrap().await.unwrap();
+                }
+            }
+            let tail = ((N / 200 - 1) * 200..N).filter(|i| i % 3 == 0);
+            let values = tail.map(|i| value(&pair, i, second(i))).collect();
+            handle.send_indicators(values).await.unwrap();
+        })
+    };
+    wait_until("first values written", || {
+        handle.stats().indicator_rows_written() >= 1_000
+    })
+    .await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.kill()).await.unwrap();
+    // The producer waits at halfway until now: the second half is sent into the outage.
+    killed_tx.send(()).unwrap();
+    wait_until("inserts failing", || handle.stats().insert_failures() >= 2).await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.restart())
+        .await
+        .unwrap();
+    producer.await.unwrap();
+    drop(handle);
+    let summary = writer_task.await.unwrap().unwrap();
+    assert!(summary.insert_failures >= 2, "{summary:?}");
+
+    let rows: Vec<(i64, f64)> = store
+        .client()
+        .query("SELECT open_time, value FROM indicators FINAL ORDER BY open_time")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), N as usize);
+    for (i, (t, v)) in rows.iter().enumerate() {
+        let i = i as i64;
+        assert_eq!(*t, candle(&pair, i).open_time);
+        let want = if i % 3 == 0 { second(i) } else { first(i) };
+        assert_eq!(v.to_bits(), want.to_bits(), "value at {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_wait_for_size_or_interval_and_cancellation_flushes_them() {
     let db = TestDb::new("shutdown");

@@ -133,6 +133,8 @@ pub struct WriterStats {
     insert_failures: AtomicU64,
     /// Rows taken from the channel and not yet written (the batch being built or retried).
     buffered: AtomicU64,
+    /// Rows of the indicator insert running beside the batch being built.
+    in_flight: AtomicU64,
 }
 
 impl WriterStats {
@@ -148,8 +150,9 @@ impl WriterStats {
     pub fn insert_failures(&self) -> u64 {
         self.insert_failures.load(Ordering::Relaxed)
     }
+    /// Rows taken from the channel and not yet written (including an insert in flight).
     pub fn buffered(&self) -> u64 {
-        self.buffered.load(Ordering::Relaxed)
+        self.buffered.load(Ordering::Relaxed) + self.in_flight.load(Ordering::Relaxed)
     }
     fn set_buffered(&self, rows: usize) {
         self.buffered.store(rows as u64, Ordering::Relaxed);
@@ -328,8 +331,23 @@ type IndicatorSeries = (PairKey, Arc<str>, &'static str);
 struct Batch {
     klines: Vec<Kline>,
     indicators: Vec<IndicatorValue>,
+    /// The version stamped on `indicators`, chosen at their first attempt and kept across
+    /// retries: a batch retried after a later one committed must not win over it.
+    indicator_version: Option<u64>,
     checkpoints: Vec<Checkpoint>,
 }
+
+/// An insert of indicator values running while the writer takes the next batch (offline runs
+/// and catch-ups send millions of them: the server finishes one insert while the next is
+/// encoded and sent). Only a batch of indicator values alone goes in flight; anything else
+/// waits for it to land first, so klines still commit before the values computed from them and
+/// checkpoints after the values they cover.
+struct InFlight {
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = Landed> + Send>>,
+}
+
+/// What an in-flight insert gives back: its rows, their version and how it ended.
+type Landed = (Vec<IndicatorValue>, u64, Result<(), StoreError>);
 
 impl Batch {
     fn len(&self) -> usize {
@@ -400,11 +418,22 @@ impl Writer {
         // When the oldest buffered row must be flushed at the latest.
         let mut flush_at: Option<Instant> = None;
         let mut deadline: Option<Instant> = None;
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let space = room(buf.len(), self.cfg.batch_rows);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                (rows, version, result) = async {
+                    match in_flight.as_mut() {
+                        Some(f) => f.done.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if in_flight.is_some() => {
+                    in_flight = None;
+                    self.landed(rows, version, result, &cancel, &mut deadline).await?;
+                    if deadline.is_some() { break; }
+                }
                 received = self.rx.recv_many(&mut incoming, space) => match received {
                     n if n > 0 => {
                         for row in incoming.drain(..) {
@@ -416,7 +445,7 @@ impl Writer {
                             flush_at = Some(Instant::now() + self.cfg.flush_interval);
                         }
                         if buf.len() >= self.cfg.batch_rows {
-                            self.flush(&mut buf, &cancel, &mut deadline).await?;
+                            self.dispatch(&mut buf, &mut in_flight, &cancel, &mut deadline).await?;
                             flush_at = None;
                             if deadline.is_some() { break; }
                         }
@@ -426,7 +455,7 @@ impl Writer {
                 _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)),
                     if flush_at.is_some() =>
                 {
-                    self.flush(&mut buf, &cancel, &mut deadline).await?;
+                    self.dispatch(&mut buf, &mut in_flight, &cancel, &mut deadline).await?;
                     flush_at = None;
                     if deadline.is_some() { break; }
                 }
@@ -436,6 +465,11 @@ impl Writer {
         self.rx.close();
         let mut deadline =
             Some(deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_timeout));
+        if let Some(f) = in_flight.take() {
+            let (rows, version, result) = f.done.await;
+            self.landed(rows, version, result, &cancel, &mut deadline)
+                .await?;
+        }
         while let Some(row) = self.rx.recv().await {
             buf.push(row);
             self.stats.set_buffered(buf.len());
@@ -459,6 +493,79 @@ impl Writer {
             "Writer stopped; everything flushed."
         );
         Ok(summary)
+    }
+
+    /// Writes `buf`: a batch of indicator values alone goes in flight (after the one before it
+    /// has landed) and the writer goes on taking rows; anything else is flushed here.
+    async fn dispatch(
+        &mut self,
+        buf: &mut Batch,
+        in_flight: &mut Option<InFlight>,
+        cancel: &CancellationToken,
+        deadline: &mut Option<Instant>,
+    ) -> Result<(), WriterError> {
+        if let Some(f) = in_flight.take() {
+            let (rows, version, result) = f.done.await;
+            self.landed(rows, version, result, cancel, deadline).await?;
+        }
+        let alone = buf.klines.is_empty() && buf.checkpoints.is_empty();
+        if !alone || buf.indicators.is_empty() || deadline.is_some() {
+            return self.flush(buf, cancel, deadline).await;
+        }
+        let rows = std::mem::take(&mut buf.indicators);
+        let version = buf.indicator_version.take().unwrap_or_else(now_us);
+        self.stats.set_buffered(0);
+        self.stats
+            .in_flight
+            .store(rows.len() as u64, Ordering::Relaxed);
+        let (store, limit) = (self.store.clone(), self.store.timeout());
+        *in_flight = Some(InFlight {
+            done: Box::pin(async move {
+                let result = insert_native(
+                    &store,
+                    "indicators",
+                    &rows,
+                    limit,
+                    &indicator_columns(version),
+                )
+                .await;
+                (rows, version, result)
+            }),
+        });
+        Ok(())
+    }
+
+    /// An in-flight insert has ended: its rows are committed, or they are retried here (with
+    /// their version) until they are or the shutdown deadline passes.
+    async fn landed(
+        &mut self,
+        rows: Vec<IndicatorValue>,
+        version: u64,
+        result: Result<(), StoreError>,
+        cancel: &CancellationToken,
+        deadline: &mut Option<Instant>,
+    ) -> Result<(), WriterError> {
+        self.stats.in_flight.store(0, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                self.indicators_committed(&rows, *deadline).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.insert_failures.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::add(&crate::metrics::WRITER_INSERT_FAILURES, 1);
+                warn!(rows = rows.len(), error = %e,
+                    "ClickHouse insert failed; keeping the batch and retrying.");
+                let mut batch = Batch {
+                    indicators: rows,
+                    indicator_version: Some(version),
+                    ..Batch::default()
+                };
+                self.stats.set_buffered(batch.len());
+                self.flush(&mut batch, cancel, deadline).await
+            }
+        }
     }
 
     /// Writes `buf` or keeps retrying. Without a deadline it retries forever (the channel
@@ -579,37 +686,20 @@ impl Writer {
             buf.klines.clear();
         }
         if !buf.indicators.is_empty() {
-            self.insert_native(
+            let version = *buf.indicator_version.get_or_insert_with(now_us);
+            insert_native(
+                &self.store,
                 "indicators",
                 &buf.indicators,
                 limit(),
-                &indicator_columns(now_us()),
+                &indicator_columns(version),
             )
             .await?;
             count_batch(&self.stats, counted);
             self.stats.set_buffered(buf.checkpoints.len());
-            self.stats
-                .indicator_rows_written
-                .fetch_add(buf.indicators.len() as u64, Ordering::Relaxed);
-            // One key per run of rows of the same series (offline runs send long runs).
-            let runs = series_runs(&buf.indicators);
-            let dirty = self.dirty_indicators.committed(
-                runs.iter().flat_map(|(series, rows)| {
-                    buf.indicators[rows.clone()]
-                        .iter()
-                        .map(move |v| (series, v.open_time))
-                }),
-                crate::market::now_ms(),
-            );
-            self.marks.add(self.dirty_indicators.table().name, dirty);
-            let pairs = new_pairs(
-                &self.views,
-                ViewKind::Indicators,
-                runs.iter().map(|((pair, _, _), _)| pair),
-            );
-            self.ensure_views(ViewKind::Indicators, pairs, deadline)
-                .await;
-            buf.indicators.clear();
+            let rows = std::mem::take(&mut buf.indicators);
+            buf.indicator_version = None;
+            self.indicators_committed(&rows, deadline).await;
         }
         if !buf.checkpoints.is_empty() {
             self.insert_rows(
@@ -651,31 +741,30 @@ impl Writer {
             .await
     }
 
-    /// One `INSERT … FORMAT Native` of `rows` into `table`, in blocks of up to
-    /// [`NATIVE_BLOCK_ROWS`] (encoded while earlier ones are on the wire), within `limit`.
-    async fn insert_native<R: Sync>(
-        &self,
-        table: &str,
-        rows: &[R],
-        limit: Duration,
-        columns: &[native::Column<'_, R>],
-    ) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT INTO {table} {} FORMAT Native",
-            native::column_list(columns)
+    /// After indicator values are committed: counts them, marks the partitions they make
+    /// dirty and creates the per-pair views they need.
+    async fn indicators_committed(&mut self, rows: &[IndicatorValue], deadline: Option<Instant>) {
+        self.stats
+            .indicator_rows_written
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        // One key per run of rows of the same series (offline runs send long runs).
+        let runs = series_runs(rows);
+        let dirty = self.dirty_indicators.committed(
+            runs.iter().flat_map(|(series, range)| {
+                rows[range.clone()]
+                    .iter()
+                    .map(move |v| (series, v.open_time))
+            }),
+            crate::market::now_ms(),
         );
-        let client = self.store.client();
-        self.store
-            .call_with_timeout(limit, async {
-                let mut insert = client.insert_formatted_with(sql);
-                for block in rows.chunks(NATIVE_BLOCK_ROWS) {
-                    let mut bytes = Vec::with_capacity(block.len() * 64);
-                    native::encode_block(block, columns, &mut bytes);
-                    insert.send(bytes::Bytes::from(bytes)).await?;
-                }
-                insert.end().await
-            })
-            .await
+        self.marks.add(self.dirty_indicators.table().name, dirty);
+        let pairs = new_pairs(
+            &self.views,
+            ViewKind::Indicators,
+            runs.iter().map(|((pair, _, _), _)| pair),
+        );
+        self.ensure_views(ViewKind::Indicators, pairs, deadline)
+            .await;
     }
 
     /// Creates the per-pair views of `kind` for pairs written for the first time.
@@ -718,6 +807,33 @@ impl Writer {
             }
         }
     }
+}
+
+/// One `INSERT … FORMAT Native` of `rows` into `table`, in blocks of up to
+/// [`NATIVE_BLOCK_ROWS`] (encoded while earlier ones are on the wire), within `limit`.
+async fn insert_native<R: Sync>(
+    store: &Store,
+    table: &str,
+    rows: &[R],
+    limit: Duration,
+    columns: &[native::Column<'_, R>],
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO {table} {} FORMAT Native",
+        native::column_list(columns)
+    );
+    let client = store.client();
+    store
+        .call_with_timeout(limit, async {
+            let mut insert = client.insert_formatted_with(sql);
+            for block in rows.chunks(NATIVE_BLOCK_ROWS) {
+                let mut bytes = Vec::with_capacity(block.len() * 64);
+                native::encode_block(block, columns, &mut bytes);
+                insert.send(bytes::Bytes::from(bytes)).await?;
+            }
+            insert.end().await
+        })
+        .await
 }
 
 /// Rows per block of a Native insert: big enough that the per-block cost vanishes, small
