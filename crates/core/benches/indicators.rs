@@ -5,7 +5,8 @@
 //!    each output is cross-checked to 1e-9. Twice: "fresh" (every call allocates its outputs,
 //!    whose pages fault in on first touch, on both sides) and "warm" (outputs on pages already
 //!    mapped on both sides: ours reuses its vectors, TA-Lib runs under
-//!    `glibc.malloc.mmap_max=0` so numpy's freed arrays come back from the heap);
+//!    `glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295` so numpy's freed arrays
+//!    come back from the heap);
 //! 2. Online: the full 15-indicator set advanced by one candle, median ns per candle, with the
 //!    number of heap allocations made while advancing (counted by a global allocator; must be 0).
 //!
@@ -179,13 +180,15 @@ fn kernels() {
     let closes: Vec<f64> = walk(n).iter().map(|b| b.close).collect();
     // Fresh: both sides allocate their outputs per call, as numpy does (first touches fault
     // pages in). Warm: outputs land on pages already mapped — ours reuses its vectors, and
-    // TA-Lib runs with glibc's mmap disabled so numpy's freed arrays are reused from the heap —
+    // TA-Lib runs with glibc's mmap disabled and the heap never trimmed, so numpy's freed
+    // arrays come back from the heap —
     // which compares the kernels themselves.
     let base = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    let keep = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295";
     let warm_tunables = if base.is_empty() {
-        "glibc.malloc.mmap_max=0".to_string()
+        keep.to_string()
     } else {
-        format!("{base}:glibc.malloc.mmap_max=0")
+        format!("{base}:{keep}")
     };
     let anchor = talib_anchor(&closes, runs, &base);
     let warm_anchor = talib_anchor(&closes, runs, &warm_tunables);
