@@ -1,9 +1,11 @@
 //! The daemon's HTTP servers: the ops endpoint (`ops`: health, readiness, Prometheus metrics).
-//! The client WebSocket server joins here; so far its wire protocol is in place (`protocol`:
-//! client frames parsed, server frames rendered), the server itself is not. They are services
+//! The client WebSocket server joins here; so far its wire protocol (`protocol`: client frames
+//! parsed, server frames rendered) and its fan-out hub (`hub`: one render per event, bounded
+//! queues, slow consumers cut off) are in place, the server itself is not. They are services
 //! of the daemon itself, started by the operator beside the generations of clients (so a
 //! rebuilt generation never cuts them) and reconfigured by config edits; they decide nothing
 //! about what runs.
 
+pub mod hub;
 pub mod ops;
 pub mod protocol;
