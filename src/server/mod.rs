@@ -1,13 +1,14 @@
 //! The daemon's HTTP servers: the ops endpoint (`ops`: health, readiness, Prometheus metrics).
-//! The client WebSocket server joins here; so far its wire protocol (`protocol`: client frames
-//! parsed, server frames rendered), its fan-out hub (`hub`: one render per event, bounded
-//! queues, slow consumers cut off) and the pure half of the Binance-compatible REST facade
-//! (`facade`: parameters checked as Binance does, rows printed as Binance does) are in place;
-//! the server itself is not. They are services
-//! of the daemon itself, started by the operator beside the generations of clients (so a
-//! rebuilt generation never cuts them) and reconfigured by config edits; they decide nothing
-//! about what runs.
+//! The client server is being built here (issue 11): its wire protocol (`protocol`), its
+//! fan-out hub (`hub`: one render per event, bounded queues, slow consumers cut off), the
+//! `/ws` session (`client`: requests answered, live frames from the hub, pings, 1008/1001
+//! closes) and the pure half of the Binance-compatible REST facade (`facade`). Not yet wired
+//! into the daemon or a command, so no user reaches it yet. These servers are services of the
+//! daemon itself, started by the operator beside the generations of clients (so a rebuilt
+//! generation never cuts them) and reconfigured by config edits; they decide nothing about
+//! what runs.
 
+pub mod client;
 pub mod facade;
 pub mod hub;
 pub mod ops;

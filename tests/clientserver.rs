@@ -1,0 +1,246 @@
+//! The client WebSocket endpoint over real loopback sockets with a real WebSocket client:
+//! subscribe / list / ping / unsubscribe, error frames that keep the connection open, the
+//! subscription limit, live frames from the hub, a client that stops reading cut off as a slow
+//! consumer (close 1008) while another keeps every frame, and 1001 on shutdown.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use quantservice::market::{Decimal, Kline, PairKey, Source};
+use quantservice::server::client::{router, ClientState, Limits};
+use quantservice::server::hub::Hub;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn candle(pair: &PairKey, i: i64) -> Kline {
+    let d = |m: i128| Decimal::from_mantissa(m);
+    Kline {
+        pair: pair.clone(),
+        open_time: 1_700_000_000_000 + i * 60_000,
+        close_time: 1_700_000_000_000 + i * 60_000 + 59_999,
+        open: d(4_200_000_000_000 + i128::from(i)),
+        high: d(4_300_000_000_000),
+        low: d(4_100_000_000_000),
+        close: d(4_250_000_000_001),
+        volume: d(123_456_789),
+        quote_volume: d(987_654_321_000),
+        trades: 7,
+        taker_buy_volume: d(1),
+        taker_buy_quote_volume: d(2),
+        is_final: true,
+        source: Source::Ws,
+    }
+}
+
+struct Server {
+    url: String,
+    hub: Hub,
+    shutdown: CancellationToken,
+}
+
+async fn server(limits: Limits) -> Server {
+    let hub = Hub::default();
+    let shutdown = CancellationToken::new();
+    let state = ClientState {
+        hub: hub.clone(),
+        limits,
+        shutdown: shutdown.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    Server {
+        url: format!("ws://{addr}/ws"),
+        hub,
+        shutdown,
+    }
+}
+
+async fn connect(url: &str) -> Ws {
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// The next text frame as JSON (pings skipped), within 10 s.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("connection open")
+            .unwrap();
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn say(ws: &mut Ws, text: &str) -> Value {
+    ws.send(Message::text(text)).await.unwrap();
+    next_json(ws).await
+}
+
+fn sub(id: u64, symbol: &str) -> String {
+    format!(
+        r#"{{"op":"subscribe","id":{id},"channel":"klines","market":"um","symbol":"{symbol}","period":"1m"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_and_bad_ones_keep_the_connection() {
+    let srv = server(Limits {
+        max_subscriptions: 2,
+        ..Limits::default()
+    })
+    .await;
+    let mut ws = connect(&srv.url).await;
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+
+    let r = say(&mut ws, &sub(1, "BTCUSDT")).await;
+    assert_eq!(
+        (r["op"].as_str(), r["id"].as_u64()),
+        (Some("subscribed"), Some(1))
+    );
+    srv.hub.publish_kline(&candle(&pair, 0));
+    let data = next_json(&mut ws).await;
+    assert_eq!(data["channel"], "klines");
+    assert_eq!(data["data"]["open_time"], 1_700_000_000_000i64);
+    assert_eq!(data["data"]["open"], candle(&pair, 0).open.to_string());
+
+    for (text, code) in [
+        ("{not json", "bad_request"),
+        (r#"{"op":"dance","id":4}"#, "bad_request"),
+        (
+            r#"{"op":"subscribe","id":5,"channel":"klines","market":"um","symbol":"BTCUSDT","period":"7m"}"#,
+            "bad_request",
+        ),
+    ] {
+        let r = say(&mut ws, text).await;
+        assert_eq!(r["op"], "error", "{text}");
+        assert_eq!(r["code"], code, "{text}");
+    }
+    let r = say(&mut ws, &sub(6, "ETHUSDT")).await;
+    assert_eq!(r["op"], "subscribed");
+    let r = say(&mut ws, &sub(7, "SOLUSDT")).await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("limit"))
+    );
+    assert_eq!(r["id"], 7);
+
+    let r = say(&mut ws, r#"{"op":"list","id":8}"#).await;
+    let symbols: Vec<&str> = r["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["symbol"].as_str().unwrap())
+        .collect();
+    assert_eq!(symbols, ["BTCUSDT", "ETHUSDT"]);
+    let r = say(&mut ws, r#"{"op":"ping","id":9}"#).await;
+    assert_eq!(
+        (r["op"].as_str(), r["id"].as_u64()),
+        (Some("pong"), Some(9))
+    );
+
+    let r = say(
+        &mut ws,
+        r#"{"op":"unsubscribe","id":10,"channel":"klines","market":"um","symbol":"BTCUSDT","period":"1m"}"#,
+    )
+    .await;
+    assert_eq!(r["op"], "unsubscribed");
+    srv.hub.publish_kline(&candle(&pair, 1));
+    // Nothing for BTCUSDT any more: the next frame is the answer to this ping.
+    let r = say(&mut ws, r#"{"op":"ping","id":11}"#).await;
+    assert_eq!(r["op"], "pong");
+
+    srv.shutdown.cancel();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                break;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_others_get_every_frame() {
+    let srv = server(Limits {
+        send_queue: 256,
+        ..Limits::default()
+    })
+    .await;
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    let mut stalled = connect(&srv.url).await;
+    let mut reader = connect(&srv.url).await;
+    assert_eq!(
+        say(&mut stalled, &sub(1, "BTCUSDT")).await["op"],
+        "subscribed"
+    );
+    assert_eq!(
+        say(&mut reader, &sub(1, "BTCUSDT")).await["op"],
+        "subscribed"
+    );
+
+    // The reader counts what it gets, in order.
+    let got = Arc::new(AtomicU64::new(0));
+    let counter = got.clone();
+    let reading = tokio::spawn(async move {
+        let mut next = 0i64;
+        loop {
+            let v = next_json(&mut reader).await;
+            let t = v["data"]["open_time"].as_i64().unwrap();
+            assert_eq!(
+                t,
+                1_700_000_000_000 + next * 60_000,
+                "in order, none missing"
+            );
+            next += 1;
+            counter.store(next as u64, Ordering::SeqCst);
+            if next == 200_000 || v["data"]["trades"] == 0 {
+                return next;
+            }
+        }
+    });
+    // Publish in steps the reader keeps up with, until the stalled client is cut off.
+    let mut sent = 0i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while srv.hub.stats().slow_consumers() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never cut off");
+        for _ in 0..100 {
+            srv.hub.publish_kline(&candle(&pair, sent));
+            sent += 1;
+        }
+        while got.load(Ordering::SeqCst) + 100 < sent as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(srv.hub.stats().slow_consumers(), 1, "only the stalled one");
+    // The last frame tells the reader to stop.
+    let mut last = candle(&pair, sent);
+    last.trades = 0;
+    srv.hub.publish_kline(&last);
+    let received = reading.await.unwrap();
+    assert_eq!(received, sent + 1, "the reader got every frame");
+
+    // The stalled client, reading again, finds what was buffered, then close 1008.
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+}
