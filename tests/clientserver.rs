@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use quantservice::market::{Decimal, Kline, PairKey, Source};
-use quantservice::server::client::{router, ClientState, Limits};
+use quantservice::server::client::{router, serve, ClientState, Limits};
 use quantservice::server::hub::Hub;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,16 +46,16 @@ struct Server {
 }
 
 async fn server(limits: Limits) -> Server {
+    server_with_tokens(limits, Vec::new()).await
+}
+
+async fn server_with_tokens(limits: Limits, tokens: Vec<String>) -> Server {
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
-    let state = ClientState {
-        hub: hub.clone(),
-        limits,
-        shutdown: shutdown.clone(),
-    };
+    let state = ClientState::new(hub.clone(), limits, tokens, shutdown.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    tokio::spawn(serve(listener, router(state), CancellationToken::new()));
     Server {
         url: format!("ws://{addr}/ws"),
         hub,
@@ -243,4 +243,66 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_get_every_frame() {
         }
     };
     assert_eq!(code, 1008);
+}
+
+/// The HTTP status a handshake to `url` (with an optional `Authorization` header) gets.
+async fn handshake(url: &str, bearer: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = bearer {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((_, resp)) => resp.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_at_the_handshake_and_connections_are_limited_per_ip() {
+    let srv = server_with_tokens(
+        Limits {
+            max_connections_per_ip: 2,
+            ..Limits::default()
+        },
+        vec!["s3cret-token".to_string()],
+    )
+    .await;
+    assert_eq!(handshake(&srv.url, None).await, 401, "no token");
+    assert_eq!(handshake(&srv.url, Some("wrong")).await, 401, "wrong token");
+    assert_eq!(
+        handshake(&format!("{}?token=wrong", srv.url), None).await,
+        401
+    );
+    // Two connections are allowed from 127.0.0.1 (by header and by query), the third is not.
+    let mut a = connect_with(&srv.url, Some("s3cret-token")).await;
+    let mut b = connect_with(&format!("{}?token=s3cret-token", srv.url), None).await;
+    assert_eq!(say(&mut a, r#"{"op":"ping"}"#).await["op"], "pong");
+    assert_eq!(say(&mut b, r#"{"op":"ping"}"#).await["op"], "pong");
+    assert_eq!(handshake(&srv.url, Some("s3cret-token")).await, 429);
+    // A closed connection frees its place.
+    a.close(None).await.unwrap();
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match handshake(&srv.url, Some("s3cret-token")).await {
+            101 => break,
+            429 if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("status {other}"),
+        }
+    }
+}
+
+async fn connect_with(url: &str, bearer: Option<&str>) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = bearer {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req).await.unwrap().0
 }

@@ -5,14 +5,20 @@
 //! hub cut it off (its queue was full) or 1001 when the server shuts down. A send never waits
 //! past those: a client that stops reading delays only itself.
 //!
-//! Not here yet: replay (`since`), auth, connection limits, the REST facade routes.
+//! The handshake checks the bearer token (`Authorization: Bearer T` or `?token=T`, when tokens
+//! are configured: 401 otherwise) and the connection limits, in total and per IP (429).
+//!
+//! Not here yet: replay (`since`), inbound message rate limits, the REST facade routes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::response::Response;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::sync::mpsc;
@@ -30,6 +36,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Per-connection limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Open connections, in total and from one IP address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     /// Frames queued for one connection before it counts as a slow consumer.
     pub send_queue: usize,
     pub max_subscriptions: usize,
@@ -43,6 +52,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_connections: 20_000,
+            max_connections_per_ip: 1_000,
             send_queue: 1024,
             max_subscriptions: 200,
             max_frame_bytes: 64 * 1024,
@@ -57,22 +68,159 @@ impl Default for Limits {
 pub struct ClientState {
     pub hub: Hub,
     pub limits: Limits,
+    /// Accepted bearer tokens; empty = open.
+    pub tokens: Arc<Vec<String>>,
     /// Cancelled when the server stops: sessions send 1001 and end.
     pub shutdown: CancellationToken,
+    pub connections: Connections,
 }
 
-/// `/ws`.
+impl ClientState {
+    pub fn new(hub: Hub, limits: Limits, tokens: Vec<String>, shutdown: CancellationToken) -> Self {
+        ClientState {
+            hub,
+            limits,
+            tokens: Arc::new(tokens),
+            shutdown,
+            connections: Connections::default(),
+        }
+    }
+}
+
+/// Open connections per peer address.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Connections {
+    /// Open connections in total.
+    pub fn total(&self) -> usize {
+        lock(&self.open).values().sum()
+    }
+
+    /// Counts a new connection from `ip` unless a limit is reached.
+    fn admit(&self, ip: IpAddr, limits: &Limits) -> Result<Admitted, String> {
+        let mut open = lock(&self.open);
+        let total: usize = open.values().sum();
+        if total >= limits.max_connections {
+            return Err(format!(
+                "the server holds its limit of {} connections",
+                limits.max_connections
+            ));
+        }
+        let n = open.entry(ip).or_default();
+        if *n >= limits.max_connections_per_ip {
+            return Err(format!(
+                "at most {} connections per IP address",
+                limits.max_connections_per_ip
+            ));
+        }
+        *n += 1;
+        Ok(Admitted {
+            connections: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; uncounted when dropped.
+struct Admitted {
+    connections: Connections,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = lock(&self.connections.open);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `/ws`. Serve it with [`serve`] (the connection limits need the peer's address).
 pub fn router(state: ClientState) -> Router {
     Router::new().route("/ws", get(upgrade)).with_state(state)
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(state): State<ClientState>) -> Response {
+/// Serves `router` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// The token a request presents: `Authorization: Bearer T`, else `?token=T`.
+fn presented<'a>(headers: &'a HeaderMap, query: &'a HashMap<String, String>) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or_else(|| query.get("token").map(String::as_str))
+}
+
+/// Compares without stopping at the first difference (no timing hint about the token).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<ClientState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !state.tokens.is_empty() {
+        let ok = presented(&headers, &query)
+            .is_some_and(|t| state.tokens.iter().any(|known| same(known, t)));
+        if !ok {
+            debug!(%peer, "Client refused: no valid token.");
+            return (
+                StatusCode::UNAUTHORIZED,
+                "a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN)\n",
+            )
+                .into_response();
+        }
+    }
+    let admitted = match state.connections.admit(peer.ip(), &state.limits) {
+        Ok(a) => a,
+        Err(why) => {
+            debug!(%peer, why, "Client refused: connection limit.");
+            return (StatusCode::TOO_MANY_REQUESTS, format!("{why}\n")).into_response();
+        }
+    };
+    debug!(%peer, "Client connected.");
     // Small buffers: thousands of connections, small frames.
     ws.read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_message_size(state.limits.max_frame_bytes)
         .max_frame_size(state.limits.max_frame_bytes)
-        .on_upgrade(move |socket| session(socket, state))
+        .on_upgrade(move |socket| async move {
+            session(socket, state).await;
+            debug!(%peer, "Client disconnected.");
+            drop(admitted);
+        })
 }
 
 /// How a session ended.
