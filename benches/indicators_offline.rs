@@ -22,27 +22,11 @@ use std::time::Instant;
 
 use common::TestDb;
 use quantservice::store::{migrate, Store};
+use quantservice::tasks::indicators::api::STANDARD_SET;
 use rand::{Rng, SeedableRng};
 
 const MIN: i64 = 60_000;
 const START: i64 = 1_577_836_800_000; // 2020-01-01
-const SPECS: [&str; 15] = [
-    "sma(20)",
-    "ema(20)",
-    "wma(20)",
-    "rsi(14)",
-    "macd(12,26,9)",
-    "bbands(20,2,2)",
-    "atr(14)",
-    "stoch(14,3,3)",
-    "obv",
-    "cci(20)",
-    "adx(14)",
-    "mfi(14)",
-    "willr(14)",
-    "vwap(20)",
-    "donchian(20)",
-];
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -163,7 +147,7 @@ fn main() {
     .iter()
     .map(ToString::to_string)
     .collect();
-    for s in SPECS {
+    for s in STANDARD_SET {
         args.push("--indicator".into());
         args.push(s.into());
     }

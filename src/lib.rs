@@ -68,6 +68,12 @@ pub mod backoff;
 pub mod faults;
 pub mod systemd;
 
+/// Locks `m`, taking the data of a lock that a panicking holder poisoned (every lock here
+/// guards state that stays consistent between statements).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The unsigned number written right after `prefix` in `text` (`Code: 193`, `banned until
 /// 1712345678901`), as servers put them in their messages.
 pub(crate) fn number_after(text: &str, prefix: &str) -> Option<u64> {

@@ -336,17 +336,7 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 .map(|_| ())
         }
         Some(Command::Indicators(args)) => {
-            let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                let bar = indicatif::ProgressBar::new(0);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{spinner} {bar:40} {pos}/{len} candles {per_sec} eta {eta}",
-                ) {
-                    bar.set_style(style);
-                }
-                bar
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
+            let progress = candle_progress();
             let cancel = CancellationToken::new();
             app::watch_signals(app::shutdown_signal(), cancel.clone());
             let req = app::IndicatorsRequest {
@@ -363,17 +353,7 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 .map(|outcome| println!("{outcome}"))
         }
         Some(Command::BackfillGap(args)) => {
-            let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                let bar = indicatif::ProgressBar::new(0);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{spinner} {bar:40} {pos}/{len} candles {per_sec} eta {eta}",
-                ) {
-                    bar.set_style(style);
-                }
-                bar
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
+            let progress = candle_progress();
             let cancel = CancellationToken::new();
             let trigger = cancel.clone();
             app::watch_signals(app::shutdown_signal(), trigger);
@@ -406,6 +386,20 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
 }
 
 /// `sim-exchange`: needs no app.yaml; logs to stderr.
+/// A progress bar counting candles on a terminal's stderr; hidden when stderr is not a TTY.
+fn candle_progress() -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {bar:40} {pos}/{len} candles {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
 async fn run_sim(args: qs_sim::cli::SimArgs) -> ExitCode {
     let logging = quantservice::config::LoggingConfig {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),

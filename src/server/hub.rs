@@ -6,9 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
+
+use crate::lock;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, Channel};
@@ -65,10 +67,6 @@ pub struct Hub {
     subs: Arc<Mutex<HashMap<Channel, Vec<Sub>>>>,
     next: Arc<AtomicU64>,
     stats: Arc<HubStats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Hub {

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, Notify};
@@ -20,6 +20,7 @@ use super::indicators::CheckpointRow;
 use super::partitions::{self, DirtyMarks, DirtyTracker};
 use super::{native, KlineRow, Store, StoreError};
 use crate::config::WriterConfig;
+use crate::lock;
 use crate::market::{Kline, PairKey};
 
 /// One computed indicator output at one candle: a row of `indicators`.
@@ -85,10 +86,6 @@ impl CommitSubscription {
     pub fn take(&self) -> Option<i64> {
         lock(&self.state.earliest).take()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl CommitFeed {

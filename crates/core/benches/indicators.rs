@@ -23,7 +23,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use qs_core::indicators::{batch_closes, batch_closes_into, Bar, Indicator, Spec};
+use qs_core::indicators::{batch_closes, batch_closes_into, Bar, Indicator, Spec, STANDARD_SET};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -35,24 +35,6 @@ const KERNELS: [(&str, &str); 5] = [
     ("RSI(14)", "rsi(14)"),
     ("MACD(12,26,9)", "macd(12,26,9)"),
     ("BBANDS(20)", "bbands(20,2,2)"),
-];
-
-const ONLINE_SET: [&str; 15] = [
-    "sma(20)",
-    "ema(20)",
-    "wma(20)",
-    "rsi(14)",
-    "macd(12,26,9)",
-    "bbands(20,2,2)",
-    "atr(14)",
-    "stoch(14,3,3)",
-    "obv",
-    "cci(20)",
-    "adx(14)",
-    "mfi(14)",
-    "willr(14)",
-    "vwap(20)",
-    "donchian(20)",
 ];
 
 const TALIB_SCRIPT: &str = r#"
@@ -242,7 +224,10 @@ fn kernels() {
 }
 
 fn online() {
-    let specs: Vec<Spec> = ONLINE_SET.iter().map(|s| Spec::parse(s).unwrap()).collect();
+    let specs: Vec<Spec> = STANDARD_SET
+        .iter()
+        .map(|s| Spec::parse(s).unwrap())
+        .collect();
     let mut set: Vec<Indicator> = specs.iter().map(Indicator::new).collect();
     let warm = 1_000;
     let batches = 2_000;

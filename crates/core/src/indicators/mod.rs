@@ -17,6 +17,26 @@ pub use spec::{parse_list, parse_list_lenient, Kind, Spec, SpecError, MAX_PERIOD
 use crate::market::{Decimal, Kline};
 use kernels::Visit;
 
+/// One spec of every kind, with TA-Lib's default parameters: the set the benchmarks measure
+/// and the tests cover first.
+pub const STANDARD_SET: [&str; 15] = [
+    "sma(20)",
+    "ema(20)",
+    "wma(20)",
+    "rsi(14)",
+    "macd(12,26,9)",
+    "bbands(20,2,2)",
+    "atr(14)",
+    "stoch(14,3,3)",
+    "obv",
+    "cci(20)",
+    "adx(14)",
+    "mfi(14)",
+    "willr(14)",
+    "vwap(20)",
+    "donchian(20)",
+];
+
 /// One closed candle's inputs as f64 (converted once from the stored exact decimals).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bar {
