@@ -385,7 +385,6 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     }
 }
 
-/// `sim-exchange`: needs no app.yaml; logs to stderr.
 /// A progress bar counting candles on a terminal's stderr; hidden when stderr is not a TTY.
 fn candle_progress() -> indicatif::ProgressBar {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -400,6 +399,7 @@ fn candle_progress() -> indicatif::ProgressBar {
     bar
 }
 
+/// `sim-exchange`: needs no app.yaml; logs to stderr.
 async fn run_sim(args: qs_sim::cli::SimArgs) -> ExitCode {
     let logging = quantservice::config::LoggingConfig {
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),

@@ -68,11 +68,32 @@ pub fn dead_port() -> u16 {
     free_port()
 }
 
+/// Ports handed out by this test process: never handed out twice.
+static ISSUED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A free loopback port for a server a test starts later, unique in this test process.
+///
+/// Taken from 20000..32768, below the kernel's ephemeral range (32768..61000 by default), so
+/// neither an outgoing connection nor a `bind("127.0.0.1:0")` elsewhere in the tests can take
+/// it between now and the moment its server binds it. (Asking the kernel for port 0 and
+/// releasing it let two concurrent tests get the same port: one test then scraped the other's
+/// in-process daemon.)
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 32_768 - LOW;
+    let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+    let start = rand::random::<u32>() % SPAN;
+    for i in 0..SPAN {
+        let port = (LOW + (start + i) % SPAN) as u16;
+        if issued.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            issued.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..32768")
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
