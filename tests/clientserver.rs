@@ -4,6 +4,8 @@
 //! consumer (close 1008) while another keeps every frame, and 1001 on shutdown.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use quantservice::market::{Decimal, Kline, PairKey, Source};
 use quantservice::server::client::{router, serve, ClientState, Limits};
 use quantservice::server::hub::Hub;
+use quantservice::store::writer::Writer;
+use quantservice::store::{migrate, Store};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -50,9 +54,13 @@ async fn server(limits: Limits) -> Server {
 }
 
 async fn server_with_tokens(limits: Limits, tokens: Vec<String>) -> Server {
+    server_on(None, limits, tokens).await
+}
+
+async fn server_on(store: Option<Store>, limits: Limits, tokens: Vec<String>) -> Server {
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
-    let state = ClientState::new(hub.clone(), limits, tokens, shutdown.clone());
+    let state = ClientState::new(hub.clone(), store, limits, tokens, shutdown.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, router(state), CancellationToken::new()));
@@ -305,4 +313,177 @@ async fn connect_with(url: &str, bearer: Option<&str>) -> Ws {
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// The frames' `open_time`s until (and with) `last`, in arrival order (pings skipped).
+async fn open_times_until(ws: &mut Ws, last: i64) -> Vec<i64> {
+    let mut got = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        assert_eq!(v["channel"], "klines", "{v}");
+        assert_eq!(v["data"]["is_final"], true, "{v}");
+        let t = v["data"]["open_time"].as_i64().unwrap();
+        got.push(t);
+        if t >= last {
+            return got;
+        }
+    }
+}
+
+/// A store with the schema, and a writer running on it (flushing every `flush`).
+async fn store_and_writer(
+    db: &common::TestDb,
+    flush: &str,
+) -> (Store, quantservice::store::writer::WriterHandle) {
+    let cfg = db.config(&format!(
+        "  writer:\n    batch_rows: 5000\n    flush_interval: {flush}\n"
+    ));
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+    tokio::spawn(writer.run(CancellationToken::new()));
+    (store, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_then_live_has_no_gap_and_no_duplicate_at_the_seam() {
+    let db = common::TestDb::new("cs_seam");
+    // A slow flush: live candles are published well before they are stored, as in the daemon.
+    let (store, writer) = store_and_writer(&db, "400ms").await;
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    const STORED: i64 = 30_000;
+    const LIVE: i64 = 3_000;
+    for i in 0..STORED {
+        writer.send(candle(&pair, i)).await.unwrap();
+    }
+    common::wait_stored(
+        &db,
+        &pair,
+        candle(&pair, 0).open_time,
+        candle(&pair, STORED).open_time,
+        60,
+    )
+    .await;
+    let srv = server_on(Some(store), Limits::default(), Vec::new()).await;
+    // As in the daemon: the hub forgets pending candles once the writer stored them.
+    let hub = srv.hub.clone();
+    writer.commits().set_hook(Arc::new(move |c| hub.confirm(c)));
+
+    // The live sink's order: the hub first, then the writer.
+    let published = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (hub, writer, pair, published) = (
+            srv.hub.clone(),
+            writer.clone(),
+            pair.clone(),
+            published.clone(),
+        );
+        tokio::spawn(async move {
+            for i in STORED..STORED + LIVE {
+                let k = candle(&pair, i);
+                hub.publish_kline(&k);
+                writer.send(k).await.unwrap();
+                published.fetch_add(1, Ordering::SeqCst);
+                // Paced, so that the replay runs while candles keep arriving.
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+        })
+    };
+    while published.load(Ordering::SeqCst) < 100 {
+        tokio::task::yield_now().await;
+    }
+    let from = 1_000;
+    let since = candle(&pair, from).open_time;
+    let mut ws = connect(&srv.url).await;
+    let at_subscribe = published.load(Ordering::SeqCst);
+    let r = say(
+        &mut ws,
+        &format!(
+            r#"{{"op":"subscribe","id":1,"channel":"klines","market":"um","symbol":"BTCUSDT","period":"1m","since":{since}}}"#
+        ),
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let got = open_times_until(&mut ws, candle(&pair, STORED + LIVE - 1).open_time).await;
+    producer.await.unwrap();
+    assert!(
+        at_subscribe < LIVE as u64 / 2,
+        "the subscription must start while candles are still arriving ({at_subscribe} published)"
+    );
+    let want: Vec<i64> = (from..STORED + LIVE)
+        .map(|i| candle(&pair, i).open_time)
+        .collect();
+    assert_eq!(got.len(), want.len(), "no gap, no duplicate");
+    assert_eq!(got, want, "every candle once, in order");
+    // And nothing more is queued: the next frame answers a ping.
+    let r = say(&mut ws, r#"{"op":"ping","id":2}"#).await;
+    assert_eq!(r["op"], "pong", "{r}");
+    common::wait_stored(
+        &db,
+        &pair,
+        candle(&pair, 0).open_time,
+        candle(&pair, STORED + LIVE).open_time,
+        60,
+    )
+    .await;
+    let ch = quantservice::server::protocol::Channel::Klines(pair.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while srv.hub.pending(&ch) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stored candles are forgotten: {} still pending",
+            srv.hub.pending(&ch)
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_pairs_are_refused_and_declared_or_stored_ones_accepted() {
+    let db = common::TestDb::new("cs_unknown");
+    let (store, writer) = store_and_writer(&db, "50ms").await;
+    let srv = server_on(Some(store), Limits::default(), Vec::new()).await;
+    let mut ws = connect(&srv.url).await;
+    let r = say(&mut ws, &sub(1, "XRPUSDT")).await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str(), r["id"].as_u64()),
+        (Some("error"), Some("unknown_pair"), Some(1)),
+        "{r}"
+    );
+    // Declared: accepted, though nothing is stored yet.
+    db.sql("INSERT INTO trading_pairs (market, symbol, period) VALUES ('um', 'XRPUSDT', '1m')");
+    let r = say(&mut ws, &sub(2, "XRPUSDT")).await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    // Stored only (no longer collected): accepted, and replayed.
+    let pair = PairKey::parse("um", "ADAUSDT", "1m").unwrap();
+    for i in 0..5 {
+        writer.send(candle(&pair, i)).await.unwrap();
+    }
+    common::wait_stored(
+        &db,
+        &pair,
+        candle(&pair, 0).open_time,
+        candle(&pair, 5).open_time,
+        60,
+    )
+    .await;
+    let since = candle(&pair, 2).open_time;
+    let r = say(
+        &mut ws,
+        &format!(
+            r#"{{"op":"subscribe","id":3,"channel":"klines","market":"um","symbol":"ADAUSDT","period":"1m","since":{since}}}"#
+        ),
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let got = open_times_until(&mut ws, candle(&pair, 4).open_time).await;
+    assert_eq!(
+        got,
+        (2..5)
+            .map(|i| candle(&pair, i).open_time)
+            .collect::<Vec<_>>()
+    );
+    // The connection is still fine.
+    let r = say(&mut ws, r#"{"op":"ping","id":4}"#).await;
+    assert_eq!(r["op"], "pong");
 }

@@ -8,7 +8,8 @@
 //! The handshake checks the bearer token (`Authorization: Bearer T` or `?token=T`, when tokens
 //! are configured: 401 otherwise) and the connection limits, in total and per IP (429).
 //!
-//! Not here yet: replay (`since`), inbound message rate limits, the REST facade routes.
+//! A subscription with `since` first replays the stored rows (see [`replay`](super::replay));
+//! one for a pair with nothing stored and nothing declared is refused (`unknown_pair`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -23,13 +24,20 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::mpsc;
 
-use crate::lock;
+use futures_util::SinkExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use super::hub::{Frame, Hub, SubId, Target};
-use super::protocol::{self, Channel, ErrorCode, Op};
+use super::protocol::{self, Channel, ErrorCode, Op, Subscribe};
+use super::replay::{Replay, ReplayError};
+use crate::lock;
+use crate::store::Store;
+
+/// Frames written to the socket before one flush (a replay's frames go out in large writes).
+const FLUSH_EVERY: usize = 256;
 
 /// How long a closing session waits for its close frame to go out (a slow consumer's socket
 /// is full; it gets the frame if it reads again within this time).
@@ -44,6 +52,8 @@ pub struct Limits {
     /// Frames queued for one connection before it counts as a slow consumer.
     pub send_queue: usize,
     pub max_subscriptions: usize,
+    /// Client frames per second; more are answered with a `limit` error and not acted on.
+    pub max_messages_per_second: u32,
     /// Largest client frame accepted.
     pub max_frame_bytes: usize,
     pub ping_interval: Duration,
@@ -58,6 +68,7 @@ impl Default for Limits {
             max_connections_per_ip: 1_000,
             send_queue: 1024,
             max_subscriptions: 200,
+            max_messages_per_second: 50,
             max_frame_bytes: 64 * 1024,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
@@ -69,6 +80,9 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ClientState {
     pub hub: Hub,
+    /// Where replays read and pairs are looked up; `None` = live only (no `since`, every
+    /// pair accepted).
+    pub store: Option<Store>,
     pub limits: Limits,
     /// Accepted bearer tokens; empty = open.
     pub tokens: Arc<Vec<String>>,
@@ -78,9 +92,16 @@ pub struct ClientState {
 }
 
 impl ClientState {
-    pub fn new(hub: Hub, limits: Limits, tokens: Vec<String>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        hub: Hub,
+        store: Option<Store>,
+        limits: Limits,
+        tokens: Vec<String>,
+        shutdown: CancellationToken,
+    ) -> Self {
         ClientState {
             hub,
+            store,
             limits,
             tokens: Arc::new(tokens),
             shutdown,
@@ -228,17 +249,66 @@ enum End {
     Gone,
 }
 
+/// One subscription of a session.
+struct Sub {
+    id: SubId,
+    /// The subscribe request's id (for a replay's error frame).
+    request: Option<u64>,
+    /// The replay still running, if any (aborted when dropped: on unsubscribe or at the end
+    /// of the session).
+    replay: Option<AbortOnDropHandle<()>>,
+}
+
+/// A replay that finished: the channel, its subscription and how it ended.
+type ReplayDone = (Channel, SubId, Result<u64, ReplayError>);
+
+/// Counts client frames per one-second window.
+struct RateLimit {
+    window: Instant,
+    count: u32,
+}
+
+impl RateLimit {
+    fn allow(&mut self, max: u32) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count <= max
+    }
+}
+
+/// What one session owns.
+struct Session {
+    state: ClientState,
+    /// Live and replayed frames for this connection.
+    target: Target,
+    subs: BTreeMap<Channel, Sub>,
+    done: mpsc::UnboundedSender<ReplayDone>,
+}
+
 async fn session(mut socket: WebSocket, state: ClientState) {
     let (queue, mut frames) = mpsc::channel::<Frame>(state.limits.send_queue.max(1));
     let slow = CancellationToken::new();
-    let target = Target {
-        queue,
-        slow: slow.clone(),
+    let (done, mut replays) = mpsc::unbounded_channel::<ReplayDone>();
+    let mut me = Session {
+        target: Target {
+            queue,
+            slow: slow.clone(),
+        },
+        state: state.clone(),
+        subs: BTreeMap::new(),
+        done,
     };
-    let mut subs: BTreeMap<Channel, SubId> = BTreeMap::new();
     let mut ping = tokio::time::interval(state.limits.ping_interval);
     ping.tick().await;
     let mut heard = Instant::now();
+    let mut rate = RateLimit {
+        window: Instant::now(),
+        count: 0,
+    };
     let end = loop {
         let step = tokio::select! {
             biased;
@@ -248,7 +318,14 @@ async fn session(mut socket: WebSocket, state: ClientState) {
                 heard = Instant::now();
                 match msg {
                     Some(Ok(Message::Text(text))) => {
-                        let reply = handle(&state, &target, &mut subs, text.as_str());
+                        let reply = if rate.allow(state.limits.max_messages_per_second) {
+                            me.handle(text.as_str()).await
+                        } else {
+                            protocol::error(None, ErrorCode::Limit, &format!(
+                                "at most {} messages per second; this one was ignored",
+                                state.limits.max_messages_per_second
+                            ))
+                        };
                         send(&mut socket, reply, &state.shutdown, &slow).await
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -261,7 +338,13 @@ async fn session(mut socket: WebSocket, state: ClientState) {
                 }
             }
             Some(frame) = frames.recv() => {
-                send(&mut socket, frame.text.to_string(), &state.shutdown, &slow).await
+                send_queued(&mut socket, frame, &mut frames, &state.shutdown, &slow).await
+            }
+            Some((channel, id, result)) = replays.recv() => {
+                match me.replay_done(channel, id, result) {
+                    Some(reply) => send(&mut socket, reply, &state.shutdown, &slow).await,
+                    None => Ok(()),
+                }
             }
             _ = ping.tick() => {
                 if heard.elapsed() > state.limits.idle_timeout {
@@ -278,8 +361,8 @@ async fn session(mut socket: WebSocket, state: ClientState) {
             break end;
         }
     };
-    for (channel, id) in &subs {
-        state.hub.unsubscribe(channel, *id);
+    for (channel, sub) in std::mem::take(&mut me.subs) {
+        state.hub.unsubscribe(&channel, sub.id);
     }
     let (code, reason) = match end {
         End::Shutdown => (1001, "server shutting down"),
@@ -311,58 +394,176 @@ async fn send(
     }
 }
 
-/// Answers one client frame.
-fn handle(
-    state: &ClientState,
-    target: &Target,
-    subs: &mut BTreeMap<Channel, SubId>,
-    text: &str,
-) -> String {
-    let req = match protocol::parse(text) {
-        Ok(req) => req,
-        Err(bad) => return bad.frame(),
+/// Writes `first` and whatever else is queued already (up to [`FLUSH_EVERY`]), then flushes
+/// once: a replay's frames go out in large writes, a live frame at once.
+async fn send_queued(
+    socket: &mut WebSocket,
+    first: Frame,
+    frames: &mut mpsc::Receiver<Frame>,
+    shutdown: &CancellationToken,
+    slow: &CancellationToken,
+) -> Result<(), End> {
+    let write = async {
+        socket
+            .feed(Message::Text(first.text.as_ref().into()))
+            .await?;
+        for _ in 1..FLUSH_EVERY {
+            let Ok(f) = frames.try_recv() else { break };
+            socket.feed(Message::Text(f.text.as_ref().into())).await?;
+        }
+        socket.flush().await
     };
-    match req.op {
-        Op::Ping => protocol::pong(req.id),
-        Op::List => protocol::list(req.id, subs.keys()),
-        Op::Subscribe(sub) => {
-            if sub.since.is_some() {
-                return protocol::error(
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(End::Shutdown),
+        _ = slow.cancelled() => Err(End::Slow),
+        sent = write => sent.map_err(|_| End::Gone),
+    }
+}
+
+impl Session {
+    /// Answers one client frame.
+    async fn handle(&mut self, text: &str) -> String {
+        let req = match protocol::parse(text) {
+            Ok(req) => req,
+            Err(bad) => return bad.frame(),
+        };
+        match req.op {
+            Op::Ping => protocol::pong(req.id),
+            Op::List => protocol::list(req.id, self.subs.keys()),
+            Op::Subscribe(sub) => self.subscribe(req.id, sub).await,
+            Op::Unsubscribe(channel) => match self.subs.remove(&channel) {
+                Some(sub) => {
+                    self.state.hub.unsubscribe(&channel, sub.id);
+                    protocol::unsubscribed(req.id, &channel)
+                }
+                None => protocol::error(
                     req.id,
                     ErrorCode::BadRequest,
-                    "replay (\"since\") is not supported by this server yet; subscribe without it for live data",
-                );
-            }
-            if subs.contains_key(&sub.channel) {
-                return protocol::subscribed(req.id, &sub.channel);
-            }
-            if subs.len() >= state.limits.max_subscriptions {
-                return protocol::error(
-                    req.id,
-                    ErrorCode::Limit,
-                    &format!(
-                        "at most {} subscriptions per connection",
-                        state.limits.max_subscriptions
-                    ),
-                );
-            }
-            let id = state
-                .hub
-                .subscribe(sub.channel.clone(), sub.partial, target.clone());
-            let reply = protocol::subscribed(req.id, &sub.channel);
-            subs.insert(sub.channel, id);
-            reply
+                    "not subscribed to that channel",
+                ),
+            },
         }
-        Op::Unsubscribe(channel) => match subs.remove(&channel) {
-            Some(id) => {
-                state.hub.unsubscribe(&channel, id);
-                protocol::unsubscribed(req.id, &channel)
-            }
-            None => protocol::error(
-                req.id,
+    }
+
+    async fn subscribe(&mut self, id: Option<u64>, sub: Subscribe) -> String {
+        let limits = &self.state.limits;
+        if self.subs.contains_key(&sub.channel) {
+            return protocol::error(
+                id,
                 ErrorCode::BadRequest,
-                "not subscribed to that channel",
-            ),
-        },
+                "already subscribed to that channel (unsubscribe first to replay again)",
+            );
+        }
+        if self.subs.len() >= limits.max_subscriptions {
+            return protocol::error(
+                id,
+                ErrorCode::Limit,
+                &format!(
+                    "at most {} subscriptions per connection",
+                    limits.max_subscriptions
+                ),
+            );
+        }
+        if let Some(store) = &self.state.store {
+            match store.pair_known(sub.channel.pair()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return protocol::error(
+                        id,
+                        ErrorCode::UnknownPair,
+                        &format!(
+                            "{} has no stored candles and is not declared in trading_pairs",
+                            sub.channel.pair()
+                        ),
+                    )
+                }
+                Err(e) => {
+                    return protocol::error(
+                        id,
+                        ErrorCode::Unavailable,
+                        &format!("cannot look the pair up: {e}"),
+                    )
+                }
+            }
+        }
+        let reply = protocol::subscribed(id, &sub.channel);
+        let Some(since) = sub.since else {
+            let sub_id =
+                self.state
+                    .hub
+                    .subscribe(sub.channel.clone(), sub.partial, self.target.clone());
+            self.subs.insert(
+                sub.channel,
+                Sub {
+                    id: sub_id,
+                    request: id,
+                    replay: None,
+                },
+            );
+            return reply;
+        };
+        let Some(store) = self.state.store.clone() else {
+            return protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "this server keeps no history: subscribe without \"since\" for live data",
+            );
+        };
+        let replay = Replay::start(
+            &self.state.hub,
+            sub.channel.clone(),
+            sub.partial,
+            since,
+            &self.target,
+        );
+        let sub_id = replay.id;
+        let (hub, conn, done, channel) = (
+            self.state.hub.clone(),
+            self.target.clone(),
+            self.done.clone(),
+            sub.channel.clone(),
+        );
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
+            let result = replay.run(store, hub, since, conn).await;
+            let _ = done.send((channel, sub_id, result));
+        }));
+        self.subs.insert(
+            sub.channel,
+            Sub {
+                id: sub_id,
+                request: id,
+                replay: Some(task),
+            },
+        );
+        reply
+    }
+
+    /// A replay ended: on a read failure the subscription is dropped and the client told.
+    fn replay_done(
+        &mut self,
+        channel: Channel,
+        id: SubId,
+        result: Result<u64, ReplayError>,
+    ) -> Option<String> {
+        let sub = self.subs.get_mut(&channel).filter(|s| s.id == id)?;
+        match result {
+            Ok(sent) => {
+                debug!(channel = ?channel, sent, "Replay done; live from here.");
+                sub.replay = None;
+                None
+            }
+            Err(ReplayError::Closed) => None,
+            Err(e) => {
+                let request = sub.request;
+                self.subs.remove(&channel);
+                self.state.hub.unsubscribe(&channel, id);
+                Some(protocol::error(
+                    request,
+                    ErrorCode::Unavailable,
+                    &format!("the replay stopped and the subscription was dropped: {e}"),
+                ))
+            }
+        }
     }
 }

@@ -1,10 +1,18 @@
-//! The fan-out hub between the daemon's producers (the live stream sink, the indicator tasks)
-//! and the client server's connections: a producer publishes an event once; the hub renders its
-//! frame once (only if someone subscribed) and offers it to every subscriber's bounded queue
-//! without waiting. A subscriber whose queue is full is a slow consumer: it is cut off (its
-//! connection is told, and closes with 1008) and never delays the producer or anyone else.
+//! The fan-out hub between the daemon's producers (the live stream sink, the indicator tasks,
+//! or the standalone server's ClickHouse follower) and the client server's connections: a
+//! producer publishes an event once; the hub renders its frame once (only if someone
+//! subscribed) and offers it to every subscriber's bounded queue without waiting. A subscriber
+//! whose queue is full is a slow consumer: it is cut off (its connection is told, and closes
+//! with 1008) and never delays the producer or anyone else.
+//!
+//! The hub also keeps each channel's final frames that are published but not yet stored. A
+//! replay (`since`) reads ClickHouse, and the embedded server publishes a candle before the
+//! writer has stored it: a client subscribing in between would find the candle neither in
+//! ClickHouse nor among the frames published after it subscribed. [`Hub::subscribe_since`]
+//! hands it those pending frames first (the replay's seam drops the ones it also read from
+//! ClickHouse); the writer's commits ([`Hub::confirm`]) let the hub forget them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, Channel};
 use crate::market::{Kline, PairKey};
+use crate::store::writer::Committed;
+use crate::tasks::indicators::api::Spec;
+
+/// Pending (published, not yet known to be stored) frames kept per channel, at most: a writer
+/// this far behind for one series makes a replay that starts meanwhile miss the oldest ones.
+pub const PENDING_MAX: usize = 10_000;
 
 /// One rendered event, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -24,6 +38,9 @@ pub struct Frame {
     pub open_time: i64,
     /// A closed candle or an indicator value (false: an in-progress candle).
     pub is_final: bool,
+    /// An indicator value recomputed after a late candle: a correction, never dropped as a
+    /// duplicate of a replayed one.
+    pub correction: bool,
 }
 
 /// Identifies one subscription of one connection.
@@ -45,6 +62,67 @@ struct Sub {
     target: Target,
 }
 
+/// A pending final event: a rendered candle frame, or an indicator's values (rendered only if
+/// a replay asks: a computation over history publishes far more than anyone subscribes to).
+#[derive(Debug, Clone)]
+enum Pending {
+    Frame(Frame),
+    Indicator(IndicatorEvent, bool),
+}
+
+impl Pending {
+    fn open_time(&self) -> i64 {
+        match self {
+            Pending::Frame(f) => f.open_time,
+            Pending::Indicator(e, _) => e.open_time,
+        }
+    }
+
+    fn frame(&self, channel: &Channel) -> Frame {
+        match (self, channel) {
+            (Pending::Frame(f), _) => f.clone(),
+            (Pending::Indicator(e, correction), Channel::Indicator(pair, spec)) => {
+                indicator_frame(pair, &spec.to_string(), e, *correction)
+            }
+            // Indicator events are only kept on indicator channels.
+            (Pending::Indicator(e, correction), Channel::Klines(pair)) => {
+                indicator_frame(pair, "", e, *correction)
+            }
+        }
+    }
+}
+
+fn indicator_frame(pair: &PairKey, name: &str, e: &IndicatorEvent, correction: bool) -> Frame {
+    Frame {
+        text: Arc::from(protocol::indicator(
+            pair,
+            name,
+            e.open_time,
+            &e.values,
+            correction,
+        )),
+        open_time: e.open_time,
+        is_final: true,
+        correction,
+    }
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    subs: Vec<Sub>,
+    /// Final events published and not yet confirmed stored, oldest first.
+    pending: VecDeque<Pending>,
+}
+
+impl ChannelState {
+    fn remember(&mut self, p: Pending) {
+        if self.pending.len() == PENDING_MAX {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(p);
+    }
+}
+
 /// Counters for the metrics.
 #[derive(Debug, Default)]
 pub struct HubStats {
@@ -61,10 +139,28 @@ impl HubStats {
     }
 }
 
+/// What [`Hub::retarget_when_drained`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retarget {
+    /// Moved: every later frame goes to the new target.
+    Moved,
+    /// Not moved: frames are still waiting in the staging queue; take them and try again.
+    Pending,
+    /// The subscription is gone (cut off as slow, or unsubscribed).
+    Gone,
+}
+
+/// One indicator's outputs at one candle, for [`Hub::publish_indicators`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndicatorEvent {
+    pub open_time: i64,
+    pub values: Vec<(&'static str, f64)>,
+}
+
 /// Cheap to clone; producers and connections share one.
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
-    subs: Arc<Mutex<HashMap<Channel, Vec<Sub>>>>,
+    channels: Arc<Mutex<HashMap<Channel, ChannelState>>>,
     next: Arc<AtomicU64>,
     stats: Arc<HubStats>,
 }
@@ -77,8 +173,32 @@ impl Hub {
     /// Starts delivering `channel`'s events to `target` (in-progress candles too when
     /// `partial`).
     pub fn subscribe(&self, channel: Channel, partial: bool, target: Target) -> SubId {
+        self.subscribe_since(channel, partial, target, None)
+    }
+
+    /// As [`subscribe`](Self::subscribe), and first offers `target` the channel's recent final
+    /// frames with `open_time >= since` (when `since` is given), all under one lock: no frame
+    /// published meanwhile is missed or sent twice.
+    pub fn subscribe_since(
+        &self,
+        channel: Channel,
+        partial: bool,
+        target: Target,
+        since: Option<i64>,
+    ) -> SubId {
         let id = SubId(self.next.fetch_add(1, Ordering::Relaxed));
-        lock(&self.subs).entry(channel).or_default().push(Sub {
+        let mut channels = lock(&self.channels);
+        let state = channels.entry(channel.clone()).or_default();
+        if let Some(since) = since {
+            for p in state.pending.iter().filter(|p| p.open_time() >= since) {
+                if target.queue.try_send(p.frame(&channel)).is_err() {
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    target.slow.cancel();
+                    return id;
+                }
+            }
+        }
+        state.subs.push(Sub {
             id,
             partial,
             target,
@@ -86,87 +206,165 @@ impl Hub {
         id
     }
 
-    /// Sends a subscription's frames elsewhere from now on (the end of a replay: from the
-    /// staging queue to the connection's queue). False if it is gone.
-    pub fn retarget(&self, channel: &Channel, id: SubId, target: Target) -> bool {
-        let mut subs = lock(&self.subs);
-        match subs
-            .get_mut(channel)
-            .and_then(|list| list.iter_mut().find(|s| s.id == id))
-        {
-            Some(s) => {
-                s.target = target;
-                true
-            }
-            None => false,
+    /// Forgets the pending events a commit stored.
+    pub fn confirm(&self, what: Committed<'_>) {
+        let (channel, earliest, latest) = match what {
+            Committed::Klines {
+                pair,
+                earliest,
+                latest,
+            } => (Channel::Klines(pair.clone()), earliest, latest),
+            Committed::Indicator {
+                pair,
+                indicator,
+                earliest,
+                latest,
+            } => match Spec::parse(indicator) {
+                Ok(spec) => (Channel::Indicator(pair.clone(), spec), earliest, latest),
+                Err(_) => return,
+            },
+        };
+        if let Some(state) = lock(&self.channels).get_mut(&channel) {
+            state
+                .pending
+                .retain(|p| !(earliest..=latest).contains(&p.open_time()));
         }
     }
 
+    /// Events pending (published, not confirmed stored) on `channel`.
+    pub fn pending(&self, channel: &Channel) -> usize {
+        lock(&self.channels)
+            .get(channel)
+            .map_or(0, |c| c.pending.len())
+    }
+
+    /// Sends a subscription's frames to `target` from now on (the end of a replay: from the
+    /// staging queue to the connection's queue), but only if `staging` holds no frame: the
+    /// check and the move happen under the lock every publisher takes, so no frame can land
+    /// in `staging` after the caller took the last one.
+    pub fn retarget_when_drained(
+        &self,
+        channel: &Channel,
+        id: SubId,
+        target: &Target,
+        staging: &mpsc::Receiver<Frame>,
+    ) -> Retarget {
+        let mut channels = lock(&self.channels);
+        let Some(sub) = channels
+            .get_mut(channel)
+            .and_then(|c| c.subs.iter_mut().find(|s| s.id == id))
+        else {
+            return Retarget::Gone;
+        };
+        if !staging.is_empty() {
+            return Retarget::Pending;
+        }
+        sub.target = target.clone();
+        Retarget::Moved
+    }
+
     pub fn unsubscribe(&self, channel: &Channel, id: SubId) {
-        let mut subs = lock(&self.subs);
-        if let Some(list) = subs.get_mut(channel) {
-            list.retain(|s| s.id != id);
-            if list.is_empty() {
-                subs.remove(channel);
-            }
+        if let Some(c) = lock(&self.channels).get_mut(channel) {
+            c.subs.retain(|s| s.id != id);
         }
     }
 
     /// Subscriptions to `channel` right now.
     pub fn subscribers(&self, channel: &Channel) -> usize {
-        lock(&self.subs).get(channel).map_or(0, Vec::len)
+        lock(&self.channels)
+            .get(channel)
+            .map_or(0, |c| c.subs.len())
     }
 
-    /// A candle (closed, or in progress for `partial` subscribers).
+    /// Subscriptions to every channel right now.
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.channels).values().map(|c| c.subs.len()).sum()
+    }
+
+    /// A candle (closed, or in progress for `partial` subscribers) not yet stored: a closed one
+    /// is kept until [`confirm`](Self::confirm)ed.
     pub fn publish_kline(&self, k: &Kline) {
+        self.kline(k, true);
+    }
+
+    /// A candle read from ClickHouse (the standalone server's follower): nothing to keep.
+    pub fn publish_stored_kline(&self, k: &Kline) {
+        self.kline(k, false);
+    }
+
+    fn kline(&self, k: &Kline, keep: bool) {
         let channel = Channel::Klines(k.pair.clone());
-        self.publish(&channel, k.is_final, || Frame {
+        let mut channels = lock(&self.channels);
+        let state = match channels.get_mut(&channel) {
+            Some(s) => s,
+            None if k.is_final && keep => channels.entry(channel).or_default(),
+            None => return,
+        };
+        let render = || Frame {
             text: Arc::from(protocol::kline(k)),
             open_time: k.open_time,
             is_final: k.is_final,
-        });
+            correction: false,
+        };
+        if k.is_final {
+            let frame = render();
+            self.offer(state, &frame);
+            if keep {
+                state.remember(Pending::Frame(frame));
+            }
+        } else if state.subs.iter().any(|s| s.partial) {
+            self.offer(state, &render());
+        }
     }
 
-    /// One output of an indicator at one candle.
-    pub fn publish_indicator(
+    /// An indicator's values at one or more candles, in `open_time` order, not yet stored
+    /// (kept until confirmed, unless `stored`); those at or before `corrected_upto` are
+    /// corrections (recomputed after a late candle). Rendered only for subscribers.
+    pub fn publish_indicators(
         &self,
         pair: &PairKey,
-        spec: &crate::tasks::indicators::api::Spec,
-        open_time: i64,
-        output: &str,
-        value: f64,
+        spec: &Spec,
+        events: &[IndicatorEvent],
+        corrected_upto: Option<i64>,
+        stored: bool,
     ) {
-        let channel = Channel::Indicator(pair.clone(), spec.clone());
-        self.publish(&channel, true, || Frame {
-            text: Arc::from(protocol::indicator_value(
-                pair,
-                &spec.to_string(),
-                open_time,
-                output,
-                value,
-            )),
-            open_time,
-            is_final: true,
-        });
-    }
-
-    /// Offers the frame (rendered at most once) to every subscriber of `channel`; cuts off the
-    /// ones whose queue is full or gone.
-    fn publish(&self, channel: &Channel, is_final: bool, render: impl FnOnce() -> Frame) {
-        let mut subs = lock(&self.subs);
-        let Some(list) = subs.get_mut(channel) else {
-            return;
-        };
-        if !list.iter().any(|s| is_final || s.partial) {
+        if events.is_empty() {
             return;
         }
-        let frame = render();
-        list.retain(|s| {
-            if !is_final && !s.partial {
+        let channel = Channel::Indicator(pair.clone(), spec.clone());
+        let mut channels = lock(&self.channels);
+        let state = match channels.get_mut(&channel) {
+            Some(s) => s,
+            None if !stored => channels.entry(channel).or_default(),
+            None => return,
+        };
+        let name = (!state.subs.is_empty()).then(|| spec.to_string());
+        // Only the last PENDING_MAX can stay pending.
+        let keep_from = if stored {
+            events.len()
+        } else {
+            events.len().saturating_sub(PENDING_MAX)
+        };
+        for (i, e) in events.iter().enumerate() {
+            let correction = corrected_upto.is_some_and(|c| e.open_time <= c);
+            if let Some(name) = &name {
+                let frame = indicator_frame(pair, name, e, correction);
+                self.offer(state, &frame);
+            }
+            if i >= keep_from {
+                state.remember(Pending::Indicator(e.clone(), correction));
+            }
+        }
+    }
+
+    /// Offers `frame` to every subscriber of the channel that wants it; cuts off the ones whose
+    /// queue is full or gone.
+    fn offer(&self, state: &mut ChannelState, frame: &Frame) {
+        state.subs.retain(|s| {
+            if !frame.is_final && !s.partial {
                 return true;
             }
-            let f = frame.clone();
-            match s.target.queue.try_send(f) {
+            match s.target.queue.try_send(frame.clone()) {
                 Ok(()) => {
                     self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
                     true
@@ -179,9 +377,6 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
-        if list.is_empty() {
-            subs.remove(channel);
-        }
     }
 }
 
@@ -270,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn retarget_moves_a_subscription_and_unsubscribe_ends_it() {
+    fn retarget_waits_for_a_drained_staging_queue_and_unsubscribe_ends_it() {
         let hub = Hub::default();
         let pair = PairKey::parse("cm", "BTCUSD_PERP", "1h").unwrap();
         let ch = Channel::Klines(pair.clone());
@@ -278,15 +473,112 @@ mod tests {
         let (main, mut rm) = target(8);
         let id = hub.subscribe(ch.clone(), false, staging);
         hub.publish_kline(&candle(&pair, 1, true));
-        assert!(hub.retarget(&ch, id, main));
-        hub.publish_kline(&candle(&pair, 2, true));
+        assert_eq!(
+            hub.retarget_when_drained(&ch, id, &main, &rs),
+            Retarget::Pending,
+            "a frame still waits in staging"
+        );
         assert_eq!(rs.try_recv().unwrap().open_time, 60_000);
+        assert_eq!(
+            hub.retarget_when_drained(&ch, id, &main, &rs),
+            Retarget::Moved
+        );
+        hub.publish_kline(&candle(&pair, 2, true));
         assert!(rs.try_recv().is_err());
         assert_eq!(rm.try_recv().unwrap().open_time, 120_000);
         hub.unsubscribe(&ch, id);
         assert_eq!(hub.subscribers(&ch), 0);
         hub.publish_kline(&candle(&pair, 3, true));
         assert!(rm.try_recv().is_err());
-        assert!(!hub.retarget(&ch, id, target(1).0), "gone");
+        assert_eq!(
+            hub.retarget_when_drained(&ch, id, &target(1).0, &rs),
+            Retarget::Gone
+        );
+    }
+
+    #[test]
+    fn a_replaying_subscriber_gets_the_pending_frames_from_since_until_confirmed() {
+        let hub = Hub::default();
+        let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+        let ch = Channel::Klines(pair.clone());
+        // Published before anyone subscribed (the writer has not stored them yet).
+        for i in 0..100 {
+            hub.publish_kline(&candle(&pair, i, true));
+        }
+        hub.publish_kline(&candle(&pair, 100, false));
+        let drain = |rx: &mut mpsc::Receiver<Frame>| -> Vec<i64> {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|f| {
+                    assert!(f.is_final, "no in-progress candle from memory");
+                    f.open_time / 60_000
+                })
+                .collect()
+        };
+        let (t, mut rx) = target(1000);
+        hub.subscribe_since(ch.clone(), true, t, Some(60 * 60_000));
+        assert_eq!(drain(&mut rx), (60..100).collect::<Vec<_>>());
+        // The writer stored 0..=79: only 80.. stay pending.
+        hub.confirm(Committed::Klines {
+            pair: &pair,
+            earliest: 0,
+            latest: 79 * 60_000,
+        });
+        assert_eq!(hub.pending(&ch), 20);
+        let (t, mut rx) = target(1000);
+        hub.subscribe_since(ch.clone(), false, t, Some(0));
+        assert_eq!(drain(&mut rx), (80..100).collect::<Vec<_>>());
+        // Live only: nothing from memory.
+        let (t, mut rx) = target(1000);
+        hub.subscribe(ch.clone(), false, t);
+        assert!(rx.try_recv().is_err());
+        // Read from ClickHouse: nothing kept.
+        hub.publish_stored_kline(&candle(&pair, 200, true));
+        assert_eq!(hub.pending(&ch), 20);
+        assert_eq!(rx.try_recv().unwrap().open_time, 200 * 60_000);
+    }
+
+    #[test]
+    fn indicator_batches_render_for_subscribers_and_stay_pending_until_stored() {
+        let hub = Hub::default();
+        let pair = PairKey::parse("spot", "ETHUSDT", "1h").unwrap();
+        let spec = Spec::parse("macd(12,26,9)").unwrap();
+        let ch = Channel::Indicator(pair.clone(), spec.clone());
+        let ev = |i: i64| IndicatorEvent {
+            open_time: i,
+            values: vec![("macd", i as f64), ("signal", 0.5), ("hist", -0.5)],
+        };
+        let history: Vec<IndicatorEvent> = (0..(PENDING_MAX as i64 + 500)).map(ev).collect();
+        hub.publish_indicators(&pair, &spec, &history, None, false);
+        assert_eq!(hub.pending(&ch), PENDING_MAX);
+        hub.confirm(Committed::Indicator {
+            pair: &pair,
+            indicator: "macd(12,26,9)",
+            earliest: 0,
+            latest: PENDING_MAX as i64 - 1,
+        });
+        let (t, mut rx) = target(2000);
+        hub.subscribe_since(ch.clone(), false, t, Some(0));
+        let kept: Vec<(i64, String)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| (f.open_time, f.text.to_string()))
+            .collect();
+        assert_eq!(
+            kept.iter().map(|k| k.0).collect::<Vec<_>>(),
+            (PENDING_MAX as i64..PENDING_MAX as i64 + 500).collect::<Vec<_>>()
+        );
+        let v: serde_json::Value = serde_json::from_str(&kept[0].1).unwrap();
+        assert_eq!(v["indicator"], "macd(12,26,9)");
+        assert_eq!(v["data"]["values"]["macd"], PENDING_MAX as f64);
+        // A recomputation from 998: 998 and 999 are corrections, 1000 is new.
+        hub.publish_indicators(
+            &pair,
+            &spec,
+            &[ev(998), ev(999), ev(1000)],
+            Some(999),
+            false,
+        );
+        let got: Vec<(i64, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| (f.open_time, f.correction))
+            .collect();
+        assert_eq!(got, vec![(998, true), (999, true), (1000, false)]);
     }
 }

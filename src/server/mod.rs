@@ -13,3 +13,4 @@ pub mod facade;
 pub mod hub;
 pub mod ops;
 pub mod protocol;
+pub mod replay;

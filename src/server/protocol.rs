@@ -9,7 +9,7 @@
 //! `{"op":"unsubscribe","id":2,"channel":…}` (the same channel fields), `{"op":"list"}`,
 //! `{"op":"ping"}`.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::market::{Kline, PairKey};
 use crate::tasks::indicators::api::Spec;
@@ -78,6 +78,8 @@ pub enum ErrorCode {
     UnknownPair,
     Unauthorized,
     Limit,
+    /// The server cannot answer now (ClickHouse is unreachable during a replay).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -87,6 +89,7 @@ impl ErrorCode {
             ErrorCode::UnknownPair => "unknown_pair",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Limit => "limit",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -244,53 +247,84 @@ pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 }
 
 /// A candle's data frame: `{"channel":"klines","market":…,"symbol":…,"period":…,"data":{…}}`.
+/// Written by hand (a replay renders hundreds of thousands a second): every field is a number,
+/// a decimal's digits or a market/symbol/period name, none of which needs escaping.
 pub fn kline(k: &Kline) -> String {
-    json!({
-        "channel": "klines",
-        "market": k.pair.market.as_str(),
-        "symbol": k.pair.symbol.as_str(),
-        "period": k.pair.period.as_str(),
-        "data": {
-            "open_time": k.open_time,
-            "close_time": k.close_time,
-            "open": k.open.to_string(),
-            "high": k.high.to_string(),
-            "low": k.low.to_string(),
-            "close": k.close.to_string(),
-            "volume": k.volume.to_string(),
-            "quote_volume": k.quote_volume.to_string(),
-            "trades": k.trades,
-            "is_final": k.is_final,
-        },
-    })
-    .to_string()
+    use std::fmt::Write;
+    let mut out = String::with_capacity(320);
+    let _ = write!(
+        out,
+        "{{\"channel\":\"klines\",\"market\":\"{}\",\"symbol\":\"{}\",\"period\":\"{}\",\
+         \"data\":{{\"open_time\":{},\"close_time\":{},\"open\":\"{}\",\"high\":\"{}\",\
+         \"low\":\"{}\",\"close\":\"{}\",\"volume\":\"{}\",\"quote_volume\":\"{}\",\
+         \"trades\":{},\"is_final\":{}}}}}",
+        k.pair.market.as_str(),
+        json_safe(k.pair.symbol.as_str()),
+        k.pair.period.as_str(),
+        k.open_time,
+        k.close_time,
+        k.open,
+        k.high,
+        k.low,
+        k.close,
+        k.volume,
+        k.quote_volume,
+        k.trades,
+        k.is_final,
+    );
+    out
 }
 
-/// An indicator value's data frame: the channel's fields, then
-/// `"data":{"open_time":…,"output":"signal","value":…}` (one frame per output; a value
-/// rewritten after a late candle is sent again).
-pub fn indicator_value(
+/// A symbol as it goes between JSON quotes: symbols are checked to be `[A-Z0-9_-]` when parsed,
+/// so this only guards against a future change of that rule.
+fn json_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        std::borrow::Cow::Borrowed(s)
+    } else {
+        let quoted = Value::from(s).to_string();
+        std::borrow::Cow::Owned(quoted[1..quoted.len() - 1].to_string())
+    }
+}
+
+/// An indicator's data frame at one candle, every output in one frame: the channel's fields,
+/// then `"data":{"open_time":…,"values":{"macd":…,"signal":…,"hist":…}}` (`"value"` for a
+/// single-output indicator). A value rewritten after a late candle is sent again, as a
+/// correction, with `"correction":true`.
+pub fn indicator(
     pair: &PairKey,
     spec: &str,
     open_time: i64,
-    output: &str,
-    value: f64,
+    values: &[(&str, f64)],
+    correction: bool,
 ) -> String {
-    json!({
-        "channel": "indicators",
-        "market": pair.market.as_str(),
-        "symbol": pair.symbol.as_str(),
-        "period": pair.period.as_str(),
-        "indicator": spec,
-        "data": {"open_time": open_time, "output": output, "value": value},
-    })
-    .to_string()
+    let mut data = Map::new();
+    data.insert("open_time".into(), open_time.into());
+    let mut vals = Map::new();
+    for (name, v) in values {
+        // JSON has no NaN: an undefined value is null.
+        vals.insert((*name).into(), Value::from(*v));
+    }
+    data.insert("values".into(), vals.into());
+    let mut obj = Map::new();
+    obj.insert("channel".into(), "indicators".into());
+    obj.insert("market".into(), pair.market.as_str().into());
+    obj.insert("symbol".into(), pair.symbol.as_str().into());
+    obj.insert("period".into(), pair.period.as_str().into());
+    obj.insert("indicator".into(), spec.into());
+    obj.insert("data".into(), data.into());
+    if correction {
+        obj.insert("correction".into(), true.into());
+    }
+    Value::Object(obj).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::market::{Decimal, Source};
+    use serde_json::json;
 
     fn pair() -> PairKey {
         PairKey::parse("um", "BTCUSDT", "1m").unwrap()
@@ -470,6 +504,19 @@ mod tests {
             source: Source::Ws,
         };
         let v: Value = serde_json::from_str(&kline(&k)).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "channel": "klines", "market": "um", "symbol": "BTCUSDT", "period": "1m",
+                "data": {
+                    "open_time": 1_700_000_000_000i64, "close_time": 1_700_000_059_999i64,
+                    "open": "37000.1", "high": "37010.00000001", "low": "36999.9",
+                    "close": "37005", "volume": "12.345", "quote_volume": "456789.12345678",
+                    "trades": 321, "is_final": true,
+                },
+            })
+        );
+        assert_eq!(json_safe("A\"B"), "A\\\"B");
         assert_eq!(v["channel"], "klines");
         assert_eq!(v["symbol"], "BTCUSDT");
         assert_eq!(v["data"]["open_time"], 1_700_000_000_000i64);
@@ -493,12 +540,25 @@ mod tests {
         );
         let e: Value = serde_json::from_str(&error(Some(2), ErrorCode::Limit, "too many")).unwrap();
         assert_eq!(e["code"], "limit");
-        let iv: Value =
-            serde_json::from_str(&indicator_value(&pair(), "rsi(14)", 5, "value", 0.1 + 0.2))
-                .unwrap();
+        let iv: Value = serde_json::from_str(&indicator(
+            &pair(),
+            "macd(12,26,9)",
+            5,
+            &[("macd", 0.1 + 0.2), ("signal", f64::NAN), ("hist", -1.5)],
+            true,
+        ))
+        .unwrap();
         assert_eq!(
-            iv["data"]["value"].as_f64().map(f64::to_bits),
+            iv["data"]["values"]["macd"].as_f64().map(f64::to_bits),
             Some((0.1f64 + 0.2).to_bits())
         );
+        assert!(iv["data"]["values"]["signal"].is_null());
+        assert_eq!(iv["data"]["values"]["hist"], -1.5);
+        assert_eq!(iv["correction"], true);
+        assert_eq!(iv["indicator"], "macd(12,26,9)");
+        let plain: Value =
+            serde_json::from_str(&indicator(&pair(), "rsi(14)", 5, &[("value", 1.0)], false))
+                .unwrap();
+        assert!(plain.get("correction").is_none());
     }
 }

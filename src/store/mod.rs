@@ -7,6 +7,7 @@ pub mod indicators;
 pub mod migrate;
 mod native;
 pub mod partitions;
+pub mod replay;
 pub mod state;
 pub mod writer;
 

@@ -58,10 +58,39 @@ pub enum Row {
 /// Who is told which closed candles the writer committed: per pair, every subscriber learns
 /// the earliest `open_time` of the closed candles committed since it last looked (the
 /// indicator tasks, to advance, or to recompute after a late candle). Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct CommitFeed {
     subs: Arc<Mutex<HashMap<PairKey, Vec<Weak<SubState>>>>>,
+    /// Told of every commit (the client server's hub forgets the frames it kept for replays
+    /// once their rows are stored).
+    hook: Arc<Mutex<Option<CommitHook>>>,
 }
+
+impl std::fmt::Debug for CommitFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitFeed").finish_non_exhaustive()
+    }
+}
+
+/// What a commit stored, for a [`CommitHook`]: a series' rows with `open_time` in
+/// `[earliest, latest]` (closed candles of a pair, or one indicator's values of a pair).
+#[derive(Debug, Clone, Copy)]
+pub enum Committed<'a> {
+    Klines {
+        pair: &'a PairKey,
+        earliest: i64,
+        latest: i64,
+    },
+    Indicator {
+        pair: &'a PairKey,
+        indicator: &'a str,
+        earliest: i64,
+        latest: i64,
+    },
+}
+
+/// Called by the writer after each commit, on the writer's task: keep it short.
+pub type CommitHook = Arc<dyn Fn(Committed<'_>) + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct SubState {
@@ -98,8 +127,26 @@ impl CommitFeed {
         CommitSubscription { state }
     }
 
-    /// Records that closed candles of `pair` from `earliest` on were committed.
-    pub fn committed(&self, pair: &PairKey, earliest: i64) {
+    /// Sets the hook told of every commit (replacing any earlier one).
+    pub fn set_hook(&self, hook: CommitHook) {
+        *lock(&self.hook) = Some(hook);
+    }
+
+    fn tell(&self, what: Committed<'_>) {
+        let hook = lock(&self.hook).clone();
+        if let Some(h) = hook {
+            h(what);
+        }
+    }
+
+    /// Records that closed candles of `pair` with `open_time` in `[earliest, latest]` were
+    /// committed.
+    pub fn committed(&self, pair: &PairKey, earliest: i64, latest: i64) {
+        self.tell(Committed::Klines {
+            pair,
+            earliest,
+            latest,
+        });
         let mut subs = lock(&self.subs);
         let Some(list) = subs.get_mut(pair) else {
             return;
@@ -658,13 +705,13 @@ impl Writer {
             // rows count, so no scrape sees a row both written and queued.
             self.stats
                 .set_buffered(buf.indicators.len() + buf.checkpoints.len());
-            let mut earliest: HashMap<&PairKey, i64> = HashMap::new();
+            let mut span: HashMap<&PairKey, (i64, i64)> = HashMap::new();
             for k in buf.klines.iter().filter(|k| k.is_final) {
-                let e = earliest.entry(&k.pair).or_insert(k.open_time);
-                *e = (*e).min(k.open_time);
+                let e = span.entry(&k.pair).or_insert((k.open_time, k.open_time));
+                *e = (e.0.min(k.open_time), e.1.max(k.open_time));
             }
-            for (pair, t) in earliest {
-                self.commits.committed(pair, t);
+            for (pair, (earliest, latest)) in span {
+                self.commits.committed(pair, earliest, latest);
             }
             let n = buf.klines.len() as u64;
             self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
@@ -746,6 +793,17 @@ impl Writer {
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
         // One key per run of rows of the same series (offline runs send long runs).
         let runs = series_runs(rows);
+        for ((pair, indicator, _), range) in &runs {
+            let times = rows[range.clone()].iter().map(|v| v.open_time);
+            let (earliest, latest) =
+                times.fold((i64::MAX, i64::MIN), |(a, b), t| (a.min(t), b.max(t)));
+            self.commits.tell(Committed::Indicator {
+                pair,
+                indicator,
+                earliest,
+                latest,
+            });
+        }
         let dirty = self.dirty_indicators.committed(
             runs.iter().flat_map(|(series, range)| {
                 rows[range.clone()]
