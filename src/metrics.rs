@@ -116,6 +116,26 @@ pub fn rest_failed(market: &str, egress: &str) {
     REST_FAILED.inc(&[market, egress], 1);
 }
 
+/// The client server's figures (set while one runs; see `server::client`).
+pub mod clients {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    /// Whether a client server runs in this process (its fields appear on the metrics line
+    /// and its families on `/metrics` only then).
+    pub static RUNNING: AtomicBool = AtomicBool::new(false);
+    /// Open client connections.
+    pub static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+    /// Subscriptions of all connections.
+    pub static SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
+    /// Data and reply frames written to client sockets, and their bytes.
+    pub static MESSAGES: AtomicU64 = AtomicU64::new(0);
+    pub static BYTES: AtomicU64 = AtomicU64::new(0);
+    /// Connections closed as slow consumers (1008).
+    pub static SLOW: AtomicU64 = AtomicU64::new(0);
+    /// REST facade requests answered.
+    pub static REST: AtomicU64 = AtomicU64::new(0);
+}
+
 /// The metrics line, e.g. `Metrics: req=1250 ok=1248 fail=2 rows=124800 ws_finals=… reconnects=…
 /// task_failures=… streams=…`.
 pub fn line(streams: usize) -> String {
@@ -129,6 +149,24 @@ pub fn line(streams: usize) -> String {
         g(&WS_FINALS),
         g(&WS_RECONNECTS),
         g(&TASK_FAILURES)
+    ) + &client_fields()
+}
+
+/// ` clients=… subs=… sent=… sent_bytes=… slow_consumers=…` while a client server runs.
+fn client_fields() -> String {
+    use clients::*;
+    if !RUNNING.load(Ordering::Relaxed) {
+        return String::new();
+    }
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    format!(
+        " clients={} subs={} sent={} sent_bytes={} slow_consumers={} rest={}",
+        g(&CONNECTIONS),
+        g(&SUBSCRIPTIONS),
+        g(&MESSAGES),
+        g(&BYTES),
+        g(&SLOW),
+        g(&REST)
     )
 }
 
@@ -210,6 +248,46 @@ pub fn scrape() -> Scrape {
             "When the process started, in Unix seconds.",
         )
         .value(*t);
+    }
+    if clients::RUNNING.load(Ordering::Relaxed) {
+        for (name, help, c) in [
+            (
+                "quantservice_client_connections",
+                "Open client server connections (WebSocket /ws).",
+                &clients::CONNECTIONS,
+            ),
+            (
+                "quantservice_client_subscriptions",
+                "Subscriptions of the client server's connections.",
+                &clients::SUBSCRIPTIONS,
+            ),
+        ] {
+            s.gauge(name, help).value(g(c));
+        }
+        for (name, help, c) in [
+            (
+                "quantservice_client_messages_sent_total",
+                "Frames written to client server connections.",
+                &clients::MESSAGES,
+            ),
+            (
+                "quantservice_client_bytes_sent_total",
+                "Bytes of the frames written to client server connections.",
+                &clients::BYTES,
+            ),
+            (
+                "quantservice_client_slow_consumers_total",
+                "Client connections closed as slow consumers (1008).",
+                &clients::SLOW,
+            ),
+            (
+                "quantservice_client_rest_requests_total",
+                "Requests answered by the Binance-compatible REST facade.",
+                &clients::REST,
+            ),
+        ] {
+            s.counter(name, help).value(g(c));
+        }
     }
     for (name, help, c) in [
         (

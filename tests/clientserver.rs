@@ -487,3 +487,129 @@ async fn unknown_pairs_are_refused_and_declared_or_stored_ones_accepted() {
     let r = say(&mut ws, r#"{"op":"ping","id":4}"#).await;
     assert_eq!(r["op"], "pong");
 }
+
+fn load_csv(rel: &str, pair: &PairKey) -> Vec<Kline> {
+    let text = std::fs::read_to_string(common::binance_data(rel)).unwrap();
+    text.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[0].parse::<i64>().is_ok())
+        .map(|f| Kline::from_fields(pair.clone(), &f, true, Source::Archive).unwrap())
+        .collect()
+}
+
+/// Indicator frames until one at `last` arrives: (open_time, values, correction) each.
+async fn indicator_frames_until(ws: &mut Ws, last: i64) -> Vec<(i64, Value, bool)> {
+    let mut got = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        assert_eq!(v["channel"], "indicators", "{v}");
+        let t = v["data"]["open_time"].as_i64().unwrap();
+        got.push((
+            t,
+            v["data"]["values"].clone(),
+            v["correction"].as_bool().unwrap_or(false),
+        ));
+        if t == last {
+            return got;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_candle_sends_indicator_corrections_equal_to_the_healed_series() {
+    use quantservice::tasks::indicators::api::{batch, Bar, Spec};
+    use quantservice::tasks::indicators::IndicatorTask;
+
+    let db = common::TestDb::new("cs_correct");
+    let (store, writer) = store_and_writer(&db, "50ms").await;
+    let pair = PairKey::parse("um", "ETHUSDT", "1h").unwrap();
+    let klines: Vec<Kline> = load_csv("um/ETHUSDT-1h-2024-01-01_2025-12-20.csv", &pair)
+        .into_iter()
+        .take(700)
+        .collect();
+    let srv = server_on(Some(store.clone()), Limits::default(), Vec::new()).await;
+    let hub = srv.hub.clone();
+    writer.commits().set_hook(Arc::new(move |c| hub.confirm(c)));
+    // History with a hole at 300..303.
+    let hole = 300..303;
+    let history: Vec<Kline> = klines[..600]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !hole.contains(i))
+        .map(|(_, k)| k.clone())
+        .collect();
+    writer.send_many(history.clone()).await.unwrap();
+    common::wait_stored(&db, &pair, klines[0].open_time, klines[300].open_time, 60).await;
+    let spec = Spec::parse("macd(12,26,9)").unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(
+        IndicatorTask::new(pair.clone(), spec.clone(), store.clone(), writer.clone())
+            .with_hub(Some(srv.hub.clone()))
+            .run(cancel.clone()),
+    );
+
+    let mut ws = connect(&srv.url).await;
+    let r = say(
+        &mut ws,
+        &format!(
+            r#"{{"op":"subscribe","id":1,"channel":"indicators","market":"um","symbol":"ETHUSDT","period":"1h","indicator":"MACD(12, 26, 9)","since":{}}}"#,
+            klines[0].open_time
+        ),
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    assert_eq!(r["indicator"], "macd(12,26,9)");
+    // Replayed or live, every value of the history arrives (the task may still be computing).
+    let mut got = indicator_frames_until(&mut ws, klines[599].open_time).await;
+    // Online candles, then the hole is healed.
+    writer.send_many(klines[600..].to_vec()).await.unwrap();
+    got.extend(indicator_frames_until(&mut ws, klines[699].open_time).await);
+    writer
+        .send_many(klines[hole.clone()].to_vec())
+        .await
+        .unwrap();
+    let corrections = indicator_frames_until(&mut ws, klines[699].open_time).await;
+    assert!(
+        corrections.iter().all(|(_, _, c)| *c),
+        "values recomputed after the late candles come as corrections"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].0 < w[1].0),
+        "before the late candles: every value once, in order"
+    );
+    assert!(
+        corrections.iter().filter(|(_, _, c)| *c).count() >= 390,
+        "every value after the hole is sent again: {}",
+        corrections.len()
+    );
+    got.extend(corrections);
+
+    // What the client holds (the latest frame per candle) is the healed series' values.
+    let mut held: std::collections::BTreeMap<i64, Value> = std::collections::BTreeMap::new();
+    for (t, v, _) in got {
+        held.insert(t, v);
+    }
+    let bars: Vec<Bar> = klines.iter().map(Bar::from_kline).collect();
+    let want = batch(&spec, &bars);
+    let mut compared = 0;
+    for (i, k) in klines.iter().enumerate() {
+        if want[0][i].is_nan() {
+            assert!(!held.contains_key(&k.open_time), "no value in the warm-up");
+            continue;
+        }
+        let v = held
+            .get(&k.open_time)
+            .unwrap_or_else(|| panic!("no value at candle {i}"));
+        for (o, output) in spec.outputs().iter().enumerate() {
+            assert_eq!(
+                v[*output].as_f64().map(f64::to_bits),
+                Some(want[o][i].to_bits()),
+                "candle {i} {output}"
+            );
+        }
+        compared += 1;
+    }
+    assert!(compared > 600, "{compared}");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

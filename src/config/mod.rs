@@ -119,6 +119,80 @@ pub struct Config {
     pub maintenance: MaintenanceConfig,
     pub http: HttpConfig,
     pub indicators: IndicatorsConfig,
+    pub clientserver: ClientServerConfig,
+}
+
+/// Env var with more client server tokens, comma-separated (added to
+/// `app.clientserver.tokens`).
+pub const ENV_CLIENTSERVER_TOKENS: &str = "QS_CLIENTSERVER_TOKENS";
+
+/// `app.clientserver`: the embedded client server (WebSocket push at `/ws` and the
+/// Binance-compatible REST facade), and the limits the standalone `clientserver` command uses
+/// too.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientServerConfig {
+    /// Run it inside the daemon.
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Accepted bearer tokens (and those of `$QS_CLIENTSERVER_TOKENS`); none = open.
+    pub tokens: Vec<Secret>,
+    pub max_connections: u64,
+    pub max_connections_per_ip: u64,
+    pub max_subscriptions: u64,
+    pub max_messages_per_second: u64,
+    /// Largest client frame accepted, in bytes.
+    #[serde(serialize_with = "size::ser_size")]
+    pub max_frame_bytes: u64,
+    /// Frames queued for one connection before it is closed as a slow consumer.
+    pub send_queue: u64,
+    #[serde(serialize_with = "duration::ser_duration")]
+    pub ping_interval: Duration,
+    #[serde(serialize_with = "duration::ser_duration")]
+    pub idle_timeout: Duration,
+    /// The standalone server's poll of ClickHouse for new rows.
+    #[serde(serialize_with = "duration::ser_duration")]
+    pub follow_interval: Duration,
+}
+
+impl Default for ClientServerConfig {
+    fn default() -> Self {
+        ClientServerConfig {
+            enabled: false,
+            host: "127.0.0.1".to_string(),
+            port: 8765,
+            tokens: Vec::new(),
+            max_connections: 20_000,
+            max_connections_per_ip: 1_000,
+            max_subscriptions: 200,
+            max_messages_per_second: 50,
+            max_frame_bytes: 64 * 1024,
+            send_queue: 1024,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            follow_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl ClientServerConfig {
+    /// `host:port`, bracketed for IPv6.
+    pub fn listen(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Whether `host` is a loopback address (an open server there is only reachable locally).
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
 }
 
 /// `app.indicators`: the indicators of pairs that declare none in `trading_pairs.indicators`.
@@ -565,6 +639,13 @@ impl Config {
         if let Some(pw) = env(ENV_CLICKHOUSE_PASSWORD) {
             cfg.clickhouse.password = Secret::new(pw);
         }
+        if let Some(tokens) = env(ENV_CLIENTSERVER_TOKENS) {
+            for t in tokens.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if !cfg.clientserver.tokens.iter().any(|s| s.expose() == t) {
+                    cfg.clientserver.tokens.push(Secret::new(t));
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -596,6 +677,7 @@ impl Config {
             maintenance,
             http,
             indicators,
+            clientserver,
         } = self;
         let differs = [
             ("environment", *environment != other.environment),
@@ -611,6 +693,7 @@ impl Config {
             ("maintenance", *maintenance != other.maintenance),
             ("http", *http != other.http),
             ("indicators", *indicators != other.indicators),
+            ("clientserver", *clientserver != other.clientserver),
         ];
         differs
             .into_iter()
@@ -622,8 +705,8 @@ impl Config {
     /// shorter than 4 characters are left out: replacing every `8` or `ab` in a log line would
     /// garble it and point at the secret instead of hiding it.
     pub fn secrets(&self) -> Vec<String> {
-        [&self.clickhouse.password]
-            .into_iter()
+        std::iter::once(&self.clickhouse.password)
+            .chain(&self.clientserver.tokens)
             .filter(|s| s.expose().chars().count() >= 4)
             .map(|s| s.expose().to_string())
             .collect()

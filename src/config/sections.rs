@@ -11,9 +11,9 @@ use yaml_serde::Value;
 use super::duration::MIN_TIMEOUT;
 use super::walker::{show, Section};
 use super::{
-    BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, Config, GapScanConfig,
-    HttpConfig, IndicatorsConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints,
-    OperatorConfig, ProxyConfig, ProxyMode, StreamsConfig, WriterConfig,
+    BackfillConfig, BackfillSource, BinanceConfig, ClickHouseConfig, ClientServerConfig, Config,
+    GapScanConfig, HttpConfig, IndicatorsConfig, LoggingConfig, MaintenanceConfig, MarketEndpoints,
+    OperatorConfig, ProxyConfig, ProxyMode, Secret, StreamsConfig, WriterConfig,
 };
 use crate::market::{Market, Period};
 
@@ -59,6 +59,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
     let maintenance = maintenance(app.child("maintenance", errs), errs);
     let http = http(app.child("http", errs), errs);
     let indicators = indicators(app.child("indicators", errs), errs);
+    let clientserver = clientserver(app.child("clientserver", errs), errs);
     app.finish(errs);
 
     Some(Config {
@@ -75,6 +76,7 @@ pub(super) fn parse_root(root: &Value, errs: &mut Vec<String>) -> Option<Config>
         maintenance,
         http,
         indicators,
+        clientserver,
     })
 }
 
@@ -425,6 +427,107 @@ fn indicators(mut ind: Section<'_>, errs: &mut Vec<String>) -> IndicatorsConfig 
     }
     ind.finish(errs);
     IndicatorsConfig { default }
+}
+
+/// `app.clientserver`: the client server's address, tokens and limits.
+fn clientserver(mut cs: Section<'_>, errs: &mut Vec<String>) -> ClientServerConfig {
+    let d = ClientServerConfig::default();
+    let enabled = cs.boolean("enabled", d.enabled, errs);
+    let host = cs.string("host", &d.host, errs);
+    if !is_bare_host(&host) {
+        errs.push(format!(
+            "app.clientserver.host: must be an IP address or host name to listen on, like 0.0.0.0 or 127.0.0.1, got {host:?}"
+        ));
+    }
+    let port = cs.port("port", d.port, errs);
+    let mut tokens: Vec<Secret> = Vec::new();
+    if let Some(v) = cs.get("tokens") {
+        match v.as_sequence() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(t) if !t.trim().is_empty() && !t.contains(char::is_whitespace) => {
+                            tokens.push(Secret::new(t))
+                        }
+                        // The value is never shown: it is a secret.
+                        _ => errs.push(format!(
+                            "app.clientserver.tokens[{i}]: expected a quoted token without spaces (value not shown: it is a secret)"
+                        )),
+                    }
+                }
+            }
+            None if v.is_null() => {}
+            None => errs.push(
+                "app.clientserver.tokens: expected a list of quoted tokens (value not shown: it is a secret)".to_string(),
+            ),
+        }
+    }
+    let mut count = |cs: &mut Section<'_>, key: &'static str, default: u64, max: i64| {
+        u64::try_from(cs.int(key, i64::try_from(default).unwrap_or(max), 1..=max, errs))
+            .unwrap_or(default)
+    };
+    let max_connections = count(&mut cs, "max_connections", d.max_connections, 1_000_000);
+    let max_connections_per_ip = count(
+        &mut cs,
+        "max_connections_per_ip",
+        d.max_connections_per_ip,
+        1_000_000,
+    );
+    let max_subscriptions = count(&mut cs, "max_subscriptions", d.max_subscriptions, 100_000);
+    let max_messages_per_second = count(
+        &mut cs,
+        "max_messages_per_second",
+        d.max_messages_per_second,
+        1_000_000,
+    );
+    let send_queue = count(&mut cs, "send_queue", d.send_queue, 1_000_000);
+    let max_frame_bytes = cs.size("max_frame_bytes", d.max_frame_bytes, errs);
+    if max_frame_bytes > 16 * 1024 * 1024 {
+        errs.push(format!(
+            "app.clientserver.max_frame_bytes: must be at most 16MB, got {max_frame_bytes} bytes"
+        ));
+    }
+    let ping_interval = cs.duration_in(
+        "ping_interval",
+        d.ping_interval,
+        Duration::from_millis(100),
+        errs,
+    );
+    let idle_timeout = cs.duration_in(
+        "idle_timeout",
+        d.idle_timeout,
+        Duration::from_millis(100),
+        errs,
+    );
+    if idle_timeout < ping_interval {
+        errs.push(format!(
+            "app.clientserver.idle_timeout: must be at least ping_interval ({}), got {}",
+            super::duration::format_duration(ping_interval),
+            super::duration::format_duration(idle_timeout)
+        ));
+    }
+    let follow_interval = cs.duration_in(
+        "follow_interval",
+        d.follow_interval,
+        Duration::from_millis(10),
+        errs,
+    );
+    cs.finish(errs);
+    ClientServerConfig {
+        enabled,
+        host,
+        port,
+        tokens,
+        max_connections,
+        max_connections_per_ip,
+        max_subscriptions,
+        max_messages_per_second,
+        max_frame_bytes,
+        send_queue,
+        ping_interval,
+        idle_timeout,
+        follow_interval,
+    }
 }
 
 /// `app.http`: the ops endpoint.

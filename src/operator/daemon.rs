@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::supervisor::{Fatal, OnFailure, Policy, ServiceFactory, Supervisor};
-use crate::config::{Config, HttpConfig};
+use crate::config::{ClickHouseConfig, ClientServerConfig, Config, HttpConfig};
+use crate::server::hub::Hub;
 use crate::server::ops::{self, OpsState};
 use crate::status::{task_state, StatusHub};
 use crate::store::Store;
@@ -23,10 +24,17 @@ use crate::tasks::TaskError;
 /// The name of the ops endpoint in logs and `task_status`.
 pub const OPS_ENDPOINT: &str = "ops_endpoint";
 
+/// The name of the embedded client server in logs and `task_status`.
+pub const CLIENT_SERVER: &str = "client_server";
+
 pub struct Services {
     supervisor: Supervisor,
     ops: OpsState,
     http: HttpConfig,
+    /// The client server's settings and the ClickHouse it replays from.
+    clients: (ClientServerConfig, ClickHouseConfig),
+    /// What the generations publish to and the client server serves from.
+    hub: Hub,
     status: StatusHub,
     fatal: Fatal,
     notifier: Notifier,
@@ -51,13 +59,22 @@ impl Services {
             supervisor,
             ops,
             http: cfg.http.clone(),
+            clients: (cfg.clientserver.clone(), cfg.clickhouse.clone()),
+            hub: Hub::default(),
             _metrics: super::observe::status_collector(status.clone()),
             status,
             fatal,
             notifier,
         };
+        services.hub.set_active(false);
         services.start_ops();
+        services.start_clients();
         services
+    }
+
+    /// The client server's hub (the generations publish to it).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     /// What the generations tell the ops endpoint (their store, completed passes, shutdown).
@@ -104,6 +121,30 @@ impl Services {
             .start_service(OPS_ENDPOINT, OnFailure::Restart, serve);
     }
 
+    fn start_clients(&mut self) {
+        let (cfg, ch) = self.clients.clone();
+        if !cfg.enabled {
+            self.status.update_task(CLIENT_SERVER, |r| {
+                r.state = task_state::DISABLED.into();
+                r.last_error.clear();
+            });
+            return;
+        }
+        let hub = self.hub.clone();
+        let serve: ServiceFactory = Arc::new(move |cancel| {
+            let (cfg, hub) = (cfg.clone(), hub.clone());
+            let store = Store::new(&ch).ok();
+            let facade = axum::Router::new();
+            Box::pin(async move {
+                crate::server::client::run(&cfg, hub, store, facade, cancel)
+                    .await
+                    .map_err(|e| TaskError::Retryable(crate::error_chain(&e)))
+            })
+        });
+        self.supervisor
+            .start_service(CLIENT_SERVER, OnFailure::Restart, serve);
+    }
+
     /// Applies an edited config: the restart policy, the poll interval readiness is judged
     /// by, and a changed `app.http.listen` (the endpoint rebinds; nothing else restarts).
     pub async fn apply(&mut self, cfg: &Config, policy: Policy) {
@@ -114,6 +155,14 @@ impl Services {
             self.supervisor.stop_services(&[OPS_ENDPOINT]).await;
             self.http = cfg.http.clone();
             self.start_ops();
+        }
+        let clients = (cfg.clientserver.clone(), cfg.clickhouse.clone());
+        if clients != self.clients {
+            info!(enabled = clients.0.enabled, listen = %clients.0.listen(),
+                "Client server reconfigured; restarting it (clients get 1001 and reconnect).");
+            self.supervisor.stop_services(&[CLIENT_SERVER]).await;
+            self.clients = clients;
+            self.start_clients();
         }
     }
 

@@ -28,6 +28,7 @@ use crate::exchange::governor::Governors;
 use crate::exchange::rest::RestClient;
 use crate::exchange::ws::{LiveEvent, MarketStreams};
 use crate::market::{Market, PairKey};
+use crate::server::hub::Hub;
 use crate::server::ops::OpsState;
 use crate::status::{phase, StatusHub};
 use crate::store::migrate;
@@ -78,9 +79,17 @@ async fn run_generations(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ops = services.ops().clone();
+    let hub = services.hub().clone();
     let notifier = services.notifier().clone();
-    let Some(mut gen) =
-        Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown).await?
+    let Some(mut gen) = Generation::start(
+        cfg.clone(),
+        status.clone(),
+        &ops,
+        &hub,
+        &notifier,
+        &shutdown,
+    )
+    .await?
     else {
         info!("Shutdown requested before ClickHouse became ready.");
         return Ok(());
@@ -131,7 +140,15 @@ async fn run_generations(
         log_flushed(gen.stop().await);
         notifier.watchdog();
         announce = true;
-        gen = match Generation::start(new.clone(), status.clone(), &ops, &notifier, &shutdown).await
+        gen = match Generation::start(
+            new.clone(),
+            status.clone(),
+            &ops,
+            &hub,
+            &notifier,
+            &shutdown,
+        )
+        .await
         {
             Ok(Some(g)) => {
                 apply_logging(&cfg.logging, &new.logging);
@@ -147,8 +164,15 @@ async fn run_generations(
                     &format!("cannot start with the edited config: {e:#}"),
                     &[&new, &cfg],
                 );
-                match Generation::start(cfg.clone(), status.clone(), &ops, &notifier, &shutdown)
-                    .await?
+                match Generation::start(
+                    cfg.clone(),
+                    status.clone(),
+                    &ops,
+                    &hub,
+                    &notifier,
+                    &shutdown,
+                )
+                .await?
                 {
                     Some(g) => g,
                     None => return Ok(()),
@@ -248,8 +272,13 @@ fn build_streams(
     cfg: &Config,
     ev_tx: &mpsc::Sender<LiveEvent>,
     pool: &Arc<ProxyPool>,
+    hub: &Hub,
     cancel: &CancellationToken,
 ) -> BTreeMap<Market, MarketStreams> {
+    let partials: crate::exchange::ws::PartialHook = {
+        let hub = hub.clone();
+        Arc::new(move |k| hub.publish_kline(k))
+    };
     Market::ALL
         .into_iter()
         .map(|m| {
@@ -260,7 +289,8 @@ fn build_streams(
                 ev_tx.clone(),
                 cancel.child_token(),
             )
-            .with_pool(cfg.proxy.websocket.then(|| pool.clone()));
+            .with_pool(cfg.proxy.websocket.then(|| pool.clone()))
+            .with_partials(Some(partials.clone()));
             (m, s)
         })
         .collect()
@@ -325,6 +355,9 @@ struct Generation {
     maintenance: watch::Sender<crate::config::MaintenanceConfig>,
     /// Told of completed reconcile passes and of this generation's ClickHouse (readiness).
     ops: OpsState,
+    /// The client server's hub (fed by the streams, the live sink, the indicator tasks and
+    /// the writer's commits).
+    hub: Hub,
     /// The service manager: `READY=1` after the first pass, the pair counts, watchdog pings.
     notifier: crate::systemd::Notifier,
     /// This generation's families on `/metrics` (writer queue, weight windows, proxies);
@@ -338,6 +371,7 @@ impl Generation {
         cfg: Arc<Config>,
         status: StatusHub,
         ops: &OpsState,
+        hub: &Hub,
         notifier: &crate::systemd::Notifier,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Generation>> {
@@ -355,6 +389,12 @@ impl Generation {
         ops.set_store(store.clone());
         let cancel = CancellationToken::new();
         let (writer, handle) = Writer::new(store.clone(), cfg.writer.clone());
+        // The client server's hub forgets published candles once stored, and publishes the
+        // stored ones that never went live (REST refills, backfill).
+        let confirm = hub.clone();
+        handle
+            .commits()
+            .set_hook(Arc::new(move |c| confirm.confirm(c)));
         let writer_cancel = CancellationToken::new();
         let writer_task = tokio::spawn(writer.run(writer_cancel.clone()));
 
@@ -392,7 +432,7 @@ impl Generation {
         ));
 
         let (ev_tx, ev_rx) = mpsc::channel::<LiveEvent>(16_384);
-        let streams = build_streams(&cfg, &ev_tx, &pool, &cancel);
+        let streams = build_streams(&cfg, &ev_tx, &pool, hub, &cancel);
         let (streamed, streamed_rx) = watch::channel(BTreeSet::new());
         let live = Live {
             events: Arc::new(tokio::sync::Mutex::new(ev_rx)),
@@ -402,6 +442,7 @@ impl Generation {
             rest: rest.clone(),
             status: status.clone(),
             late_grace: cfg.streams.late_grace,
+            hub: Some(hub.clone()),
             resumed: Arc::default(),
         };
 
@@ -421,9 +462,11 @@ impl Generation {
             )),
         };
         let ind_writer = handle.clone();
+        let ind_hub = hub.clone();
         let factory: Factory = Arc::new(move |key: TaskKey, spec: TaskSpec, cancel| {
             let d = deps.clone();
             let writer = ind_writer.clone();
+            let hub = ind_hub.clone();
             Box::pin(async move {
                 match (key, spec) {
                     (TaskKey::Pair(pair), TaskSpec::Pair(spec)) => {
@@ -443,6 +486,7 @@ impl Generation {
                     }
                     (TaskKey::Indicator(pair, spec), TaskSpec::Indicator) => {
                         crate::tasks::indicators::IndicatorTask::new(pair, spec, d.store, writer)
+                            .with_hub(Some(hub))
                             .run(cancel)
                             .await
                     }
@@ -521,6 +565,7 @@ impl Generation {
             live,
             maintenance,
             ops: ops.clone(),
+            hub: hub.clone(),
             notifier: notifier.clone(),
             _metrics: metrics,
         }))
@@ -654,7 +699,7 @@ impl Generation {
         for (_, s) in std::mem::take(&mut self.streams) {
             s.shutdown(Duration::from_secs(1)).await;
         }
-        self.streams = build_streams(new, &self.ev_tx, &self.pool, &self.cancel);
+        self.streams = build_streams(new, &self.ev_tx, &self.pool, &self.hub, &self.cancel);
         let wanted = self.streamed.borrow().clone();
         for s in self.streams.values_mut() {
             s.apply(&wanted);

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use tracing::debug;
 use super::hub::{Frame, Hub, SubId, Target};
 use super::protocol::{self, Channel, ErrorCode, Op, Subscribe};
 use super::replay::{Replay, ReplayError};
+use crate::config::ClientServerConfig;
 use crate::lock;
 use crate::store::Store;
 
@@ -114,12 +116,25 @@ impl ClientState {
 #[derive(Debug, Clone, Default)]
 pub struct Connections {
     open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Told when the last connection closed.
+    closed: Arc<tokio::sync::Notify>,
 }
 
 impl Connections {
     /// Open connections in total.
     pub fn total(&self) -> usize {
         lock(&self.open).values().sum()
+    }
+
+    /// Waits until no connection is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.total() == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Counts a new connection from `ip` unless a limit is reached.
@@ -140,6 +155,7 @@ impl Connections {
             ));
         }
         *n += 1;
+        crate::metrics::clients::CONNECTIONS.fetch_add(1, Ordering::Relaxed);
         Ok(Admitted {
             connections: self.clone(),
             ip,
@@ -155,6 +171,7 @@ struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        crate::metrics::clients::CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
         let mut open = lock(&self.connections.open);
         if let Some(n) = open.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
@@ -162,7 +179,93 @@ impl Drop for Admitted {
                 open.remove(&self.ip);
             }
         }
+        if open.is_empty() {
+            self.connections.closed.notify_waiters();
+        }
     }
+}
+
+impl Limits {
+    /// The limits `app.clientserver` sets.
+    pub fn from_config(cfg: &ClientServerConfig) -> Limits {
+        let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Limits {
+            max_connections: n(cfg.max_connections),
+            max_connections_per_ip: n(cfg.max_connections_per_ip),
+            send_queue: n(cfg.send_queue),
+            max_subscriptions: n(cfg.max_subscriptions),
+            max_messages_per_second: u32::try_from(cfg.max_messages_per_second).unwrap_or(u32::MAX),
+            max_frame_bytes: n(cfg.max_frame_bytes),
+            ping_interval: cfg.ping_interval,
+            idle_timeout: cfg.idle_timeout,
+        }
+    }
+}
+
+/// How long a stopping server waits for its clients to get their close frames (1001).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the client server cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("serving on {addr} failed: {source}")]
+    Serve {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the client server `cfg` describes until `cancel`: `/ws` fed by `hub` (replays and
+/// pair lookups in `store`), plus `extra` routes (the REST facade) on the same port. On
+/// `cancel` every client gets a 1001 close frame before this returns (within a few seconds).
+pub async fn run(
+    cfg: &ClientServerConfig,
+    hub: Hub,
+    store: Option<Store>,
+    extra: Router,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr = cfg.listen();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| addr.clone(), |a| a.to_string());
+    let tokens: Vec<String> = cfg.tokens.iter().map(|t| t.expose().to_string()).collect();
+    if tokens.is_empty() && !cfg.is_loopback() {
+        tracing::warn!(listen = %bound,
+            "The client server is open to anyone who can reach this address: set app.clientserver.tokens (or QS_CLIENTSERVER_TOKENS).");
+    }
+    let state = ClientState::new(
+        hub.clone(),
+        store,
+        Limits::from_config(cfg),
+        tokens,
+        cancel.clone(),
+    );
+    let connections = state.connections.clone();
+    let app = router(state).merge(extra);
+    hub.set_active(true);
+    crate::metrics::clients::RUNNING.store(true, Ordering::Relaxed);
+    tracing::info!(listen = %bound, "Client server listening (WebSocket /ws, REST facade).");
+    let served = serve(listener, app, cancel.clone()).await;
+    // The sessions saw `cancel` too: they send 1001 and end.
+    let _ = tokio::time::timeout(SHUTDOWN_WAIT, connections.all_closed()).await;
+    hub.set_active(false);
+    tracing::info!(listen = %bound, "Client server stopped.");
+    served.map_err(|source| ServeError::Serve {
+        addr: bound,
+        source,
+    })
 }
 
 /// `/ws`. Serve it with [`serve`] (the connection limits need the peer's address).
@@ -280,6 +383,16 @@ impl RateLimit {
     }
 }
 
+/// Moves the subscriptions gauge.
+fn subscriptions(delta: i64) {
+    let g = &crate::metrics::clients::SUBSCRIPTIONS;
+    if delta >= 0 {
+        g.fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+    } else {
+        g.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
 /// What one session owns.
 struct Session {
     state: ClientState,
@@ -363,6 +476,10 @@ async fn session(mut socket: WebSocket, state: ClientState) {
     };
     for (channel, sub) in std::mem::take(&mut me.subs) {
         state.hub.unsubscribe(&channel, sub.id);
+        subscriptions(-1);
+    }
+    if matches!(end, End::Slow) {
+        crate::metrics::clients::SLOW.fetch_add(1, Ordering::Relaxed);
     }
     let (code, reason) = match end {
         End::Shutdown => (1001, "server shutting down"),
@@ -386,12 +503,22 @@ async fn send(
     shutdown: &CancellationToken,
     slow: &CancellationToken,
 ) -> Result<(), End> {
+    let len = text.len();
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => Err(End::Shutdown),
         _ = slow.cancelled() => Err(End::Slow),
-        sent = socket.send(Message::Text(text.into())) => sent.map_err(|_| End::Gone),
+        sent = socket.send(Message::Text(text.into())) => {
+            count_sent(1, len);
+            sent.map_err(|_| End::Gone)
+        }
     }
+}
+
+fn count_sent(frames: u64, bytes: usize) {
+    use crate::metrics::clients::{BYTES, MESSAGES};
+    MESSAGES.fetch_add(frames, Ordering::Relaxed);
+    BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 /// Writes `first` and whatever else is queued already (up to [`FLUSH_EVERY`]), then flushes
@@ -435,6 +562,7 @@ impl Session {
             Op::Unsubscribe(channel) => match self.subs.remove(&channel) {
                 Some(sub) => {
                     self.state.hub.unsubscribe(&channel, sub.id);
+                    subscriptions(-1);
                     protocol::unsubscribed(req.id, &channel)
                 }
                 None => protocol::error(
@@ -501,6 +629,7 @@ impl Session {
                     replay: None,
                 },
             );
+            subscriptions(1);
             return reply;
         };
         let Some(store) = self.state.store.clone() else {
@@ -536,6 +665,7 @@ impl Session {
                 replay: Some(task),
             },
         );
+        subscriptions(1);
         reply
     }
 
@@ -558,6 +688,7 @@ impl Session {
                 let request = sub.request;
                 self.subs.remove(&channel);
                 self.state.hub.unsubscribe(&channel, id);
+                subscriptions(-1);
                 Some(protocol::error(
                     request,
                     ErrorCode::Unavailable,

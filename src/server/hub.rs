@@ -92,6 +92,40 @@ impl Pending {
     }
 }
 
+fn kline_frame(k: &Kline) -> Frame {
+    Frame {
+        text: Arc::from(protocol::kline(k)),
+        open_time: k.open_time,
+        is_final: k.is_final,
+        correction: false,
+    }
+}
+
+/// The `open_time`s of the last [`PUBLISHED_MEMORY`] closed candles a channel published: a
+/// candle stored twice (a REST refill overlapping the stream) is sent once.
+#[derive(Debug, Default)]
+struct Published {
+    recent: VecDeque<i64>,
+}
+
+/// Closed candles remembered per channel to send each once.
+pub const PUBLISHED_MEMORY: usize = 512;
+
+impl Published {
+    /// Records `t`; false if it was recorded already.
+    fn mark(&mut self, t: i64) -> bool {
+        // Newest first: repeats are nearly always of recent candles.
+        if self.recent.iter().rev().any(|&x| x == t) {
+            return false;
+        }
+        if self.recent.len() == PUBLISHED_MEMORY {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(t);
+        true
+    }
+}
+
 fn indicator_frame(pair: &PairKey, name: &str, e: &IndicatorEvent, correction: bool) -> Frame {
     Frame {
         text: Arc::from(protocol::indicator(
@@ -112,6 +146,8 @@ struct ChannelState {
     subs: Vec<Sub>,
     /// Final events published and not yet confirmed stored, oldest first.
     pending: VecDeque<Pending>,
+    /// Closed candles sent (klines channels).
+    published: Published,
 }
 
 impl ChannelState {
@@ -160,6 +196,8 @@ pub struct IndicatorEvent {
 /// Cheap to clone; producers and connections share one.
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
+    /// Set while no client server runs: publishing is then a no-op.
+    idle: Arc<std::sync::atomic::AtomicBool>,
     channels: Arc<Mutex<HashMap<Channel, ChannelState>>>,
     next: Arc<AtomicU64>,
     stats: Arc<HubStats>,
@@ -168,6 +206,20 @@ pub struct Hub {
 impl Hub {
     pub fn stats(&self) -> &HubStats {
         &self.stats
+    }
+
+    /// Whether a client server is being fed (producers skip building events otherwise).
+    pub fn is_active(&self) -> bool {
+        !self.idle.load(Ordering::Relaxed)
+    }
+
+    /// Turns publishing on (a client server runs) or off (none does: everything kept is
+    /// dropped, since no one will replay from it).
+    pub fn set_active(&self, active: bool) {
+        self.idle.store(!active, Ordering::Relaxed);
+        if !active {
+            lock(&self.channels).clear();
+        }
     }
 
     /// Starts delivering `channel`'s events to `target` (in-progress candles too when
@@ -206,28 +258,57 @@ impl Hub {
         id
     }
 
-    /// Forgets the pending events a commit stored.
+    /// A commit stored these rows: pending events it covers are forgotten, and stored closed
+    /// candles that were never published (fetched by REST to fill a hole, backfilled) are
+    /// published now, once.
     pub fn confirm(&self, what: Committed<'_>) {
-        let (channel, earliest, latest) = match what {
-            Committed::Klines {
-                pair,
-                earliest,
-                latest,
-            } => (Channel::Klines(pair.clone()), earliest, latest),
+        if !self.is_active() {
+            return;
+        }
+        match what {
+            Committed::Klines(rows) => {
+                let mut channels = lock(&self.channels);
+                let mut at: Option<(&PairKey, Option<&mut ChannelState>)> = None;
+                for k in rows.iter().filter(|k| k.is_final) {
+                    if at.as_ref().is_none_or(|(p, _)| *p != &k.pair) {
+                        // One lookup per run of rows of one pair.
+                        let state = channels.get_mut(&Channel::Klines(k.pair.clone()));
+                        at = Some((&k.pair, state));
+                    }
+                    let Some((_, Some(state))) = at.as_mut() else {
+                        continue;
+                    };
+                    if let Some(i) = state
+                        .pending
+                        .iter()
+                        .position(|p| p.open_time() == k.open_time)
+                    {
+                        state.pending.remove(i);
+                    } else if state.subs.is_empty() {
+                        // Nobody to tell; a later subscriber replays it from ClickHouse.
+                        state.published.mark(k.open_time);
+                    } else if state.published.mark(k.open_time) {
+                        let frame = kline_frame(k);
+                        self.offer(state, &frame);
+                    }
+                }
+            }
             Committed::Indicator {
                 pair,
                 indicator,
                 earliest,
                 latest,
-            } => match Spec::parse(indicator) {
-                Ok(spec) => (Channel::Indicator(pair.clone(), spec), earliest, latest),
-                Err(_) => return,
-            },
-        };
-        if let Some(state) = lock(&self.channels).get_mut(&channel) {
-            state
-                .pending
-                .retain(|p| !(earliest..=latest).contains(&p.open_time()));
+            } => {
+                let Ok(spec) = Spec::parse(indicator) else {
+                    return;
+                };
+                let channel = Channel::Indicator(pair.clone(), spec);
+                if let Some(state) = lock(&self.channels).get_mut(&channel) {
+                    state
+                        .pending
+                        .retain(|p| !(earliest..=latest).contains(&p.open_time()));
+                }
+            }
         }
     }
 
@@ -293,6 +374,9 @@ impl Hub {
     }
 
     fn kline(&self, k: &Kline, keep: bool) {
+        if !self.is_active() {
+            return;
+        }
         let channel = Channel::Klines(k.pair.clone());
         let mut channels = lock(&self.channels);
         let state = match channels.get_mut(&channel) {
@@ -300,20 +384,17 @@ impl Hub {
             None if k.is_final && keep => channels.entry(channel).or_default(),
             None => return,
         };
-        let render = || Frame {
-            text: Arc::from(protocol::kline(k)),
-            open_time: k.open_time,
-            is_final: k.is_final,
-            correction: false,
-        };
         if k.is_final {
-            let frame = render();
+            if !state.published.mark(k.open_time) {
+                return; // sent already (a candle stored twice, or seen twice)
+            }
+            let frame = kline_frame(k);
             self.offer(state, &frame);
             if keep {
                 state.remember(Pending::Frame(frame));
             }
         } else if state.subs.iter().any(|s| s.partial) {
-            self.offer(state, &render());
+            self.offer(state, &kline_frame(k));
         }
     }
 
@@ -328,7 +409,7 @@ impl Hub {
         corrected_upto: Option<i64>,
         stored: bool,
     ) {
-        if events.is_empty() {
+        if events.is_empty() || !self.is_active() {
             return;
         }
         let channel = Channel::Indicator(pair.clone(), spec.clone());
@@ -518,11 +599,8 @@ mod tests {
         hub.subscribe_since(ch.clone(), true, t, Some(60 * 60_000));
         assert_eq!(drain(&mut rx), (60..100).collect::<Vec<_>>());
         // The writer stored 0..=79: only 80.. stay pending.
-        hub.confirm(Committed::Klines {
-            pair: &pair,
-            earliest: 0,
-            latest: 79 * 60_000,
-        });
+        let stored: Vec<Kline> = (0..80).map(|i| candle(&pair, i, true)).collect();
+        hub.confirm(Committed::Klines(&stored));
         assert_eq!(hub.pending(&ch), 20);
         let (t, mut rx) = target(1000);
         hub.subscribe_since(ch.clone(), false, t, Some(0));
@@ -580,5 +658,26 @@ mod tests {
             .map(|f| (f.open_time, f.correction))
             .collect();
         assert_eq!(got, vec![(998, true), (999, true), (1000, false)]);
+    }
+
+    #[test]
+    fn stored_candles_that_never_went_live_are_published_once() {
+        let hub = Hub::default();
+        let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+        let ch = Channel::Klines(pair.clone());
+        let (t, mut rx) = target(100);
+        hub.subscribe(ch.clone(), false, t);
+        // 5 goes live, then the writer stores 3..=6 (3, 4 and 6 fetched by REST).
+        hub.publish_kline(&candle(&pair, 5, true));
+        let rows: Vec<Kline> = (3..7).map(|i| candle(&pair, i, true)).collect();
+        hub.confirm(Committed::Klines(&rows));
+        // Stored again (an overlapping refill): nothing new.
+        hub.confirm(Committed::Klines(&rows));
+        hub.publish_kline(&candle(&pair, 6, true));
+        let got: Vec<i64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| f.open_time / 60_000)
+            .collect();
+        assert_eq!(got, vec![5, 3, 4, 6], "each once");
+        assert_eq!(hub.pending(&ch), 0);
     }
 }

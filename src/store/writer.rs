@@ -72,15 +72,11 @@ impl std::fmt::Debug for CommitFeed {
     }
 }
 
-/// What a commit stored, for a [`CommitHook`]: a series' rows with `open_time` in
-/// `[earliest, latest]` (closed candles of a pair, or one indicator's values of a pair).
+/// What a commit stored, for a [`CommitHook`]: kline rows (any pairs, closed and in
+/// progress), or one indicator's values of a pair with `open_time` in `[earliest, latest]`.
 #[derive(Debug, Clone, Copy)]
 pub enum Committed<'a> {
-    Klines {
-        pair: &'a PairKey,
-        earliest: i64,
-        latest: i64,
-    },
+    Klines(&'a [Kline]),
     Indicator {
         pair: &'a PairKey,
         indicator: &'a str,
@@ -139,14 +135,8 @@ impl CommitFeed {
         }
     }
 
-    /// Records that closed candles of `pair` with `open_time` in `[earliest, latest]` were
-    /// committed.
-    pub fn committed(&self, pair: &PairKey, earliest: i64, latest: i64) {
-        self.tell(Committed::Klines {
-            pair,
-            earliest,
-            latest,
-        });
+    /// Records that closed candles of `pair` from `earliest` on were committed.
+    pub fn committed(&self, pair: &PairKey, earliest: i64) {
         let mut subs = lock(&self.subs);
         let Some(list) = subs.get_mut(pair) else {
             return;
@@ -705,13 +695,14 @@ impl Writer {
             // rows count, so no scrape sees a row both written and queued.
             self.stats
                 .set_buffered(buf.indicators.len() + buf.checkpoints.len());
-            let mut span: HashMap<&PairKey, (i64, i64)> = HashMap::new();
+            self.commits.tell(Committed::Klines(&buf.klines));
+            let mut earliest: HashMap<&PairKey, i64> = HashMap::new();
             for k in buf.klines.iter().filter(|k| k.is_final) {
-                let e = span.entry(&k.pair).or_insert((k.open_time, k.open_time));
-                *e = (e.0.min(k.open_time), e.1.max(k.open_time));
+                let e = earliest.entry(&k.pair).or_insert(k.open_time);
+                *e = (*e).min(k.open_time);
             }
-            for (pair, (earliest, latest)) in span {
-                self.commits.committed(pair, earliest, latest);
+            for (pair, t) in earliest {
+                self.commits.committed(pair, t);
             }
             let n = buf.klines.len() as u64;
             self.stats.rows_written.fetch_add(n, Ordering::Relaxed);

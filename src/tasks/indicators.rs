@@ -236,6 +236,29 @@ impl SeriesRows {
         self.len() == 0
     }
 
+    /// The collected values of `indicator` grouped by candle, in `open_time` order, each
+    /// candle's outputs in the spec's order (what the client server publishes).
+    pub fn events_of(&self, indicator: &str) -> Vec<crate::server::hub::IndicatorEvent> {
+        let cols: Vec<(&'static str, &Vec<(i64, f64)>)> = self
+            .keys
+            .iter()
+            .zip(&self.cols)
+            .filter(|((name, _), _)| name.as_ref() == indicator)
+            .map(|((_, output), col)| (*output, col))
+            .collect();
+        let mut by_time: std::collections::BTreeMap<i64, Vec<(&'static str, f64)>> =
+            std::collections::BTreeMap::new();
+        for (output, col) in &cols {
+            for &(t, v) in col.iter() {
+                by_time.entry(t).or_default().push((output, v));
+            }
+        }
+        by_time
+            .into_iter()
+            .map(|(open_time, values)| crate::server::hub::IndicatorEvent { open_time, values })
+            .collect()
+    }
+
     /// Moves every collected value to `out` as rows, in key order.
     pub fn take(&mut self, out: &mut Vec<IndicatorValue>) {
         out.reserve(self.len());
@@ -396,6 +419,8 @@ pub struct IndicatorTask {
     pub writer: WriterHandle,
     /// Durable checkpoint interval in candles ([`CHECKPOINT_EVERY`]).
     pub checkpoint_every: u64,
+    /// The client server's hub: values are published before they are queued for the writer.
+    pub hub: Option<crate::server::hub::Hub>,
 }
 
 impl IndicatorTask {
@@ -406,7 +431,14 @@ impl IndicatorTask {
             store,
             writer,
             checkpoint_every: CHECKPOINT_EVERY,
+            hub: None,
         }
+    }
+
+    /// Publishes the values to `hub` too.
+    pub fn with_hub(mut self, hub: Option<crate::server::hub::Hub>) -> IndicatorTask {
+        self.hub = hub;
+        self
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), crate::tasks::TaskError> {
@@ -444,8 +476,14 @@ impl IndicatorTask {
         let mut written_at = tokio::time::Instant::now();
         // The newest computed candle not yet in `indicator_status`.
         let mut unwritten: Option<i64> = None;
+        // The newest candle computed so far: values up to it that are computed again (after a
+        // late candle) are corrections for the client server.
+        let mut high_water: Option<i64> = None;
+        let mut corrected_upto: Option<i64> = None;
         loop {
-            self.catch_up(&mut state, cancel).await?;
+            self.catch_up(&mut state, corrected_upto, cancel).await?;
+            high_water = high_water.max(state.last_open_time());
+            corrected_upto = None;
             // While live, the status follows at most every STATUS_INTERVAL (one small insert per
             // flush and indicator would be too many); a phase change is written at once.
             if written_phase != phase::LIVE || written_at.elapsed() >= STATUS_INTERVAL {
@@ -475,6 +513,7 @@ impl IndicatorTask {
                     tracing::info!(pair = %self.pair, indicator = name, late = earliest, last,
                         "A candle arrived before the newest computed value; recomputing from a checkpoint before it.");
                     state = self.resume(earliest).await?;
+                    corrected_upto = high_water;
                     self.status(phase::COMPUTING, &state).await;
                     written_phase = phase::COMPUTING;
                 }
@@ -550,8 +589,10 @@ impl IndicatorTask {
     async fn catch_up(
         &self,
         state: &mut SeriesState,
+        corrected_upto: Option<i64>,
         cancel: &CancellationToken,
     ) -> Result<(), IndicatorError> {
+        let name = self.spec.to_string();
         let every = self.checkpoint_every.max(1);
         let mut fed = 0u64;
         loop {
@@ -576,6 +617,10 @@ impl IndicatorTask {
             }
             if (chunk.len() as u64) < READ_CHUNK && fed > 0 && state.bars() % every != 0 {
                 checkpoints.extend(state.checkpoint());
+            }
+            if let Some(hub) = self.hub.as_ref().filter(|h| h.is_active()) {
+                let events = collected.events_of(&name);
+                hub.publish_indicators(&self.pair, &self.spec, &events, corrected_upto, false);
             }
             let mut rows = Vec::new();
             collected.take(&mut rows);

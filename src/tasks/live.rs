@@ -61,6 +61,9 @@ pub struct Live {
     pub rest: Arc<RestClient>,
     pub status: StatusHub,
     pub late_grace: Duration,
+    /// The client server's hub: each new closed candle is published before it is queued for
+    /// the writer (clients get it before or while it is stored).
+    pub hub: Option<crate::server::hub::Hub>,
     /// Set by the first run: a later run (after a failure) resumes every pair from its last
     /// closed candle in `pair_status`, so what the failed run dropped is fetched by REST.
     pub resumed: Arc<AtomicBool>,
@@ -90,6 +93,9 @@ impl Live {
                             .get(&kline.pair)
                             .is_some_and(|p| !p.recent.contains(&kline.open_time));
                         if fresh {
+                            if let Some(hub) = &self.hub {
+                                hub.publish_kline(&kline);
+                            }
                             if self.writer.send(kline).await.is_err() {
                                 break;
                             }
@@ -129,6 +135,9 @@ impl Live {
                             p.down = false;
                             crate::metrics::add(&crate::metrics::WS_FINALS, 1);
                             let (pair, open, close) = (kline.pair.clone(), kline.open_time, kline.close_time);
+                            if let Some(hub) = &self.hub {
+                                hub.publish_kline(&kline);
+                            }
                             if self.writer.send(kline).await.is_err() {
                                 return Err(TaskError::Retryable("the writer stopped".into()));
                             }

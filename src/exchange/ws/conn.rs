@@ -47,6 +47,8 @@ pub(super) struct Shared {
     pub out: mpsc::Sender<LiveEvent>,
     /// Set when streams go through the proxy pool (`app.proxy.websocket`).
     pub pool: Option<Arc<ProxyPool>>,
+    /// Where in-progress candle updates go, if anywhere.
+    pub partials: Option<super::PartialHook>,
 }
 
 /// Starts connection `id` carrying `streams`, connecting after `delay` (a connection that
@@ -399,6 +401,7 @@ impl ConnTask {
             market,
             self.events_tx.clone(),
             self.shared.out.clone(),
+            self.shared.partials.clone(),
         );
         debug!(%market, conn = self.id, gen, streams = names.len(), "Stream socket open.");
         sock.enqueue("SUBSCRIBE", rest, &mut self.next_msg_id);

@@ -49,6 +49,10 @@ pub fn control_gap(market: Market) -> Duration {
     }
 }
 
+/// Told of every in-progress candle update the streams receive (the client server pushes them
+/// to clients that asked for `partial`). Called on the socket's reader: keep it short.
+pub type PartialHook = Arc<dyn Fn(&crate::market::Kline) + Send + Sync>;
+
 /// What the streams hand to the live task.
 #[derive(Debug, Clone)]
 pub enum LiveEvent {
@@ -93,6 +97,12 @@ impl MarketStreams {
         self
     }
 
+    /// In-progress candle updates go to `hook` (they are dropped otherwise).
+    pub fn with_partials(mut self, hook: Option<PartialHook>) -> MarketStreams {
+        self.shared.partials = hook;
+        self
+    }
+
     pub fn new(
         market: Market,
         ws_url: &str,
@@ -111,6 +121,7 @@ impl MarketStreams {
                 cfg,
                 out,
                 pool: None,
+                partials: None,
             },
             conns: Vec::new(),
             next_id: 1,

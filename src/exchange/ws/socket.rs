@@ -120,11 +120,20 @@ impl Sock {
         market: Market,
         events: mpsc::UnboundedSender<SockEvent>,
         out: mpsc::Sender<LiveEvent>,
+        partials: Option<super::PartialHook>,
     ) -> Sock {
         let (write, read) = ws.split();
         let opened_ms = now_ms();
         let last_data = Arc::new(AtomicI64::new(opened_ms));
-        let reader = tokio::spawn(read_loop(read, gen, market, events, out, last_data.clone()));
+        let reader = tokio::spawn(read_loop(
+            read,
+            gen,
+            market,
+            events,
+            out,
+            partials,
+            last_data.clone(),
+        ));
         Sock {
             gen,
             write,
@@ -202,6 +211,7 @@ async fn read_loop(
     market: Market,
     ev_tx: mpsc::UnboundedSender<SockEvent>,
     out: mpsc::Sender<LiveEvent>,
+    partials: Option<super::PartialHook>,
     last_data: Arc<AtomicI64>,
 ) {
     // The connection owns this reader: if it panics, the connection hears at once (the
@@ -244,7 +254,8 @@ async fn read_loop(
         last_data.store(now_ms(), Ordering::Relaxed);
         crate::faults::hit("ws_reader");
         match parse_frame(market, text.as_str()) {
-            // Only closed candles leave; in-progress updates just keep the watchdog calm.
+            // Closed candles go to the live task; in-progress updates only to the partial hook
+            // (and they keep the watchdog calm).
             Ok(Incoming::Kline { kline, event_ms }) if kline.is_final => {
                 if out
                     .send(LiveEvent::Final { kline, event_ms })
@@ -254,7 +265,11 @@ async fn read_loop(
                     break "the live task stopped".to_string();
                 }
             }
-            Ok(Incoming::Kline { .. }) => {}
+            Ok(Incoming::Kline { kline, .. }) => {
+                if let Some(hook) = &partials {
+                    hook(&kline);
+                }
+            }
             Ok(Incoming::Reply { id, error }) => {
                 let _ = ev_tx.send(SockEvent::Reply { gen, id, error });
             }
