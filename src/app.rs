@@ -90,6 +90,61 @@ pub async fn run_daemon(
 
 /// `ready`: polls the running daemon's `/readyz` (on `app.http.listen`, a wildcard address
 /// reached on loopback) until it answers 200, for at most `timeout`.
+/// `quantservice clientserver`: the client server alone, fed by following ClickHouse, until
+/// `cancel` (clients then get 1001). `host`/`port` override `app.clientserver`.
+pub async fn clientserver(
+    cfg: &Config,
+    host: Option<String>,
+    port: Option<u16>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut cs = cfg.clientserver.clone();
+    if let Some(h) = host {
+        if !crate::config::is_bare_host(&h) {
+            anyhow::bail!("--host must be an IP address or host name like 0.0.0.0, got {h:?}");
+        }
+        cs.host = h;
+    }
+    if let Some(p) = port {
+        cs.port = p;
+    }
+    let store = Store::new(&cfg.clickhouse)?;
+    // Not fatal: the server answers (replays fail with `unavailable`) and follows once
+    // ClickHouse is back.
+    if let Err(e) = store.ping(cfg.clickhouse.timeout).await {
+        tracing::warn!(error = %e, "ClickHouse does not answer yet; serving anyway.");
+    }
+    let hub = crate::server::hub::Hub::default();
+    let follower = crate::server::follow::Follower {
+        store: store.clone(),
+        hub: hub.clone(),
+        interval: cs.follow_interval,
+    };
+    let mut follow =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follower.run(cancel.child_token())));
+    let facade = axum::Router::new();
+    let stop = cancel.child_token();
+    let server = crate::server::client::run(&cs, hub, Some(store), facade, stop.clone());
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served.map_err(Into::into),
+        ended = &mut follow => {
+            // The follower only ends when cancelled; anything else is a bug: stop serving
+            // (clients get 1001) and exit non-zero, so a service manager restarts us.
+            stop.cancel();
+            let _ = server.await;
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let why = match ended {
+                Ok(()) => "it returned".to_string(),
+                Err(e) => crate::join_error_text(e),
+            };
+            anyhow::bail!("the ClickHouse follower stopped ({why})")
+        }
+    }
+}
+
 pub async fn ready(cfg: &Config, timeout: Duration) -> Result<(), crate::server::ops::ReadyError> {
     crate::server::ops::wait_ready(&cfg.http.listen, timeout).await
 }

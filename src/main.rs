@@ -65,12 +65,26 @@ enum Command {
     /// Compute indicators over a pair's stored candles (warm-up from its first candle) and
     /// write the values of [start_ms, end_ms) to the indicators table, or to a CSV.
     Indicators(IndicatorsArgs),
+    /// Run the client server alone, serving from ClickHouse only: WebSocket push at /ws
+    /// (replay, then live by following new rows) and the Binance-compatible REST facade.
+    /// Address and limits default to app.clientserver; run several in front of one ClickHouse.
+    Clientserver(ClientServerArgs),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
     /// Wait until the running daemon is ready (its /readyz on app.http.listen answers 200):
     /// exit 0 when ready, 1 on timeout (the last reason on stderr), 3 if the endpoint is
     /// disabled.
     Ready(ReadyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ClientServerArgs {
+    /// Address to listen on (default: app.clientserver.host), e.g. 0.0.0.0.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (default: app.clientserver.port, 8765).
+    #[arg(long)]
+    port: Option<u16>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -259,6 +273,7 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 | Some(Command::WsStart(_))
                 | Some(Command::Optimize(_))
                 | Some(Command::Indicators(_))
+                | Some(Command::Clientserver(_))
         ) {
         Console::Stderr
     } else {
@@ -321,6 +336,11 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
         }
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) | Some(Command::Ready(_)) => {
             Ok(())
+        }
+        Some(Command::Clientserver(args)) => {
+            let cancel = CancellationToken::new();
+            app::watch_signals(app::shutdown_signal(), cancel.clone());
+            app::clientserver(&cfg, args.host, args.port, cancel).await
         }
         Some(Command::Optimize(args)) => {
             let cancel = CancellationToken::new();

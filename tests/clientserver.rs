@@ -23,12 +23,22 @@ use tokio_util::sync::CancellationToken;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The `i`-th one-minute candle from the minute the tests started (live-only subscribers get
+/// candles from the one before the forming one on, so these are recent).
 fn candle(pair: &PairKey, i: i64) -> Kline {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let base = *BASE
+        .get_or_init(|| quantservice::market::Period::M1.align(quantservice::market::now_ms()));
+    candle_at(pair, base, i)
+}
+
+/// The `i`-th one-minute candle from `base`.
+fn candle_at(pair: &PairKey, base: i64, i: i64) -> Kline {
     let d = |m: i128| Decimal::from_mantissa(m);
     Kline {
         pair: pair.clone(),
-        open_time: 1_700_000_000_000 + i * 60_000,
-        close_time: 1_700_000_000_000 + i * 60_000 + 59_999,
+        open_time: base + i * 60_000,
+        close_time: base + i * 60_000 + 59_999,
         open: d(4_200_000_000_000 + i128::from(i)),
         high: d(4_300_000_000_000),
         low: d(4_100_000_000_000),
@@ -120,7 +130,7 @@ async fn requests_are_answered_and_bad_ones_keep_the_connection() {
     srv.hub.publish_kline(&candle(&pair, 0));
     let data = next_json(&mut ws).await;
     assert_eq!(data["channel"], "klines");
-    assert_eq!(data["data"]["open_time"], 1_700_000_000_000i64);
+    assert_eq!(data["data"]["open_time"], candle(&pair, 0).open_time);
     assert_eq!(data["data"]["open"], candle(&pair, 0).open.to_string());
 
     for (text, code) in [
@@ -204,16 +214,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_get_every_frame() {
     // The reader counts what it gets, in order.
     let got = Arc::new(AtomicU64::new(0));
     let counter = got.clone();
+    let pair_r = pair.clone();
     let reading = tokio::spawn(async move {
         let mut next = 0i64;
         loop {
             let v = next_json(&mut reader).await;
             let t = v["data"]["open_time"].as_i64().unwrap();
-            assert_eq!(
-                t,
-                1_700_000_000_000 + next * 60_000,
-                "in order, none missing"
-            );
+            assert_eq!(t, candle(&pair_r, next).open_time, "in order, none missing");
             next += 1;
             counter.store(next as u64, Ordering::SeqCst);
             if next == 200_000 || v["data"]["trades"] == 0 {
@@ -231,6 +238,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_get_every_frame() {
             sent += 1;
         }
         while got.load(Ordering::SeqCst) + 100 < sent as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline && !reading.is_finished(),
+                "the reader stopped getting frames"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -612,4 +623,331 @@ async fn a_late_candle_sends_indicator_corrections_equal_to_the_healed_series() 
     assert!(compared > 600, "{compared}");
     cancel.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Connects to `url`, retrying while the server starts (up to 30 s).
+async fn connect_when_up(url: &str) -> Ws {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => return ws,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{url} did not come up: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The close frame's code, skipping data frames, within 10 s.
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close frame within 10 s");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+            Some(Ok(Message::Close(None))) | None => panic!("closed without a close frame"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("connection error before a close frame: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_server_replays_and_follows_what_another_process_stores() {
+    use quantservice::store::writer::IndicatorValue;
+
+    let db = common::TestDb::new("cs_standalone");
+    let (_store, writer) = store_and_writer(&db, "50ms").await;
+    let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+    // Recent candles: the server follows the newest periods of each pair.
+    let base = quantservice::market::Period::M1.align(quantservice::market::now_ms()) - 90 * 60_000;
+    let at = |i: i64| candle_at(&pair, base, i);
+    writer.send_many((0..50).map(at).collect()).await.unwrap();
+    common::wait_stored(&db, &pair, at(0).open_time, at(50).open_time, 60).await;
+
+    let port = common::dead_port();
+    let (_dir, path, _) =
+        common::write_config(&db.yaml("  clientserver:\n    follow_interval: 100ms\n"));
+    let mut server = common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_quantservice"))
+            .arg("--config")
+            .arg(&path)
+            .args([
+                "clientserver",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let mut ws = connect_when_up(&url).await;
+    let r = say(
+        &mut ws,
+        &format!(
+            r#"{{"op":"subscribe","id":1,"channel":"klines","market":"um","symbol":"BTCUSDT","period":"1m","since":{}}}"#,
+            at(20).open_time
+        ),
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let mut got = open_times_until(&mut ws, at(49).open_time).await;
+    // Stored by another process while the client is connected: followed.
+    for i in 50..60 {
+        writer.send(at(i)).await.unwrap();
+    }
+    got.extend(open_times_until(&mut ws, at(59).open_time).await);
+    assert_eq!(
+        got,
+        (20..60).map(|i| at(i).open_time).collect::<Vec<_>>(),
+        "replayed, then followed: every candle once, in order"
+    );
+
+    // An indicator value, then a newer computation of it: sent, then sent again as a correction.
+    let mut other = connect(&url).await;
+    let r = say(
+        &mut other,
+        r#"{"op":"subscribe","id":2,"channel":"indicators","market":"um","symbol":"BTCUSDT","period":"1m","indicator":"rsi(14)"}"#,
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    // The forming candle: live-only subscribers get values from the candle before it on.
+    let now = quantservice::market::Period::M1.align(quantservice::market::now_ms());
+    let value = |v: f64| IndicatorValue {
+        pair: pair.clone(),
+        open_time: now,
+        indicator: Arc::from("rsi(14)"),
+        output: "value",
+        value: v,
+    };
+    writer.send_indicators(vec![value(55.5)]).await.unwrap();
+    let v = next_json(&mut other).await;
+    assert_eq!(v["data"]["values"]["value"], 55.5, "{v}");
+    assert!(v.get("correction").is_none(), "{v}");
+    writer.send_indicators(vec![value(56.25)]).await.unwrap();
+    let v = next_json(&mut other).await;
+    assert_eq!(v["data"]["values"]["value"], 56.25, "{v}");
+    assert_eq!(v["correction"], true, "{v}");
+
+    // SIGTERM: every client gets 1001, and the process exits 0.
+    let pid = server.id();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, 1001);
+    assert_eq!(close_code(&mut other).await, 1001);
+    let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// The stored closed candles of `pair` in `[from, to]` as the client server renders them.
+fn stored_frames(db: &common::TestDb, pair: &PairKey, from: i64, to: i64) -> Vec<Value> {
+    let out = db.sql(&format!(
+        "SELECT open_time, close_time, toString(open), toString(high), toString(low), \
+         toString(close), toString(volume), toString(quote_volume), trades \
+         FROM klines FINAL WHERE market = '{}' AND symbol = '{}' AND period = '{}' \
+         AND is_final = 1 AND open_time >= {from} AND open_time <= {to} \
+         ORDER BY open_time FORMAT TSV",
+        pair.market.as_str(),
+        pair.symbol.as_str(),
+        pair.period.as_str()
+    ));
+    // Decimal(38, 8) prints its digits; the frames carry the shortest exact form.
+    let dec = |s: &str| s.parse::<Decimal>().unwrap().to_string();
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            serde_json::json!({
+                "open_time": f[0].parse::<i64>().unwrap(),
+                "close_time": f[1].parse::<i64>().unwrap(),
+                "open": dec(f[2]), "high": dec(f[3]), "low": dec(f[4]), "close": dec(f[5]),
+                "volume": dec(f[6]), "quote_volume": dec(f[7]),
+                "trades": f[8].parse::<u64>().unwrap(),
+                "is_final": true,
+            })
+        })
+        .collect()
+}
+
+/// The embedded server end to end: a daemon streaming from the simulator, its client server
+/// enabled, moved and disabled by config edits without a restart; a client replays from the
+/// past, then goes live with in-progress candles; every closed candle it got equals ClickHouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_server_streams_what_the_daemon_stores_and_follows_config_edits() {
+    use quantservice::config_watch::{ReloadResult, Reloads};
+    use quantservice::market::{Market, Period};
+
+    let sim = qs_sim::start(qs_sim::SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    sim.set_ws_update_interval(Some(Duration::from_millis(100)));
+    let db = common::TestDb::new("cs_embedded");
+    let yaml = |cs: &str| {
+        db.yaml(&format!(
+            "{}  writer:\n    flush_interval: 100ms\n  operator:\n    poll_interval: 200ms\n{cs}",
+            common::sim_endpoints_yaml(&sim, &sim.ws_url(Market::Um))
+        ))
+    };
+    let cs = |enabled: bool, port: u16| {
+        format!(
+            "  clientserver:\n    enabled: {enabled}\n    host: \"127.0.0.1\"\n    port: {port}\n"
+        )
+    };
+    let (a, b) = (common::dead_port(), common::dead_port());
+    let (_dir, path, cfg) = common::write_config(&yaml(&cs(false, a)));
+    let reloads = Reloads::new();
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(quantservice::app::run_daemon(
+        cfg,
+        path.clone(),
+        reloads.clone(),
+        shutdown.clone(),
+    ));
+    let edit = |yaml: String| {
+        let reloads = reloads.clone();
+        let path = path.clone();
+        async move {
+            let seq = reloads.latest().seq;
+            let tmp = path.with_extension("yaml.tmp");
+            std::fs::write(&tmp, yaml).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), reloads.next_after(seq))
+                .await
+                .expect("a reload outcome within 30 s")
+                .unwrap()
+                .result
+        }
+    };
+    common::wait_for(30, "the schema", || async {
+        db.try_sql("SELECT count() FROM trading_pairs").is_ok()
+    })
+    .await;
+    let pair = PairKey::parse("spot", "BTCUSDT", "1s").unwrap();
+    let start = Period::S1.align(qs_sim::now_ms()) - 30_000;
+    db.sql(&format!(
+        "INSERT INTO trading_pairs (market, symbol, period, backfill_from) VALUES ('spot', 'BTCUSDT', '1s', {start})"
+    ));
+    let applied = ReloadResult::Applied {
+        changed: vec!["clientserver".to_string()],
+    };
+    // Enabled by an edit.
+    assert_eq!(edit(yaml(&cs(true, a))).await, applied);
+    let mut ws = connect_when_up(&format!("ws://127.0.0.1:{a}/ws")).await;
+    let since = start + 5_000;
+    let r = say(
+        &mut ws,
+        &format!(
+            r#"{{"op":"subscribe","id":1,"channel":"klines","market":"spot","symbol":"BTCUSDT","period":"1s","since":{since},"partial":true}}"#
+        ),
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    // Replay, then live: until 5 closed candles newer than the moment we subscribed.
+    let live_from = Period::S1.align(qs_sim::now_ms());
+    let mut finals: Vec<Value> = Vec::new();
+    let mut partials = 0;
+    while finals
+        .last()
+        .is_none_or(|d| d["open_time"].as_i64().unwrap() < live_from + 5_000)
+    {
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["symbol"], "BTCUSDT", "{v}");
+        if v["data"]["is_final"] == true {
+            finals.push(v["data"].clone());
+        } else {
+            partials += 1;
+        }
+    }
+    assert!(partials > 0, "in-progress candles were asked for");
+    let last = finals.last().unwrap()["open_time"].as_i64().unwrap();
+    common::wait_stored(&db, &pair, since, last + 1_000, 30).await;
+    let stored = stored_frames(&db, &pair, since, last);
+    let times =
+        |v: &[Value]| -> Vec<i64> { v.iter().map(|d| d["open_time"].as_i64().unwrap()).collect() };
+    assert_eq!(
+        times(&finals),
+        times(&stored),
+        "every closed candle from since, once, in order"
+    );
+    for (got, want) in finals.iter().zip(&stored) {
+        assert_eq!(got, want, "as stored");
+    }
+
+    // Moved by an edit: the client is told (1001), the old port closes, the new one serves.
+    assert_eq!(edit(yaml(&cs(true, b))).await, applied);
+    assert_eq!(close_code(&mut ws).await, 1001);
+    let mut ws = connect_when_up(&format!("ws://127.0.0.1:{b}/ws")).await;
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{a}/ws"))
+            .await
+            .is_err(),
+        "the old port is closed"
+    );
+    let r = say(&mut ws, r#"{"op":"ping","id":3}"#).await;
+    assert_eq!(r["op"], "pong");
+    // Disabled by an edit.
+    assert_eq!(edit(yaml(&cs(false, b))).await, applied);
+    assert_eq!(close_code(&mut ws).await, 1001);
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{b}/ws"))
+            .await
+            .is_err(),
+        "disabled"
+    );
+    assert!(!daemon.is_finished(), "no restart");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), daemon)
+        .await
+        .expect("the daemon stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_every_client_of_the_daemon_a_1001_close() {
+    let db = common::TestDb::new("cs_sigterm");
+    let port = common::dead_port();
+    let (_dir, path, _) = common::write_config(&db.yaml(&format!(
+        "  clientserver:\n    enabled: true\n    port: {port}\n"
+    )));
+    let mut daemon = common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_quantservice"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut ws = connect_when_up(&url).await;
+        let r = say(&mut ws, &format!(r#"{{"op":"ping","id":{i}}}"#)).await;
+        assert_eq!(r["op"], "pong");
+        clients.push(ws);
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    for ws in &mut clients {
+        assert_eq!(close_code(ws).await, 1001);
+    }
+    let status = tokio::task::spawn_blocking(move || daemon.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -60,6 +60,9 @@ struct Sub {
     id: SubId,
     partial: bool,
     target: Target,
+    /// Older candles (a backfill, a hole healed far back) are not this subscription's
+    /// business: `since` for a replay, else the candle before the one forming at subscribe.
+    floor: i64,
 }
 
 /// A pending final event: a rendered candle frame, or an indicator's values (rendered only if
@@ -193,9 +196,29 @@ pub struct IndicatorEvent {
     pub values: Vec<(&'static str, f64)>,
 }
 
+/// Counts a follower's looks: the number of the last one started, and of the last one done.
+#[derive(Debug)]
+struct Looks {
+    attached: std::sync::atomic::AtomicBool,
+    started: AtomicU64,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Looks {
+    fn default() -> Self {
+        Looks {
+            attached: Default::default(),
+            started: AtomicU64::new(0),
+            done: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
 /// Cheap to clone; producers and connections share one.
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
+    /// The standalone server's follower's looks at ClickHouse (see [`Hub::fresh_look`]).
+    looks: Arc<Looks>,
     /// Set while no client server runs: publishing is then a no-op.
     idle: Arc<std::sync::atomic::AtomicBool>,
     channels: Arc<Mutex<HashMap<Channel, ChannelState>>>,
@@ -206,6 +229,34 @@ pub struct Hub {
 impl Hub {
     pub fn stats(&self) -> &HubStats {
         &self.stats
+    }
+
+    /// A follower (the standalone server's) feeds this hub from ClickHouse: replays then wait
+    /// for one of its looks before going live ([`fresh_look`](Self::fresh_look)).
+    pub fn attach_follower(&self) {
+        self.looks.attached.store(true, Ordering::SeqCst);
+    }
+
+    /// The follower starts a look: its number, for [`look_done`](Self::look_done).
+    pub fn look_started(&self) -> u64 {
+        self.looks.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The follower published everything look `n` found.
+    pub fn look_done(&self, n: u64) {
+        self.looks.done.send_modify(|d| *d = (*d).max(n));
+    }
+
+    /// With a follower attached: waits until a look that started after this call is done, so
+    /// every row visible now has been published (a replay that read ClickHouse before this
+    /// call finds them in its staging queue, not after it went live). At once without one.
+    pub async fn fresh_look(&self) {
+        if !self.looks.attached.load(Ordering::SeqCst) {
+            return;
+        }
+        let after = self.looks.started.load(Ordering::SeqCst);
+        let mut done = self.looks.done.subscribe();
+        let _ = done.wait_for(|d| *d > after).await;
     }
 
     /// Whether a client server is being fed (producers skip building events otherwise).
@@ -239,6 +290,11 @@ impl Hub {
         since: Option<i64>,
     ) -> SubId {
         let id = SubId(self.next.fetch_add(1, Ordering::Relaxed));
+        let period = channel.pair().period;
+        let floor = since.unwrap_or_else(|| {
+            let forming = period.align(crate::market::now_ms());
+            forming.saturating_sub(period.fixed_ms().unwrap_or(31 * 86_400_000))
+        });
         let mut channels = lock(&self.channels);
         let state = channels.entry(channel.clone()).or_default();
         if let Some(since) = since {
@@ -254,6 +310,7 @@ impl Hub {
             id,
             partial,
             target,
+            floor,
         });
         id
     }
@@ -357,6 +414,15 @@ impl Hub {
             .map_or(0, |c| c.subs.len())
     }
 
+    /// The channels that have subscribers right now.
+    pub fn subscribed_channels(&self) -> Vec<Channel> {
+        lock(&self.channels)
+            .iter()
+            .filter(|(_, c)| !c.subs.is_empty())
+            .map(|(ch, _)| ch.clone())
+            .collect()
+    }
+
     /// Subscriptions to every channel right now.
     pub fn subscriptions(&self) -> usize {
         lock(&self.channels).values().map(|c| c.subs.len()).sum()
@@ -442,7 +508,7 @@ impl Hub {
     /// queue is full or gone.
     fn offer(&self, state: &mut ChannelState, frame: &Frame) {
         state.subs.retain(|s| {
-            if !frame.is_final && !s.partial {
+            if (!frame.is_final && !s.partial) || frame.open_time < s.floor {
                 return true;
             }
             match s.target.queue.try_send(frame.clone()) {
@@ -466,12 +532,19 @@ mod tests {
     use super::*;
     use crate::market::{Decimal, Source};
 
+    /// The `i`-th one-minute candle from the minute these tests started (live subscriptions
+    /// only get candles from the one before the forming one on).
+    fn at(i: i64) -> i64 {
+        static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+        *BASE.get_or_init(|| crate::market::Period::M1.align(crate::market::now_ms())) + i * 60_000
+    }
+
     fn candle(pair: &PairKey, i: i64, is_final: bool) -> Kline {
         let d = |m: i128| Decimal::from_mantissa(m);
         Kline {
             pair: pair.clone(),
-            open_time: i * 60_000,
-            close_time: i * 60_000 + 59_999,
+            open_time: at(i),
+            close_time: at(i) + 59_999,
             open: d(100),
             high: d(200),
             low: d(50),
@@ -511,7 +584,7 @@ mod tests {
         hub.publish_kline(&candle(&pair, 1, false));
         hub.publish_kline(&candle(&pair, 1, true));
         let fa = ra.try_recv().unwrap();
-        assert!(fa.is_final && fa.open_time == 60_000);
+        assert!(fa.is_final && fa.open_time == at(1));
         assert!(ra.try_recv().is_err(), "no partial for a");
         let (p, f) = (rb.try_recv().unwrap(), rb.try_recv().unwrap());
         assert!(!p.is_final && f.is_final);
@@ -542,7 +615,7 @@ mod tests {
         let got: Vec<i64> = std::iter::from_fn(|| rf.try_recv().ok())
             .map(|f| f.open_time)
             .collect();
-        assert_eq!(got, (0..10).map(|i| i * 60_000).collect::<Vec<_>>());
+        assert_eq!(got, (0..10).map(at).collect::<Vec<_>>());
     }
 
     #[test]
@@ -559,14 +632,14 @@ mod tests {
             Retarget::Pending,
             "a frame still waits in staging"
         );
-        assert_eq!(rs.try_recv().unwrap().open_time, 60_000);
+        assert_eq!(rs.try_recv().unwrap().open_time, at(1));
         assert_eq!(
             hub.retarget_when_drained(&ch, id, &main, &rs),
             Retarget::Moved
         );
         hub.publish_kline(&candle(&pair, 2, true));
         assert!(rs.try_recv().is_err());
-        assert_eq!(rm.try_recv().unwrap().open_time, 120_000);
+        assert_eq!(rm.try_recv().unwrap().open_time, at(2));
         hub.unsubscribe(&ch, id);
         assert_eq!(hub.subscribers(&ch), 0);
         hub.publish_kline(&candle(&pair, 3, true));
@@ -591,12 +664,12 @@ mod tests {
             std::iter::from_fn(|| rx.try_recv().ok())
                 .map(|f| {
                     assert!(f.is_final, "no in-progress candle from memory");
-                    f.open_time / 60_000
+                    (f.open_time - at(0)) / 60_000
                 })
                 .collect()
         };
         let (t, mut rx) = target(1000);
-        hub.subscribe_since(ch.clone(), true, t, Some(60 * 60_000));
+        hub.subscribe_since(ch.clone(), true, t, Some(at(60)));
         assert_eq!(drain(&mut rx), (60..100).collect::<Vec<_>>());
         // The writer stored 0..=79: only 80.. stay pending.
         let stored: Vec<Kline> = (0..80).map(|i| candle(&pair, i, true)).collect();
@@ -612,7 +685,7 @@ mod tests {
         // Read from ClickHouse: nothing kept.
         hub.publish_stored_kline(&candle(&pair, 200, true));
         assert_eq!(hub.pending(&ch), 20);
-        assert_eq!(rx.try_recv().unwrap().open_time, 200 * 60_000);
+        assert_eq!(rx.try_recv().unwrap().open_time, at(200));
     }
 
     #[test]
@@ -675,7 +748,7 @@ mod tests {
         hub.confirm(Committed::Klines(&rows));
         hub.publish_kline(&candle(&pair, 6, true));
         let got: Vec<i64> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|f| f.open_time / 60_000)
+            .map(|f| (f.open_time - at(0)) / 60_000)
             .collect();
         assert_eq!(got, vec![5, 3, 4, 6], "each once");
         assert_eq!(hub.pending(&ch), 0);

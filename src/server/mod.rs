@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod facade;
+pub mod follow;
 pub mod hub;
 pub mod ops;
 pub mod protocol;

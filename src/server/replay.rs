@@ -5,8 +5,10 @@
 //! How the seam works: the subscription is registered with the hub *before* the first read,
 //! into a staging queue (with the hub's recent frames from `since`, which may not be stored
 //! yet). After the last stored row, the staging queue is drained: a frame whose `open_time`
-//! the replay already delivered is dropped (unless it is an indicator correction), a new one
-//! is queued. The hub then moves the subscription to the connection's queue, but only at a
+//! the replay already delivered, or one before `since`, is dropped (unless it is an indicator
+//! correction of a delivered one), a new one is queued. With a standalone server's follower,
+//! the drain waits for one of its looks that started after the last read, so that a row the
+//! replay read cannot come back later as a live one. The hub then moves the subscription to the connection's queue, but only at a
 //! moment when the staging queue is empty, under the lock every publisher takes: no frame can
 //! slip in between.
 
@@ -133,9 +135,11 @@ impl Replay {
             }
         }
         drop(reader);
+        // A standalone server's follower publishes what became visible up to now first.
+        hub.fresh_look().await;
         loop {
             while let Ok(f) = self.staging.try_recv() {
-                if delivered.wants(&f) {
+                if f.open_time >= since && delivered.wants(&f) {
                     conn.queue.send(f).await.map_err(|_| ReplayError::Closed)?;
                     sent += 1;
                 }

@@ -129,3 +129,124 @@ impl Store {
         Ok(out)
     }
 }
+
+/// A series the standalone client server follows: new rows of it with `open_time >= floor`.
+#[derive(Debug, Clone)]
+pub struct Followed {
+    pub pair: PairKey,
+    /// `None`: the pair's candles; else one indicator of it.
+    pub indicator: Option<Spec>,
+    pub floor: i64,
+}
+
+/// One stored indicator value with its version, for the follower.
+#[derive(Debug, Clone, clickhouse::Row, Deserialize)]
+pub struct FollowedValue {
+    pub market: String,
+    pub symbol: String,
+    pub period: String,
+    pub indicator: String,
+    pub open_time: i64,
+    pub output: String,
+    pub value: f64,
+    pub version: u64,
+}
+
+/// `(market = ? AND symbol = ? AND period = ? [AND indicator = ?] AND open_time >= ?) OR …`
+/// for `series` (all of one kind), and its bindings in order.
+fn series_condition(series: &[&Followed]) -> String {
+    series
+        .iter()
+        .map(|f| {
+            if f.indicator.is_some() {
+                "(market = ? AND symbol = ? AND period = ? AND indicator = ? AND open_time >= ?)"
+            } else {
+                "(market = ? AND symbol = ? AND period = ? AND open_time >= ?)"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+fn bind_series(mut q: clickhouse::query::Query, series: &[&Followed]) -> clickhouse::query::Query {
+    for f in series {
+        q = q
+            .bind(f.pair.market.as_str())
+            .bind(f.pair.symbol.as_str())
+            .bind(f.pair.period.as_str());
+        if let Some(spec) = &f.indicator {
+            q = q.bind(spec.to_string());
+        }
+        q = q.bind(f.floor);
+    }
+    q
+}
+
+impl Store {
+    /// The newest `ingested_at` (ms) of `klines` and `version` (µs) of `indicators`: where
+    /// a follower starts.
+    pub async fn follow_marks(&self) -> Result<(i64, u64), StoreError> {
+        let k = self
+            .call(
+                self.client
+                    .query("SELECT max(ingested_at) FROM klines")
+                    .fetch_one::<i64>(),
+            )
+            .await?;
+        let i = self
+            .call(
+                self.client
+                    .query("SELECT max(version) FROM indicators")
+                    .fetch_one::<u64>(),
+            )
+            .await?;
+        Ok((k, i))
+    }
+
+    /// Closed candles of the followed pairs ingested after `after_ms` (by `ingested_at`), with
+    /// their `ingested_at`, oldest ingest first.
+    pub async fn klines_ingested_after(
+        &self,
+        series: &[&Followed],
+        after_ms: i64,
+    ) -> Result<Vec<(crate::market::Kline, i64)>, StoreError> {
+        if series.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {} FROM klines WHERE is_final = 1 AND ingested_at > ? AND ({}) \
+             ORDER BY ingested_at, market, symbol, period, open_time",
+            super::KLINE_COLUMNS,
+            series_condition(series)
+        );
+        let q = bind_series(self.client.query(&sql).bind(after_ms), series);
+        let rows = self.call(q.fetch_all::<super::KlineRow<String>>()).await?;
+        rows.into_iter()
+            .map(|r| {
+                let ingested = r.ingested_at;
+                r.into_kline().map(|k| (k, ingested))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Protocol)
+    }
+
+    /// Values of the followed indicators computed after `after_us` (by `version`), by series
+    /// and `open_time`.
+    pub async fn indicator_values_after(
+        &self,
+        series: &[&Followed],
+        after_us: u64,
+    ) -> Result<Vec<FollowedValue>, StoreError> {
+        if series.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT market, symbol, period, indicator, open_time, output, value, version \
+             FROM indicators WHERE version > ? AND ({}) \
+             ORDER BY market, symbol, period, indicator, open_time, output, version",
+            series_condition(series)
+        );
+        let q = bind_series(self.client.query(&sql).bind(after_us), series);
+        self.call(q.fetch_all::<FollowedValue>()).await
+    }
+}
