@@ -5,8 +5,10 @@
 //! what it returns; and which symbols of a market are known (stored or declared). Which page a
 //! request asks for (Binance's parameter rules per market) is the facade's business, not this.
 
-use super::{Store, StoreError, KLINE_COLUMNS};
-use crate::market::{Kline, Market, PairKey, Symbol};
+use serde::Deserialize;
+
+use super::{Store, StoreError};
+use crate::market::{Decimal, Kline, Market, PairKey, Symbol};
 
 /// A month is at most 31 days: windows for `1M` are never too narrow.
 const LONGEST_MONTH_MS: i64 = 31 * 86_400_000;
@@ -53,10 +55,11 @@ impl Store {
             let upto = cursor.saturating_add(span - 1).min(to);
             let want = limit - out.len() as u64;
             let chunk = self
-                .fetch_klines(
+                .fetch_page(
+                    pair,
                     self.client
                         .query(&format!(
-                            "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                            "SELECT {PAGE_COLUMNS} FROM klines FINAL \
                              WHERE market = ? AND symbol = ? AND period = ? \
                              AND open_time >= ? AND open_time <= ? \
                              ORDER BY open_time LIMIT ?"
@@ -111,10 +114,11 @@ impl Store {
             let lowest = top.saturating_sub(span - 1).max(from);
             let want = limit - newest_first.len() as u64;
             let chunk = self
-                .fetch_klines(
+                .fetch_page(
+                    pair,
                     self.client
                         .query(&format!(
-                            "SELECT {KLINE_COLUMNS} FROM klines FINAL \
+                            "SELECT {PAGE_COLUMNS} FROM klines FINAL \
                              WHERE market = ? AND symbol = ? AND period = ? \
                              AND open_time >= ? AND open_time <= ? \
                              ORDER BY open_time DESC LIMIT ?"
@@ -146,6 +150,19 @@ impl Store {
         }
         newest_first.reverse();
         Ok(newest_first)
+    }
+
+    /// Runs a `SELECT {PAGE_COLUMNS} …` of `pair`'s rows.
+    async fn fetch_page(
+        &self,
+        pair: &PairKey,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<Kline>, StoreError> {
+        let rows = self.call(query.fetch_all::<PageRow>()).await?;
+        rows.into_iter()
+            .map(|r| r.into_kline(pair))
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Protocol)
     }
 
     /// The first (or last) `open_time` of the pair's stored rows in `[from, to]`, if any.
@@ -223,6 +240,50 @@ impl Store {
         all.sort();
         all.dedup();
         Ok(all)
+    }
+}
+
+/// The columns of [`PageRow`], in order: a candle without its pair (the query's) and without
+/// the bookkeeping columns, so a page costs ClickHouse and us no more than it carries.
+const PAGE_COLUMNS: &str = "open_time, close_time, open, high, low, close, volume, \
+    quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, source";
+
+#[derive(clickhouse::Row, Deserialize)]
+struct PageRow {
+    open_time: i64,
+    close_time: i64,
+    open: i128,
+    high: i128,
+    low: i128,
+    close: i128,
+    volume: i128,
+    quote_volume: i128,
+    trades: u64,
+    taker_buy_volume: i128,
+    taker_buy_quote_volume: i128,
+    is_final: u8,
+    source: String,
+}
+
+impl PageRow {
+    fn into_kline(self, pair: &PairKey) -> Result<Kline, String> {
+        let d = Decimal::from_mantissa;
+        Ok(Kline {
+            pair: pair.clone(),
+            open_time: self.open_time,
+            close_time: self.close_time,
+            open: d(self.open),
+            high: d(self.high),
+            low: d(self.low),
+            close: d(self.close),
+            volume: d(self.volume),
+            quote_volume: d(self.quote_volume),
+            trades: self.trades,
+            taker_buy_volume: d(self.taker_buy_volume),
+            taker_buy_quote_volume: d(self.taker_buy_quote_volume),
+            is_final: self.is_final != 0,
+            source: self.source.parse()?,
+        })
     }
 }
 
