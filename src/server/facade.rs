@@ -1,12 +1,25 @@
-//! The Binance-compatible REST facade's pure half: `GET {prefix}/klines` parameters parsed and
-//! checked as Binance checks them (same error codes and messages), and stored candles rendered
-//! in Binance's exact array format, so an unmodified Binance client (ccxt, freqtrade) pointed at
-//! QuantService reads stored candles without spending the user's Binance weight.
-//! This renderer is written apart from the simulator's on purpose: the tests compare the two.
+//! The Binance-compatible REST facade: `GET {prefix}/klines`, `ping`, `time` and
+//! `exchangeInfo` under `/api/v3` (spot), `/fapi/v1` (USD-M) and `/dapi/v1` (COIN-M), served
+//! from ClickHouse, so an unmodified Binance client (ccxt, freqtrade) pointed at QuantService
+//! reads stored candles without spending the user's Binance weight. The pure half checks
+//! parameters as Binance checks them (same error codes and messages), picks the page Binance's
+//! rules for the market select, and renders stored candles in Binance's exact array format;
+//! [`router`] is the HTTP half. The renderer is written apart from the simulator's on purpose:
+//! the tests compare the two. Not here: reading ClickHouse (`store::pages`), the port it is
+//! served on (the client server's).
 
 use std::fmt::Write;
 
-use crate::market::{Decimal, Kline, Market, PairKey, Period, Symbol};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+use tracing::warn;
+
+use crate::market::{now_ms, Decimal, Kline, Market, PairKey, Period, Symbol, CM_MAX_RANGE_MS};
+use crate::store::{Store, StoreError};
 
 /// Rows when `limit` is not given (Binance's default).
 pub const DEFAULT_LIMIT: u32 = 500;
@@ -26,6 +39,8 @@ pub enum ApiError {
     Symbol,
     #[error("Start time is greater than end time.")]
     StartAfterEnd,
+    #[error("Maximum time interval is 200 days.")]
+    CmRange,
 }
 
 impl ApiError {
@@ -37,6 +52,7 @@ impl ApiError {
             ApiError::Interval => -1120,
             ApiError::Symbol => -1121,
             ApiError::StartAfterEnd => -1023,
+            ApiError::CmRange => -4088,
         }
     }
 
@@ -56,7 +72,8 @@ pub struct KlinesQuery {
 }
 
 /// Parses `symbol`, `interval`, `startTime`, `endTime` and `limit` for `market`, in Binance's
-/// order of checks. `param` looks a parameter up by name.
+/// order of checks. `param` looks a parameter up by name. Binance checks next that the symbol
+/// exists, then the range ([`KlinesQuery::page`]).
 pub fn klines_query<'p>(
     market: Market,
     param: impl Fn(&str) -> Option<&'p str>,
@@ -96,11 +113,6 @@ pub fn klines_query<'p>(
         .parse()
         .map_err(|_| ApiError::Illegal("symbol", "^[A-Z0-9-_.]{1,20}$"))?;
     let period = Period::parse_for(interval, market).map_err(|_| ApiError::Interval)?;
-    if let (Some(s), Some(e)) = (start, end) {
-        if s > e {
-            return Err(ApiError::StartAfterEnd);
-        }
-    }
     Ok(KlinesQuery {
         pair: PairKey {
             market,
@@ -111,6 +123,65 @@ pub fn klines_query<'p>(
         end,
         limit,
     })
+}
+
+/// Which stored candles answer a klines request (bounds on `open_time`, inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// The first `limit` candles in `[from, to]`.
+    First { from: i64, to: i64 },
+    /// The newest `limit` candles in `[from, to]`.
+    Last { from: i64, to: i64 },
+}
+
+impl KlinesQuery {
+    /// The range checks and the paging rule of the query's market, at `now`. Spot and USD-M:
+    /// with `startTime`, the first `limit` from it (up to `endTime`); without, the newest up to
+    /// `endTime`. COIN-M: always the newest `limit` of a range of at most 200 days, which ends
+    /// at `endTime`, else 200 days after `startTime` (at most now), else now. "Now" is no
+    /// bound here: stored candles cannot be newer than the exchange's clock, and ours may lag it.
+    pub fn page(&self, now: i64) -> Result<Page, ApiError> {
+        if let (Some(s), Some(e)) = (self.start, self.end) {
+            if s > e {
+                return Err(ApiError::StartAfterEnd);
+            }
+        }
+        Ok(match self.pair.market {
+            Market::Spot | Market::Um => match self.start {
+                Some(from) => Page::First {
+                    from,
+                    to: self.end.unwrap_or(i64::MAX),
+                },
+                None => Page::Last {
+                    from: i64::MIN,
+                    to: self.end.unwrap_or(i64::MAX),
+                },
+            },
+            Market::Cm => match (self.start, self.end) {
+                (Some(from), Some(to)) => {
+                    if to - from > CM_MAX_RANGE_MS {
+                        return Err(ApiError::CmRange);
+                    }
+                    Page::Last { from, to }
+                }
+                (Some(from), None) => {
+                    let to = from.saturating_add(CM_MAX_RANGE_MS);
+                    Page::Last {
+                        from,
+                        to: if to < now { to } else { i64::MAX },
+                    }
+                }
+                (None, Some(to)) => Page::Last {
+                    from: to.saturating_sub(CM_MAX_RANGE_MS),
+                    to,
+                },
+                (None, None) => Page::Last {
+                    from: now.saturating_sub(CM_MAX_RANGE_MS),
+                    to: i64::MAX,
+                },
+            },
+        })
+    }
 }
 
 /// A non-negative decimal integer of at most 20 digits.
@@ -162,10 +233,282 @@ fn quoted(out: &mut String, market: Market, d: Decimal) {
     out.push('"');
 }
 
+/// The facade's routes for every market, with their state applied: merge it into the client
+/// server's router (it has no fallback of its own).
+pub fn router(store: Store) -> Router {
+    let mut router = Router::new();
+    for market in Market::ALL {
+        let prefix = market.rest_prefix();
+        router = router
+            .route(
+                &format!("{prefix}/klines"),
+                get(
+                    move |State(store): State<Store>, RawQuery(query): RawQuery| async move {
+                        klines(&store, market, query.as_deref().unwrap_or("")).await
+                    },
+                ),
+            )
+            .route(
+                &format!("{prefix}/exchangeInfo"),
+                get(
+                    move |State(store): State<Store>, RawQuery(query): RawQuery| async move {
+                        exchange_info(&store, market, query.as_deref().unwrap_or("")).await
+                    },
+                ),
+            )
+            .route(
+                &format!("{prefix}/ping"),
+                get(|| async { json_ok("{}".into()) }),
+            )
+            .route(
+                &format!("{prefix}/time"),
+                get(|| async { json_ok(json!({"serverTime": now_ms()}).to_string()) }),
+            );
+    }
+    router.with_state(store)
+}
+
+/// Why a request got no answer: a Binance error (400), or ClickHouse failing (503 when it may
+/// answer later: down, overloaded, too slow; 500 otherwise).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Failure {
+    fn answer(self, market: Market) -> Response {
+        match self {
+            Failure::Api(e) => json_response(StatusCode::BAD_REQUEST, e.body()),
+            Failure::Store(error) => {
+                // The details (server URL, ClickHouse's message) go to the log, not to clients.
+                warn!(%market, %error, "REST facade could not read ClickHouse; answering with an error.");
+                let (status, code, msg) = if error.is_retryable() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        -1001,
+                        "Internal error; unable to process your request. Please try again. \
+                         (QuantService's ClickHouse database is unavailable.)",
+                    )
+                } else {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        -1000,
+                        "An unknown error occurred while processing the request. \
+                         (QuantService could not read its ClickHouse database; see its log.)",
+                    )
+                };
+                json_response(status, json!({"code": code, "msg": msg}).to_string())
+            }
+        }
+    }
+}
+
+/// The query string's parameters, in order (a repeated name: the first one counts).
+fn params(query: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn lookup<'p>(params: &'p [(String, String)], name: &str) -> Option<&'p str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `GET {prefix}/klines`.
+async fn klines(store: &Store, market: Market, query: &str) -> Response {
+    match klines_body(store, market, query).await {
+        Ok(body) => json_ok(body),
+        Err(e) => e.answer(market),
+    }
+}
+
+async fn klines_body(store: &Store, market: Market, query: &str) -> Result<String, Failure> {
+    let params = params(query);
+    let q = klines_query(market, |name| lookup(&params, name))?;
+    let unknown = || async {
+        match store.symbol_known(market, &q.pair.symbol).await {
+            Ok(true) => Ok(false),
+            Ok(false) => Ok(true),
+            Err(e) => Err(Failure::Store(e)),
+        }
+    };
+    let page = match q.page(now_ms()) {
+        Ok(page) => page,
+        // Binance checks the symbol before the range.
+        Err(_) if unknown().await? => return Err(ApiError::Symbol.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let rows = match page {
+        Page::First { from, to } => store.first_klines(&q.pair, from, to, q.limit).await?,
+        Page::Last { from, to } => store.last_klines(&q.pair, from, to, q.limit).await?,
+    };
+    // A page with candles proves the symbol exists; only an empty one needs the check.
+    if rows.is_empty() && unknown().await? {
+        return Err(ApiError::Symbol.into());
+    }
+    Ok(klines_json(market, &rows))
+}
+
+/// `GET {prefix}/exchangeInfo` (optionally `?symbol=`): the symbols QuantService knows on the
+/// market (stored candles or declared in `trading_pairs`), Binance-shaped.
+async fn exchange_info(store: &Store, market: Market, query: &str) -> Response {
+    match exchange_info_body(store, market, query).await {
+        Ok(body) => json_ok(body),
+        Err(e) => e.answer(market),
+    }
+}
+
+async fn exchange_info_body(store: &Store, market: Market, query: &str) -> Result<String, Failure> {
+    let params = params(query);
+    let symbols = match lookup(&params, "symbol") {
+        Some(s) => {
+            let symbol: Symbol = s
+                .parse()
+                .map_err(|_| ApiError::Illegal("symbol", "^[A-Z0-9-_.]{1,20}$"))?;
+            if !store.symbol_known(market, &symbol).await? {
+                return Err(ApiError::Symbol.into());
+            }
+            vec![symbol]
+        }
+        None => store.known_symbols(market).await?,
+    };
+    Ok(exchange_info_json(market, &symbols, now_ms()))
+}
+
+/// The `exchangeInfo` document listing `symbols`: what Binance clients read from it (ccxt's
+/// `load_markets`: symbol, status, assets, contract type, delivery date, margin asset, contract
+/// size), with no rate limits and no filters (the facade limits nothing and trades nothing).
+/// Every symbol is `TRADING`: its stored candles can be read.
+pub fn exchange_info_json(market: Market, symbols: &[Symbol], server_time: i64) -> String {
+    let symbols: Vec<serde_json::Value> = symbols
+        .iter()
+        .map(|s| symbol_json(market, s.as_str()))
+        .collect();
+    json!({
+        "timezone": "UTC",
+        "serverTime": server_time,
+        "rateLimits": [],
+        "exchangeFilters": [],
+        "symbols": symbols,
+    })
+    .to_string()
+}
+
+/// Binance's `deliveryDate` of perpetual contracts (2100-12-25).
+const PERPETUAL_DELIVERY_MS: i64 = 4_133_404_800_000;
+
+fn symbol_json(market: Market, symbol: &str) -> serde_json::Value {
+    let (pair, suffix) = match symbol.split_once('_') {
+        Some((pair, suffix)) => (pair, Some(suffix)),
+        None => (symbol, None),
+    };
+    let (base, quote) = split_assets(pair);
+    // `_PERP` (COIN-M) or nothing (USD-M): perpetual; `_YYMMDD`: delivered that day at 08:00.
+    let delivery = suffix.and_then(delivery_ms);
+    let contract_type = if delivery.is_some() {
+        "CURRENT_QUARTER"
+    } else {
+        "PERPETUAL"
+    };
+    let delivery = delivery.unwrap_or(PERPETUAL_DELIVERY_MS);
+    match market {
+        Market::Spot => json!({
+            "symbol": symbol,
+            "status": "TRADING",
+            "baseAsset": base,
+            "baseAssetPrecision": 8,
+            "quoteAsset": quote,
+            "quotePrecision": 8,
+            "quoteAssetPrecision": 8,
+            "orderTypes": [],
+            "permissions": [],
+            "filters": [],
+        }),
+        Market::Um => json!({
+            "symbol": symbol,
+            "pair": pair,
+            "contractType": contract_type,
+            "deliveryDate": delivery,
+            "status": "TRADING",
+            "baseAsset": base,
+            "quoteAsset": quote,
+            "marginAsset": quote,
+            "baseAssetPrecision": 8,
+            "quotePrecision": 8,
+            "filters": [],
+        }),
+        Market::Cm => json!({
+            "symbol": symbol,
+            "pair": pair,
+            "contractType": contract_type,
+            "deliveryDate": delivery,
+            "contractStatus": "TRADING",
+            // Binance's contract sizes: 100 USD for BTC, 10 USD for the others.
+            "contractSize": if base == "BTC" { 100 } else { 10 },
+            "baseAsset": base,
+            "quoteAsset": quote,
+            "marginAsset": base,
+            "baseAssetPrecision": 8,
+            "quotePrecision": 8,
+            "filters": [],
+        }),
+    }
+}
+
+/// 08:00 UTC on the `YYMMDD` day, Binance's delivery time of dated futures.
+fn delivery_ms(suffix: &str) -> Option<i64> {
+    if suffix.len() != 6 || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| suffix.get(r).and_then(|d| d.parse::<u32>().ok());
+    let year = 2000 + i32::try_from(n(0..2)?).ok()?;
+    let date = chrono::NaiveDate::from_ymd_opt(year, n(2..4)?, n(4..6)?)?;
+    Some(date.and_hms_opt(8, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// Quote assets, longest first (`BTCTUSD` is BTC/TUSD, not BTCT/USD).
+const QUOTES: [&str; 19] = [
+    "FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "USD", "BTC", "ETH", "BNB", "EUR", "TRY",
+    "BRL", "GBP", "JPY", "AUD", "DAI", "XRP", "TRX",
+];
+
+/// `BTCUSDT` → (`BTC`, `USDT`); a pair with no known quote asset: (the pair, ``).
+fn split_assets(pair: &str) -> (&str, &str) {
+    QUOTES
+        .iter()
+        .find_map(|q| {
+            pair.strip_suffix(q)
+                .filter(|base| !base.is_empty())
+                .map(|base| (base, *q))
+        })
+        .unwrap_or((pair, ""))
+}
+
+fn json_ok(body: String) -> Response {
+    json_response(StatusCode::OK, body)
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::market::Source;
+
+    const NOW: i64 = 1_700_000_000_000;
 
     fn params(q: &'static str) -> impl Fn(&str) -> Option<&'static str> {
         move |name: &str| {
@@ -257,10 +600,28 @@ mod tests {
                 query: "symbol=BTCUSDT&interval=1m&startTime=5&endTime=4",
                 want: Err(-1023),
             },
+            Case {
+                name: "COIN-M: 200 days at most",
+                market: Market::Cm,
+                query: "symbol=BTCUSD_PERP&interval=1d&startTime=0&endTime=17280000001",
+                want: Err(-4088),
+            },
+            Case {
+                name: "COIN-M: exactly 200 days",
+                market: Market::Cm,
+                query: "symbol=BTCUSD_PERP&interval=1d&startTime=0&endTime=17280000000",
+                want: Ok((Some(0), Some(17_280_000_000), 500)),
+            },
+            Case {
+                name: "the range is not checked by USD-M",
+                market: Market::Um,
+                query: "symbol=BTCUSDT&interval=1d&startTime=0&endTime=17280000001",
+                want: Ok((Some(0), Some(17_280_000_001), 500)),
+            },
         ];
         for c in cases {
             let got = klines_query(c.market, params(c.query))
-                .map(|q| (q.start, q.end, q.limit))
+                .and_then(|q| q.page(NOW).map(|_| (q.start, q.end, q.limit)))
                 .map_err(|e| e.code());
             assert_eq!(got, c.want, "{}", c.name);
         }
@@ -299,5 +660,183 @@ mod tests {
             r#"[[1700000000000,"46216.93","46300","46100.5","46250.01","12.5",1700000059999,"578125.125",42,"6","277500.06","0"],[1700000000000,"46216.93","46300","46100.5","46250.01","12.5",1700000059999,"578125.125",42,"6","277500.06","0"]]"#
         );
         assert_eq!(klines_json(Market::Cm, &[]), "[]");
+    }
+
+    #[test]
+    fn each_market_pages_as_binance_does() {
+        struct Case {
+            name: &'static str,
+            market: Market,
+            start: Option<i64>,
+            end: Option<i64>,
+            want: Page,
+        }
+        const MAX: i64 = i64::MAX;
+        const D200: i64 = CM_MAX_RANGE_MS;
+        let cases = [
+            Case {
+                name: "spot, nothing: the newest",
+                market: Market::Spot,
+                start: None,
+                end: None,
+                want: Page::Last {
+                    from: i64::MIN,
+                    to: MAX,
+                },
+            },
+            Case {
+                name: "um, endTime: the newest up to it",
+                market: Market::Um,
+                start: None,
+                end: Some(NOW - 5),
+                want: Page::Last {
+                    from: i64::MIN,
+                    to: NOW - 5,
+                },
+            },
+            Case {
+                name: "spot, startTime: the first from it",
+                market: Market::Spot,
+                start: Some(1000),
+                end: None,
+                want: Page::First {
+                    from: 1000,
+                    to: MAX,
+                },
+            },
+            Case {
+                name: "um, both: the first of the range",
+                market: Market::Um,
+                start: Some(1000),
+                end: Some(2000),
+                want: Page::First {
+                    from: 1000,
+                    to: 2000,
+                },
+            },
+            Case {
+                name: "cm, both: the newest of the range",
+                market: Market::Cm,
+                start: Some(1000),
+                end: Some(2000),
+                want: Page::Last {
+                    from: 1000,
+                    to: 2000,
+                },
+            },
+            Case {
+                name: "cm, an old startTime: 200 days from it",
+                market: Market::Cm,
+                start: Some(1000),
+                end: None,
+                want: Page::Last {
+                    from: 1000,
+                    to: 1000 + D200,
+                },
+            },
+            Case {
+                name: "cm, a recent startTime: up to now (and whatever is stored)",
+                market: Market::Cm,
+                start: Some(NOW - 5 * 86_400_000),
+                end: None,
+                want: Page::Last {
+                    from: NOW - 5 * 86_400_000,
+                    to: MAX,
+                },
+            },
+            Case {
+                name: "cm, endTime: 200 days up to it",
+                market: Market::Cm,
+                start: None,
+                end: Some(NOW - 1000),
+                want: Page::Last {
+                    from: NOW - 1000 - D200,
+                    to: NOW - 1000,
+                },
+            },
+            Case {
+                name: "cm, nothing: the last 200 days",
+                market: Market::Cm,
+                start: None,
+                end: None,
+                want: Page::Last {
+                    from: NOW - D200,
+                    to: MAX,
+                },
+            },
+        ];
+        for c in cases {
+            let q = KlinesQuery {
+                pair: PairKey {
+                    market: c.market,
+                    symbol: "BTCUSDT".parse().unwrap(),
+                    period: Period::M1,
+                },
+                start: c.start,
+                end: c.end,
+                limit: 500,
+            };
+            assert_eq!(q.page(NOW), Ok(c.want), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn exchange_info_lists_symbols_as_binance_does() {
+        let symbols =
+            |list: &[&str]| -> Vec<Symbol> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        let doc: serde_json::Value = serde_json::from_str(&exchange_info_json(
+            Market::Spot,
+            &symbols(&["BTCUSDT", "ETHBTC", "BTCTUSD", "ABCXYZ"]),
+            NOW,
+        ))
+        .unwrap();
+        assert_eq!(doc["serverTime"], NOW);
+        assert_eq!(doc["timezone"], "UTC");
+        let assets: Vec<(String, String, String)> = doc["symbols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert_eq!(s["status"], "TRADING");
+                (
+                    s["symbol"].as_str().unwrap().to_string(),
+                    s["baseAsset"].as_str().unwrap().to_string(),
+                    s["quoteAsset"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let want = [
+            ("BTCUSDT", "BTC", "USDT"),
+            ("ETHBTC", "ETH", "BTC"),
+            ("BTCTUSD", "BTC", "TUSD"),
+            ("ABCXYZ", "ABCXYZ", ""),
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+        assert_eq!(assets, want);
+
+        let doc: serde_json::Value = serde_json::from_str(&exchange_info_json(
+            Market::Cm,
+            &symbols(&["BTCUSD_PERP", "ETHUSD_250328"]),
+            NOW,
+        ))
+        .unwrap();
+        let perp = &doc["symbols"][0];
+        assert_eq!(perp["pair"], "BTCUSD");
+        assert_eq!(perp["contractType"], "PERPETUAL");
+        assert_eq!(perp["deliveryDate"], PERPETUAL_DELIVERY_MS);
+        assert_eq!(perp["marginAsset"], "BTC");
+        assert_eq!(perp["contractSize"], 100);
+        let dated = &doc["symbols"][1];
+        // 2025-03-28T08:00:00Z
+        assert_eq!(dated["deliveryDate"], 1_743_148_800_000i64);
+        assert_eq!(dated["contractType"], "CURRENT_QUARTER");
+        assert_eq!(dated["contractSize"], 10);
+        assert_eq!(dated["quoteAsset"], "USD");
+
+        let doc: serde_json::Value =
+            serde_json::from_str(&exchange_info_json(Market::Um, &symbols(&["ETHUSDT"]), NOW))
+                .unwrap();
+        assert_eq!(doc["symbols"][0]["marginAsset"], "USDT");
+        assert_eq!(doc["symbols"][0]["contractType"], "PERPETUAL");
     }
 }

@@ -1,11 +1,13 @@
 //! ClickHouse access: the client built from `app.clickhouse`, server version, error
 //! classification, and reads of stored klines. Schema changes live in `migrate`, batched kline
-//! inserts in `writer`, the tracking of partitions that need an `OPTIMIZE` in `partitions`.
-//! Exchange I/O is not here.
+//! inserts in `writer`, the tracking of partitions that need an `OPTIMIZE` in `partitions`,
+//! pages of candles as Binance's klines endpoint pages them (the REST facade's reads) in
+//! `pages`. Exchange I/O is not here.
 
 pub mod indicators;
 pub mod migrate;
 mod native;
+mod pages;
 pub mod partitions;
 pub mod replay;
 pub mod state;
