@@ -122,7 +122,7 @@ pub async fn clientserver(
     };
     let mut follow =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follower.run(cancel.child_token())));
-    let facade = axum::Router::new();
+    let facade = crate::server::facade::router(store.clone());
     let stop = cancel.child_token();
     let server = crate::server::client::run(&cs, hub, Some(store), facade, stop.clone());
     tokio::pin!(server);

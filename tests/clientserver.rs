@@ -712,6 +712,19 @@ async fn the_standalone_server_replays_and_follows_what_another_process_stores()
         "replayed, then followed: every candle once, in order"
     );
 
+    // The REST facade on the same port.
+    let page: Vec<Value> = reqwest::get(format!(
+        "http://127.0.0.1:{port}/fapi/v1/klines?symbol=BTCUSDT&interval=1m&startTime={}&limit=3",
+        at(20).open_time
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let times: Vec<i64> = page.iter().map(|r| r[0].as_i64().unwrap()).collect();
+    assert_eq!(times, (20..23).map(|i| at(i).open_time).collect::<Vec<_>>());
+
     // An indicator value, then a newer computation of it: sent, then sent again as a correction.
     let mut other = connect(&url).await;
     let r = say(
@@ -883,6 +896,28 @@ async fn the_embedded_server_streams_what_the_daemon_stores_and_follows_config_e
     );
     for (got, want) in finals.iter().zip(&stored) {
         assert_eq!(got, want, "as stored");
+    }
+    // The REST facade answers on the same port, from the same rows.
+    let page: Vec<Value> = reqwest::get(format!(
+        "http://127.0.0.1:{a}/api/v3/klines?symbol=BTCUSDT&interval=1s&startTime={since}&limit=5"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(page.len(), 5);
+    for (row, want) in page.iter().zip(&stored) {
+        assert_eq!(row[0], want["open_time"]);
+        assert_eq!(
+            row[4]
+                .as_str()
+                .unwrap()
+                .parse::<Decimal>()
+                .unwrap()
+                .to_string(),
+            want["close"].as_str().unwrap()
+        );
     }
 
     // Moved by an edit: the client is told (1001), the old port closes, the new one serves.

@@ -134,7 +134,9 @@ impl Services {
         let serve: ServiceFactory = Arc::new(move |cancel| {
             let (cfg, hub) = (cfg.clone(), hub.clone());
             let store = Store::new(&ch).ok();
-            let facade = axum::Router::new();
+            let facade = store
+                .clone()
+                .map_or_else(axum::Router::new, crate::server::facade::router);
             Box::pin(async move {
                 crate::server::client::run(&cfg, hub, store, facade, cancel)
                     .await

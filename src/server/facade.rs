@@ -265,7 +265,18 @@ pub fn router(store: Store) -> Router {
                 get(|| async { json_ok(json!({"serverTime": now_ms()}).to_string()) }),
             );
     }
-    router.with_state(store)
+    router
+        .layer(axum::middleware::from_fn(count_request))
+        .with_state(store)
+}
+
+/// Counts every facade request for the metrics.
+async fn count_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    crate::metrics::clients::REST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    next.run(req).await
 }
 
 /// Why a request got no answer: a Binance error (400), or ClickHouse failing (503 when it may
