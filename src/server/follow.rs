@@ -21,7 +21,7 @@ use super::protocol::Channel;
 use crate::market::{now_ms, PairKey};
 use crate::store::replay::{Followed, FollowedValue};
 use crate::store::{Store, StoreError};
-use crate::tasks::indicators::api::Spec;
+use qs_core::indicators::Spec;
 
 /// How long after its ingest stamp a row is still looked for.
 pub const LAG: Duration = Duration::from_secs(30);

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::protocol::{self, Channel};
 use crate::market::{Kline, PairKey};
 use crate::store::writer::Committed;
-use crate::tasks::indicators::api::Spec;
+use qs_core::indicators::Spec;
 
 /// Pending (published, not yet known to be stored) frames kept per channel, at most: a writer
 /// this far behind for one series makes a replay that starts meanwhile miss the oldest ones.
@@ -189,12 +189,9 @@ pub enum Retarget {
     Gone,
 }
 
-/// One indicator's outputs at one candle, for [`Hub::publish_indicators`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct IndicatorEvent {
-    pub open_time: i64,
-    pub values: Vec<(&'static str, f64)>,
-}
+/// One indicator's outputs at one candle, for [`Hub::publish_indicators`] (defined with the
+/// reads that produce it, below the server in the layers).
+pub use crate::store::replay::IndicatorEvent;
 
 /// Counts a follower's looks: the number of the last one started, and of the last one done.
 #[derive(Debug)]

@@ -12,7 +12,7 @@
 use serde_json::{Map, Value};
 
 use crate::market::{Kline, PairKey};
-use crate::tasks::indicators::api::Spec;
+use qs_core::indicators::Spec;
 
 /// What a subscription is to: a pair's candles, or one indicator of a pair.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

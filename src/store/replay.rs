@@ -7,8 +7,14 @@ use serde::Deserialize;
 
 use super::{Store, StoreError};
 use crate::market::PairKey;
-use crate::server::hub::IndicatorEvent;
-use crate::tasks::indicators::api::Spec;
+use qs_core::indicators::Spec;
+
+/// One indicator's outputs at one candle (in the spec's output order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndicatorEvent {
+    pub open_time: i64,
+    pub values: Vec<(&'static str, f64)>,
+}
 
 #[derive(clickhouse::Row, Deserialize)]
 struct ValueRow {
