@@ -63,6 +63,10 @@ struct Sub {
     /// Older candles (a backfill, a hole healed far back) are not this subscription's
     /// business: `since` for a replay, else the candle before the one forming at subscribe.
     floor: i64,
+    /// What its replay sent: a final frame of one of those candles is never sent again (a
+    /// candle the writer committed just before the replay read it is published by the commit
+    /// hook just after), unless it is a correction.
+    replayed: Option<super::replay::Delivered>,
 }
 
 /// A pending final event: a rendered candle frame, or an indicator's values (rendered only if
@@ -308,6 +312,7 @@ impl Hub {
             partial,
             target,
             floor,
+            replayed: None,
         });
         id
     }
@@ -383,6 +388,7 @@ impl Hub {
         id: SubId,
         target: &Target,
         staging: &mpsc::Receiver<Frame>,
+        replayed: &super::replay::Delivered,
     ) -> Retarget {
         let mut channels = lock(&self.channels);
         let Some(sub) = channels
@@ -395,6 +401,7 @@ impl Hub {
             return Retarget::Pending;
         }
         sub.target = target.clone();
+        sub.replayed = Some(replayed.clone());
         Retarget::Moved
     }
 
@@ -506,6 +513,14 @@ impl Hub {
     fn offer(&self, state: &mut ChannelState, frame: &Frame) {
         state.subs.retain(|s| {
             if (!frame.is_final && !s.partial) || frame.open_time < s.floor {
+                return true;
+            }
+            if frame.is_final
+                && !frame.correction
+                && s.replayed
+                    .as_ref()
+                    .is_some_and(|r| r.contains(frame.open_time))
+            {
                 return true;
             }
             match s.target.queue.try_send(frame.clone()) {
@@ -622,16 +637,17 @@ mod tests {
         let ch = Channel::Klines(pair.clone());
         let (staging, mut rs) = target(8);
         let (main, mut rm) = target(8);
+        let none = super::super::replay::Delivered::new(pair.period);
         let id = hub.subscribe(ch.clone(), false, staging);
         hub.publish_kline(&candle(&pair, 1, true));
         assert_eq!(
-            hub.retarget_when_drained(&ch, id, &main, &rs),
+            hub.retarget_when_drained(&ch, id, &main, &rs, &none),
             Retarget::Pending,
             "a frame still waits in staging"
         );
         assert_eq!(rs.try_recv().unwrap().open_time, at(1));
         assert_eq!(
-            hub.retarget_when_drained(&ch, id, &main, &rs),
+            hub.retarget_when_drained(&ch, id, &main, &rs, &none),
             Retarget::Moved
         );
         hub.publish_kline(&candle(&pair, 2, true));
@@ -642,7 +658,7 @@ mod tests {
         hub.publish_kline(&candle(&pair, 3, true));
         assert!(rm.try_recv().is_err());
         assert_eq!(
-            hub.retarget_when_drained(&ch, id, &target(1).0, &rs),
+            hub.retarget_when_drained(&ch, id, &target(1).0, &rs, &none),
             Retarget::Gone
         );
     }
@@ -749,5 +765,30 @@ mod tests {
             .collect();
         assert_eq!(got, vec![5, 3, 4, 6], "each once");
         assert_eq!(hub.pending(&ch), 0);
+    }
+
+    #[test]
+    fn a_replayed_candle_committed_late_is_not_sent_again() {
+        let hub = Hub::default();
+        let pair = PairKey::parse("um", "BTCUSDT", "1m").unwrap();
+        let ch = Channel::Klines(pair.clone());
+        let (staging, rs) = target(8);
+        let (main, mut rm) = target(8);
+        let id = hub.subscribe_since(ch.clone(), false, staging, Some(at(0)));
+        // The replay read 0..=2 (2 was committed just before the read, its hook not run yet).
+        let mut replayed = super::super::replay::Delivered::new(pair.period);
+        for i in 0..3 {
+            replayed.push(at(i));
+        }
+        assert_eq!(
+            hub.retarget_when_drained(&ch, id, &main, &rs, &replayed),
+            Retarget::Moved
+        );
+        let late: Vec<Kline> = (2..4).map(|i| candle(&pair, i, true)).collect();
+        hub.confirm(Committed::Klines(&late));
+        let got: Vec<i64> = std::iter::from_fn(|| rm.try_recv().ok())
+            .map(|f| (f.open_time - at(0)) / 60_000)
+            .collect();
+        assert_eq!(got, vec![3], "2 was replayed already");
     }
 }

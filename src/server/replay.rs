@@ -39,7 +39,7 @@ pub enum ReplayError {
 
 /// The `open_time`s a replay delivered, as runs of consecutive candles (a handful for a
 /// complete series, however long).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Delivered {
     period: Period,
     runs: Vec<(i64, i64)>,
@@ -144,7 +144,13 @@ impl Replay {
                     sent += 1;
                 }
             }
-            match hub.retarget_when_drained(&self.channel, self.id, &conn, &self.staging) {
+            match hub.retarget_when_drained(
+                &self.channel,
+                self.id,
+                &conn,
+                &self.staging,
+                &delivered,
+            ) {
                 Retarget::Moved | Retarget::Gone => return Ok(sent),
                 Retarget::Pending => continue,
             }
