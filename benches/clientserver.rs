@@ -7,8 +7,10 @@
 //!   subscribed live to one of `QS_BENCH_PAIRS` (default 100) um 1m pairs. Every 250 ms the
 //!   server publishes one closed candle per pair (the next minute's: successive `open_time`s
 //!   from the current minute on, each a new final candle) for `QS_BENCH_SECONDS` (default 15)
-//!   seconds. Each candle's `trades` field carries the instant it was handed to the hub
-//!   (µs since the epoch); each client takes now − that on receipt (one machine, one clock).
+//!   seconds, every pair at the start of each tick (a burst of one frame per client), or,
+//!   with `QS_BENCH_SPREAD=1`, the pairs spread evenly over the tick. Each candle's `trades`
+//!   field carries the instant it was handed to the hub (µs since the epoch); each client
+//!   takes now − that on receipt (one machine, one clock).
 //!   Reported: latency p50/p99/max (target p99 < 50 ms), frames received vs expected (all
 //!   must arrive), the server process's CPU while publishing and delivering, and its RSS per
 //!   connection (VmRSS with every client connected and subscribed − VmRSS before, over N;
@@ -77,11 +79,17 @@ fn now_us() -> u64 {
 
 /// utime + stime of this process, in seconds.
 fn cpu_secs() -> f64 {
+    let (user, sys) = cpu_user_sys();
+    user + sys
+}
+
+/// utime and stime of this process, in seconds.
+fn cpu_user_sys() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
-    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / clk_tck()
+    let ticks = |i: usize| f[i].parse::<u64>().unwrap() as f64 / clk_tck();
+    (ticks(11), ticks(12))
 }
 
 fn clk_tck() -> f64 {
@@ -184,6 +192,9 @@ async fn fanout() {
     let pairs: usize = env_num("QS_BENCH_PAIRS", 100);
     let secs: f64 = env_num("QS_BENCH_SECONDS", 15.0);
     let rounds = ((secs / TICK.as_secs_f64()).round() as u64).max(1);
+    // Every pair's candle at the start of each tick (a burst of N frames), or the pairs
+    // spread evenly over the tick.
+    let spread = std::env::var("QS_BENCH_SPREAD").is_ok_and(|v| v == "1");
     if let Some(limit) = fd_limit() {
         assert!(
             limit as usize > n + 64,
@@ -204,6 +215,9 @@ async fn fanout() {
     let serving = tokio::spawn(serve(listener, router(state), stop.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = rss_kb();
+    // Other work on the machine skews every figure here: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().next().unwrap_or("?").to_string();
 
     let t = Instant::now();
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
@@ -231,11 +245,16 @@ async fn fanout() {
         .map(|i| PairKey::parse("um", &symbol(i), "1m").unwrap())
         .collect();
     let base = Period::M1.align(quantservice::market::now_ms());
-    let (cpu0, t0) = (cpu_secs(), Instant::now());
-    let mut tick = tokio::time::interval(TICK);
+    let ((user0, sys0), t0) = (cpu_user_sys(), Instant::now());
+    let start = tokio::time::Instant::now();
     for round in 0..rounds {
-        tick.tick().await;
-        for key in &keys {
+        let at = start + TICK * round as u32;
+        for (j, key) in keys.iter().enumerate() {
+            if spread {
+                tokio::time::sleep_until(at + TICK * j as u32 / pairs as u32).await;
+            } else if j == 0 {
+                tokio::time::sleep_until(at).await;
+            }
             let mut k = synthetic::candle(key, base + round as i64 * MIN);
             k.trades = now_us();
             hub.publish_kline(&k);
@@ -247,7 +266,7 @@ async fn fanout() {
         .await
         .unwrap()
         .expect("the clients' result line");
-    let (cpu1, wall) = (cpu_secs(), t0.elapsed().as_secs_f64());
+    let ((user1, sys1), wall) = (cpu_user_sys(), t0.elapsed().as_secs_f64());
     let rss_after = rss_kb();
     let child_cpu = lines.next_line().await.unwrap().unwrap_or_default();
     child.wait().await.unwrap();
@@ -263,12 +282,18 @@ async fn fanout() {
     let received = get(&result, "received");
     let expected = n as u64 * rounds;
     let ms = |us: u64| us as f64 / 1000.0;
-    let cpu = cpu1 - cpu0;
+    let (user, sys) = (user1 - user0, sys1 - sys0);
+    let cpu = user + sys;
     let per_conn = |rss: f64| (rss - rss_before) / n as f64;
     println!(
         "Client server fan-out: {n} WebSocket clients over loopback (a separate process), \
          {pairs} um 1m pairs, one closed candle per pair every 250 ms for {publish_secs:.1} s \
-         ({rounds} rounds), {} cores\n",
+         ({rounds} rounds, {}), {} cores, load average {load} before the run\n",
+        if spread {
+            "the pairs spread over each 250 ms"
+        } else {
+            "every pair at the start of each 250 ms: a burst of one frame per client"
+        },
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
     println!("| measure | value | target |");
@@ -283,7 +308,7 @@ async fn fanout() {
         ms(get(&result, "max"))
     );
     println!(
-        "| server CPU over {wall:.1} s (publish → last frame received) | {cpu:.2} s = {:.0} % of one core, {:.1} µs per frame | |",
+        "| server CPU over {wall:.1} s (publish → last frame received) | {cpu:.2} s ({user:.2} user + {sys:.2} sys) = {:.0} % of one core, {:.1} µs per frame | |",
         100.0 * cpu / wall,
         1e6 * cpu / expected as f64
     );
@@ -503,6 +528,55 @@ async fn replay_bench() {
     let render_secs = t.elapsed().as_secs_f64();
     assert_eq!(rendered, bytes);
 
+    // The reads' two queries per chunk, timed alone over ClickHouse's HTTP interface: the
+    // next stored candle after the cursor (`count(), min(open_time)` without `FINAL`), then
+    // the chunk's window with `FINAL`, in RowBinary like the clickhouse crate's.
+    let clickhouse = format!(
+        "http://{}:{}/?database={}",
+        db.host,
+        db.port,
+        common::percent_encode(&db.name)
+    );
+    let http = reqwest::Client::new();
+    let pair_sql = "market = 'um' AND symbol = 'BTCUSDT' AND period = '1m' AND is_final = 1";
+    let (mut next_secs, mut window_secs, mut window_bytes) = (0.0, 0.0, 0usize);
+    let chunk = replay::CHUNK as i64;
+    let mut after = FIRST - 1;
+    while after < last {
+        let t = Instant::now();
+        let sql = format!(
+            "SELECT count(), min(open_time) FROM klines WHERE {pair_sql} AND open_time > {after} \
+             FORMAT TSV"
+        );
+        let resp = http.post(&clickhouse).body(sql).send().await.unwrap();
+        assert!(resp.status().is_success());
+        let next: i64 = resp
+            .text()
+            .await
+            .unwrap()
+            .split('\t')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        next_secs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let sql = format!(
+            "SELECT market, symbol, period, open_time, close_time, open, high, low, close, \
+             volume, quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, \
+             source, ingested_at, version FROM klines FINAL WHERE {pair_sql} \
+             AND open_time > {after} AND open_time < {} ORDER BY open_time LIMIT {chunk} \
+             FORMAT RowBinary",
+            next + chunk * MIN
+        );
+        let resp = http.post(&clickhouse).body(sql).send().await.unwrap();
+        assert!(resp.status().is_success());
+        window_bytes += resp.bytes().await.unwrap().len();
+        window_secs += t.elapsed().as_secs_f64();
+        after = next + (chunk - 1) * MIN;
+    }
+
     stop.cancel();
     let _ = serving.await;
 
@@ -524,6 +598,13 @@ async fn replay_bench() {
     println!(
         "| rendering alone (`protocol::kline`) | {:.0} | {render_secs:.2} s | |",
         rows as f64 / render_secs
+    );
+    println!(
+        "| of which, over HTTP: `count(), min(open_time)` after the cursor, once per chunk | | {next_secs:.2} s | |"
+    );
+    println!(
+        "| of which, over HTTP: the chunk's window with `FINAL` (RowBinary, {:.0} MB) | | {window_secs:.2} s | |",
+        window_bytes as f64 / 1e6
     );
     println!(
         "\n{:.0} bytes per frame, {:.0} MB/s of JSON delivered",
