@@ -897,6 +897,11 @@ async fn the_embedded_server_streams_what_the_daemon_stores_and_follows_config_e
     for (got, want) in finals.iter().zip(&stored) {
         assert_eq!(got, want, "as stored");
     }
+    // Counted for the metrics (this process's servers all count into the same figures).
+    use quantservice::metrics::clients;
+    assert!(clients::MESSAGES.load(Ordering::Relaxed) >= finals.len() as u64);
+    assert!(clients::BYTES.load(Ordering::Relaxed) > clients::MESSAGES.load(Ordering::Relaxed));
+    assert!(clients::CONNECTIONS.load(Ordering::Relaxed) >= 1);
     // The REST facade answers on the same port, from the same rows.
     let page: Vec<Value> = reqwest::get(format!(
         "http://127.0.0.1:{a}/api/v3/klines?symbol=BTCUSDT&interval=1s&startTime={since}&limit=5"

@@ -531,13 +531,15 @@ async fn send_queued(
     slow: &CancellationToken,
 ) -> Result<(), End> {
     let write = async {
-        socket
-            .feed(Message::Text(first.text.as_ref().into()))
-            .await?;
+        let (mut n, mut bytes) = (1u64, first.text.len());
+        socket.feed(Message::Text(first.text)).await?;
         for _ in 1..FLUSH_EVERY {
             let Ok(f) = frames.try_recv() else { break };
-            socket.feed(Message::Text(f.text.as_ref().into())).await?;
+            n += 1;
+            bytes += f.text.len();
+            socket.feed(Message::Text(f.text)).await?;
         }
+        count_sent(n, bytes);
         socket.flush().await
     };
     tokio::select! {

@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 
 use crate::lock;
@@ -33,7 +34,8 @@ pub const PENDING_MAX: usize = 10_000;
 /// One rendered event, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    pub text: Arc<str>,
+    /// Shared, not copied, by every connection it goes to (reference-counted bytes).
+    pub text: Utf8Bytes,
     /// The candle's open time (a replay/live seam drops live frames it already replayed).
     pub open_time: i64,
     /// A closed candle or an indicator value (false: an in-progress candle).
@@ -101,7 +103,7 @@ impl Pending {
 
 fn kline_frame(k: &Kline) -> Frame {
     Frame {
-        text: Arc::from(protocol::kline(k)),
+        text: Utf8Bytes::from(protocol::kline(k)),
         open_time: k.open_time,
         is_final: k.is_final,
         correction: false,
@@ -135,7 +137,7 @@ impl Published {
 
 fn indicator_frame(pair: &PairKey, name: &str, e: &IndicatorEvent, correction: bool) -> Frame {
     Frame {
-        text: Arc::from(protocol::indicator(
+        text: Utf8Bytes::from(protocol::indicator(
             pair,
             name,
             e.open_time,
@@ -600,7 +602,11 @@ mod tests {
         assert!(ra.try_recv().is_err(), "no partial for a");
         let (p, f) = (rb.try_recv().unwrap(), rb.try_recv().unwrap());
         assert!(!p.is_final && f.is_final);
-        assert!(Arc::ptr_eq(&fa.text, &f.text), "rendered once");
+        assert_eq!(
+            fa.text.as_str().as_ptr(),
+            f.text.as_str().as_ptr(),
+            "rendered once"
+        );
         assert!(
             rc.try_recv().is_err(),
             "another pair's subscriber gets nothing"

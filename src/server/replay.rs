@@ -118,17 +118,45 @@ impl Replay {
         conn: Target,
     ) -> Result<u64, ReplayError> {
         let mut delivered = Delivered::new(self.channel.pair().period);
-        // A reader renders the next chunk while this queues the current one.
-        let (chunks, mut rx) = mpsc::channel::<Result<Vec<Frame>, StoreError>>(2);
+        // A reader fetches the next chunk while this renders and queues the current one.
+        let (chunks, mut rx) = mpsc::channel::<Result<Rows, StoreError>>(2);
         let reader = AbortOnDropHandle::new(tokio::spawn(read(
             store,
             self.channel.clone(),
             since,
             chunks,
         )));
+        let name = match &self.channel {
+            Channel::Indicator(_, spec) => spec.to_string(),
+            Channel::Klines(_) => String::new(),
+        };
         let mut sent = 0u64;
         while let Some(chunk) = rx.recv().await {
-            for f in chunk? {
+            let frames: Vec<Frame> = match chunk? {
+                Rows::Klines(rows) => rows
+                    .iter()
+                    .map(|k| Frame {
+                        text: protocol::kline(k).into(),
+                        open_time: k.open_time,
+                        is_final: true,
+                        correction: false,
+                    })
+                    .collect(),
+                Rows::Values(events) => {
+                    let pair = self.channel.pair();
+                    events
+                        .iter()
+                        .map(|e| Frame {
+                            text: protocol::indicator(pair, &name, e.open_time, &e.values, false)
+                                .into(),
+                            open_time: e.open_time,
+                            is_final: true,
+                            correction: false,
+                        })
+                        .collect()
+                }
+            };
+            for f in frames {
                 delivered.push(f.open_time);
                 conn.queue.send(f).await.map_err(|_| ReplayError::Closed)?;
                 sent += 1;
@@ -158,54 +186,42 @@ impl Replay {
     }
 }
 
-/// Reads the channel's stored rows from `since` chunk by chunk, rendered, into `out`.
+/// One chunk of stored rows.
+enum Rows {
+    Klines(Vec<crate::market::Kline>),
+    Values(Vec<crate::store::replay::IndicatorEvent>),
+}
+
+/// Reads the channel's stored rows from `since` chunk by chunk into `out`.
 async fn read(
     store: Store,
     channel: Channel,
     since: i64,
-    out: mpsc::Sender<Result<Vec<Frame>, StoreError>>,
+    out: mpsc::Sender<Result<Rows, StoreError>>,
 ) {
     let mut after = since.saturating_sub(1);
     loop {
-        let chunk: Result<Vec<Frame>, StoreError> = match &channel {
+        let chunk = match &channel {
             Channel::Klines(pair) => {
                 store
                     .final_klines_after(pair, after, CHUNK)
                     .await
                     .map(|rows| {
-                        rows.iter()
-                            .map(|k| Frame {
-                                text: protocol::kline(k).into(),
-                                open_time: k.open_time,
-                                is_final: true,
-                                correction: false,
-                            })
-                            .collect()
+                        let last = rows.last().map(|k| k.open_time);
+                        (last, rows.len(), Rows::Klines(rows))
                     })
             }
             Channel::Indicator(pair, spec) => store
                 .indicator_events_after(pair, spec, after, CHUNK)
                 .await
                 .map(|events| {
-                    let name = spec.to_string();
-                    events
-                        .iter()
-                        .map(|e| Frame {
-                            text: protocol::indicator(pair, &name, e.open_time, &e.values, false)
-                                .into(),
-                            open_time: e.open_time,
-                            is_final: true,
-                            correction: false,
-                        })
-                        .collect()
+                    let last = events.last().map(|e| e.open_time);
+                    (last, events.len(), Rows::Values(events))
                 }),
         };
-        let (last, done) = match &chunk {
-            Ok(frames) => (
-                frames.last().map(|f| f.open_time),
-                (frames.len() as u64) < CHUNK,
-            ),
-            Err(_) => (None, true),
+        let (last, done, chunk) = match chunk {
+            Ok((last, n, rows)) => (last, (n as u64) < CHUNK, Ok(rows)),
+            Err(e) => (None, true, Err(e)),
         };
         if out.send(chunk).await.is_err() || done {
             return;
@@ -220,11 +236,10 @@ async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn frame(t: i64, is_final: bool, correction: bool) -> Frame {
         Frame {
-            text: Arc::from(""),
+            text: "".into(),
             open_time: t,
             is_final,
             correction,

@@ -33,9 +33,10 @@ impl Store {
     /// `FINAL` with `ORDER BY … LIMIT` does not stop early (18.16 merges every row after
     /// `after` before limiting), so the chunk is read through windows of the primary key
     /// (`limit` periods wide) that cover only what it needs: a whole series costs one pass
-    /// instead of one pass per chunk. Where the series has holes wider than a window, the
-    /// next window starts at the next stored candle (found without `FINAL`: a final candle
-    /// is only ever replaced by a final one, so the bounds are the same).
+    /// instead of one pass per chunk. A window that comes back empty (a hole at least as
+    /// wide) is followed by a jump to the next stored candle (found without `FINAL`: a final
+    /// candle is only ever replaced by a final one, so the bounds are the same); that lookup
+    /// counts every later row, so it is only made then.
     pub async fn final_klines_after(
         &self,
         pair: &PairKey,
@@ -48,11 +49,8 @@ impl Store {
         let mut out: Vec<Kline> = Vec::new();
         let mut after = after;
         while (out.len() as u64) < limit {
-            let Some(next) = self.next_final_open_time(pair, after).await? else {
-                break;
-            };
-            // The window: from the next stored candle, `limit` periods wide.
-            let upto = next.saturating_add(span);
+            // The window: from just after `after`, `limit` periods wide.
+            let upto = after.saturating_add(span).saturating_add(1);
             let want = limit - out.len() as u64;
             let chunk = self
                 .fetch_klines(
@@ -71,6 +69,16 @@ impl Store {
                         .bind(want),
                 )
                 .await?;
+            if chunk.is_empty() {
+                // A hole at least a window wide (or the end): jump to the next stored candle.
+                match self.next_final_open_time(pair, after).await? {
+                    Some(next) => {
+                        after = next - 1;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
             let full = chunk.len() as u64 == want;
             after = match chunk.last() {
                 Some(k) if full => k.open_time,
