@@ -829,19 +829,8 @@ async fn the_embedded_server_streams_what_the_daemon_stores_and_follows_config_e
         shutdown.clone(),
     ));
     let edit = |yaml: String| {
-        let reloads = reloads.clone();
-        let path = path.clone();
-        async move {
-            let seq = reloads.latest().seq;
-            let tmp = path.with_extension("yaml.tmp");
-            std::fs::write(&tmp, yaml).unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-            tokio::time::timeout(Duration::from_secs(30), reloads.next_after(seq))
-                .await
-                .expect("a reload outcome within 30 s")
-                .unwrap()
-                .result
-        }
+        let (reloads, path) = (reloads.clone(), path.clone());
+        async move { common::edit_config(&reloads, &path, &yaml).await }
     };
     common::wait_for(30, "the schema", || async {
         db.try_sql("SELECT count() FROM trading_pairs").is_ok()

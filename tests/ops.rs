@@ -241,19 +241,8 @@ async fn listen_edits_rebind_retry_and_disable_without_touching_the_streams() {
     let sockets = sim.ws_connections_opened(Market::Spot);
 
     let edit = |yaml: String| {
-        let reloads = reloads.clone();
-        let path = path.clone();
-        async move {
-            let seq = reloads.latest().seq;
-            let tmp = path.with_extension("yaml.tmp");
-            std::fs::write(&tmp, yaml).unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-            tokio::time::timeout(Duration::from_secs(30), reloads.next_after(seq))
-                .await
-                .expect("a reload outcome within 30 s")
-                .unwrap()
-                .result
-        }
+        let (reloads, path) = (reloads.clone(), path.clone());
+        async move { common::edit_config(&reloads, &path, &yaml).await }
     };
     let http_only = ReloadResult::Applied {
         changed: vec!["http".to_string()],

@@ -94,7 +94,7 @@ impl Follower {
                     Channel::Klines(p) => (p.clone(), None),
                     Channel::Indicator(p, s) => (p.clone(), Some(s.clone())),
                 };
-                let period = pair.period.fixed_ms().unwrap_or(31 * 86_400_000);
+                let period = pair.period.longest_ms();
                 Followed {
                     floor: now.saturating_sub(period.saturating_mul(WINDOW_PERIODS)),
                     pair,
@@ -154,7 +154,8 @@ impl Follower {
 /// Values grouped by series, then by candle (outputs in the spec's order), with the newest
 /// version among a candle's rows.
 fn group(values: &[FollowedValue]) -> Vec<(Channel, Vec<(IndicatorEvent, u64)>)> {
-    let mut out: Vec<(Channel, Vec<(IndicatorEvent, u64)>)> = Vec::new();
+    // Per series: its events, and each event's newest version.
+    let mut out: Vec<(Channel, Vec<IndicatorEvent>, Vec<u64>)> = Vec::new();
     let mut key: Option<(&str, &str, &str, &str)> = None;
     // Whether the current series could be read (rows of one that cannot are skipped).
     let mut usable = false;
@@ -172,38 +173,26 @@ fn group(values: &[FollowedValue]) -> Vec<(Channel, Vec<(IndicatorEvent, u64)>)>
                 Spec::parse(&v.indicator),
             ) {
                 (Ok(pair), Ok(spec)) => {
-                    out.push((Channel::Indicator(pair, spec), Vec::new()));
+                    out.push((Channel::Indicator(pair, spec), Vec::new(), Vec::new()));
                     true
                 }
                 _ => false,
             };
         }
-        if !usable {
-            continue;
-        }
-        let Some((Channel::Indicator(_, spec), events)) = out.last_mut() else {
-            continue;
-        };
-        let outputs = spec.outputs();
-        let Some(slot) = outputs.iter().position(|o| *o == v.output) else {
+        let Some((Channel::Indicator(_, spec), events, versions)) =
+            out.last_mut().filter(|_| usable)
+        else {
             continue;
         };
-        if events
-            .last()
-            .is_none_or(|(e, _)| e.open_time != v.open_time)
-        {
-            events.push((
-                IndicatorEvent {
-                    open_time: v.open_time,
-                    values: outputs.iter().map(|o| (*o, f64::NAN)).collect(),
-                },
-                v.version,
-            ));
-        }
-        if let Some((e, version)) = events.last_mut() {
-            e.values[slot].1 = v.value;
-            *version = (*version).max(v.version);
+        if IndicatorEvent::add(events, spec.outputs(), v.open_time, &v.output, v.value) {
+            if versions.len() < events.len() {
+                versions.push(v.version);
+            } else if let Some(last) = versions.last_mut() {
+                *last = (*last).max(v.version);
+            }
         }
     }
-    out
+    out.into_iter()
+        .map(|(channel, events, versions)| (channel, events.into_iter().zip(versions).collect()))
+        .collect()
 }

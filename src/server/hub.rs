@@ -87,16 +87,12 @@ impl Pending {
         }
     }
 
-    fn frame(&self, channel: &Channel) -> Frame {
-        match (self, channel) {
-            (Pending::Frame(f), _) => f.clone(),
-            (Pending::Indicator(e, correction), Channel::Indicator(pair, spec)) => {
-                indicator_frame(pair, &spec.to_string(), e, *correction)
-            }
-            // Indicator events are only kept on indicator channels.
-            (Pending::Indicator(e, correction), Channel::Klines(pair)) => {
-                indicator_frame(pair, "", e, *correction)
-            }
+    /// The frame to send; an indicator event is rendered for `pair` and `indicator` (the
+    /// normalised spec of the channel it is kept on).
+    fn frame(&self, pair: &PairKey, indicator: &str) -> Frame {
+        match self {
+            Pending::Frame(f) => f.clone(),
+            Pending::Indicator(e, correction) => indicator_frame(pair, indicator, e, *correction),
         }
     }
 }
@@ -296,13 +292,21 @@ impl Hub {
         let period = channel.pair().period;
         let floor = since.unwrap_or_else(|| {
             let forming = period.align(crate::market::now_ms());
-            forming.saturating_sub(period.fixed_ms().unwrap_or(31 * 86_400_000))
+            forming.saturating_sub(period.longest_ms())
         });
         let mut channels = lock(&self.channels);
         let state = channels.entry(channel.clone()).or_default();
         if let Some(since) = since {
+            let indicator = match &channel {
+                Channel::Indicator(_, spec) => spec.to_string(),
+                Channel::Klines(_) => String::new(),
+            };
             for p in state.pending.iter().filter(|p| p.open_time() >= since) {
-                if target.queue.try_send(p.frame(&channel)).is_err() {
+                if target
+                    .queue
+                    .try_send(p.frame(channel.pair(), &indicator))
+                    .is_err()
+                {
                     self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                     target.slow.cancel();
                     return id;

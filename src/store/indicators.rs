@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::writer::Checkpoint;
-use super::{Store, StoreError};
+use super::{Store, StoreError, PAIR_KLINE_COLUMNS};
 use crate::market::{Kline, PairKey};
 
 impl Store {
@@ -44,7 +44,7 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<Kline>, StoreError> {
         // A month is at most 31 days: windows for `1M` are wide enough, never too narrow.
-        let period = pair.period.fixed_ms().unwrap_or(31 * 86_400_000);
+        let period = pair.period.longest_ms();
         let span = period.saturating_mul(i64::try_from(limit).unwrap_or(i64::MAX));
         let mut out: Vec<Kline> = Vec::new();
         let mut after = after;
@@ -52,11 +52,12 @@ impl Store {
             // The window: from just after `after`, `limit` periods wide.
             let upto = after.saturating_add(span).saturating_add(1);
             let want = limit - out.len() as u64;
-            let rows = self
-                .call(
+            let chunk = self
+                .fetch_pair_klines(
+                    pair,
                     self.client
                         .query(&format!(
-                            "SELECT {SERIES_COLUMNS} FROM klines FINAL \
+                            "SELECT {PAIR_KLINE_COLUMNS} FROM klines FINAL \
                              WHERE market = ? AND symbol = ? AND period = ? \
                              AND open_time > ? AND open_time < ? \
                              AND is_final = 1 ORDER BY open_time LIMIT ?"
@@ -66,15 +67,9 @@ impl Store {
                         .bind(pair.period.as_str())
                         .bind(after)
                         .bind(upto)
-                        .bind(want)
-                        .fetch_all::<SeriesRow>(),
+                        .bind(want),
                 )
                 .await?;
-            let chunk = rows
-                .into_iter()
-                .map(|r| r.into_kline(pair))
-                .collect::<Result<Vec<Kline>, String>>()
-                .map_err(StoreError::Protocol)?;
             if chunk.is_empty() {
                 // A hole at least a window wide (or the end): jump to the next stored candle.
                 match self.next_final_open_time(pair, after).await? {
@@ -118,50 +113,6 @@ impl Store {
             )
             .await?;
         Ok((n > 0).then_some(first))
-    }
-}
-
-/// The columns of [`SeriesRow`]: a candle of a known pair (no key or version columns to
-/// decode for each of a series' millions of rows).
-const SERIES_COLUMNS: &str = "open_time, close_time, open, high, low, close, volume, \
-    quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, source";
-
-/// A closed candle of one pair, as a series read gets it.
-#[derive(clickhouse::Row, Deserialize)]
-struct SeriesRow {
-    open_time: i64,
-    close_time: i64,
-    open: i128,
-    high: i128,
-    low: i128,
-    close: i128,
-    volume: i128,
-    quote_volume: i128,
-    trades: u64,
-    taker_buy_volume: i128,
-    taker_buy_quote_volume: i128,
-    source: String,
-}
-
-impl SeriesRow {
-    fn into_kline(self, pair: &PairKey) -> Result<Kline, String> {
-        let d = crate::market::Decimal::from_mantissa;
-        Ok(Kline {
-            pair: pair.clone(),
-            open_time: self.open_time,
-            close_time: self.close_time,
-            open: d(self.open),
-            high: d(self.high),
-            low: d(self.low),
-            close: d(self.close),
-            volume: d(self.volume),
-            quote_volume: d(self.quote_volume),
-            trades: self.trades,
-            taker_buy_volume: d(self.taker_buy_volume),
-            taker_buy_quote_volume: d(self.taker_buy_quote_volume),
-            is_final: true,
-            source: self.source.parse::<crate::market::Source>()?,
-        })
     }
 }
 

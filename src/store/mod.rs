@@ -427,6 +427,66 @@ const KLINE_COLUMNS: &str = "market, symbol, period, open_time, close_time, open
     close, volume, quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, \
     source, ingested_at, version";
 
+/// The columns of [`PairKlineRow`], in order: a candle of a pair the query names, without the
+/// key and bookkeeping columns (a series or a page decodes no more than it carries).
+pub(crate) const PAIR_KLINE_COLUMNS: &str = "open_time, close_time, open, high, low, close, \
+    volume, quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, source";
+
+/// A candle of a known pair, as reads of one pair's rows get it.
+#[derive(clickhouse::Row, Deserialize)]
+pub(crate) struct PairKlineRow {
+    open_time: i64,
+    close_time: i64,
+    open: i128,
+    high: i128,
+    low: i128,
+    close: i128,
+    volume: i128,
+    quote_volume: i128,
+    trades: u64,
+    taker_buy_volume: i128,
+    taker_buy_quote_volume: i128,
+    is_final: u8,
+    source: String,
+}
+
+impl PairKlineRow {
+    fn into_kline(self, pair: &PairKey) -> Result<Kline, String> {
+        let d = Decimal::from_mantissa;
+        Ok(Kline {
+            pair: pair.clone(),
+            open_time: self.open_time,
+            close_time: self.close_time,
+            open: d(self.open),
+            high: d(self.high),
+            low: d(self.low),
+            close: d(self.close),
+            volume: d(self.volume),
+            quote_volume: d(self.quote_volume),
+            trades: self.trades,
+            taker_buy_volume: d(self.taker_buy_volume),
+            taker_buy_quote_volume: d(self.taker_buy_quote_volume),
+            is_final: self.is_final != 0,
+            source: self.source.parse()?,
+        })
+    }
+}
+
+impl Store {
+    /// Runs a `SELECT {PAIR_KLINE_COLUMNS} …` of `pair`'s rows.
+    pub(crate) async fn fetch_pair_klines(
+        &self,
+        pair: &PairKey,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<Kline>, StoreError> {
+        let rows = self.call(query.fetch_all::<PairKlineRow>()).await?;
+        rows.into_iter()
+            .map(|r| r.into_kline(pair))
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Protocol)
+    }
+}
+
 /// ReplacingMergeTree version: closed candles beat in-progress ones, then newer ingests win.
 pub fn row_version(is_final: bool, ingested_us: u64) -> u64 {
     (u64::from(is_final) << 63) | (ingested_us & !(1u64 << 63))

@@ -5,13 +5,8 @@
 //! what it returns; and which symbols of a market are known (stored or declared). Which page a
 //! request asks for (Binance's parameter rules per market) is the facade's business, not this.
 
-use serde::Deserialize;
-
-use super::{Store, StoreError};
-use crate::market::{Decimal, Kline, Market, PairKey, Symbol};
-
-/// A month is at most 31 days: windows for `1M` are never too narrow.
-const LONGEST_MONTH_MS: i64 = 31 * 86_400_000;
+use super::{Store, StoreError, PAIR_KLINE_COLUMNS};
+use crate::market::{Kline, Market, PairKey, Symbol};
 
 impl Store {
     /// A page of the pair's stored candles as Binance's klines endpoint answers it (spot and
@@ -55,11 +50,11 @@ impl Store {
             let upto = cursor.saturating_add(span - 1).min(to);
             let want = limit - out.len() as u64;
             let chunk = self
-                .fetch_page(
+                .fetch_pair_klines(
                     pair,
                     self.client
                         .query(&format!(
-                            "SELECT {PAGE_COLUMNS} FROM klines FINAL \
+                            "SELECT {PAIR_KLINE_COLUMNS} FROM klines FINAL \
                              WHERE market = ? AND symbol = ? AND period = ? \
                              AND open_time >= ? AND open_time <= ? \
                              ORDER BY open_time LIMIT ?"
@@ -104,7 +99,7 @@ impl Store {
         let limit = u64::from(limit);
         // A stored candle can open at most one period after our clock (clock skew): the
         // first window's top reaches that far, the query itself goes up to `to`.
-        let period = pair.period.fixed_ms().unwrap_or(LONGEST_MONTH_MS);
+        let period = pair.period.longest_ms();
         let now = crate::market::now_ms();
         let mut top = to.min(now.saturating_add(period));
         let mut newest_first: Vec<Kline> = Vec::new();
@@ -114,11 +109,11 @@ impl Store {
             let lowest = top.saturating_sub(span - 1).max(from);
             let want = limit - newest_first.len() as u64;
             let chunk = self
-                .fetch_page(
+                .fetch_pair_klines(
                     pair,
                     self.client
                         .query(&format!(
-                            "SELECT {PAGE_COLUMNS} FROM klines FINAL \
+                            "SELECT {PAIR_KLINE_COLUMNS} FROM klines FINAL \
                              WHERE market = ? AND symbol = ? AND period = ? \
                              AND open_time >= ? AND open_time <= ? \
                              ORDER BY open_time DESC LIMIT ?"
@@ -150,19 +145,6 @@ impl Store {
         }
         newest_first.reverse();
         Ok(newest_first)
-    }
-
-    /// Runs a `SELECT {PAGE_COLUMNS} …` of `pair`'s rows.
-    async fn fetch_page(
-        &self,
-        pair: &PairKey,
-        query: clickhouse::query::Query,
-    ) -> Result<Vec<Kline>, StoreError> {
-        let rows = self.call(query.fetch_all::<PageRow>()).await?;
-        rows.into_iter()
-            .map(|r| r.into_kline(pair))
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::Protocol)
     }
 
     /// The first (or last) `open_time` of the pair's stored rows in `[from, to]`, if any.
@@ -243,50 +225,6 @@ impl Store {
     }
 }
 
-/// The columns of [`PageRow`], in order: a candle without its pair (the query's) and without
-/// the bookkeeping columns, so a page costs ClickHouse and us no more than it carries.
-const PAGE_COLUMNS: &str = "open_time, close_time, open, high, low, close, volume, \
-    quote_volume, trades, taker_buy_volume, taker_buy_quote_volume, is_final, source";
-
-#[derive(clickhouse::Row, Deserialize)]
-struct PageRow {
-    open_time: i64,
-    close_time: i64,
-    open: i128,
-    high: i128,
-    low: i128,
-    close: i128,
-    volume: i128,
-    quote_volume: i128,
-    trades: u64,
-    taker_buy_volume: i128,
-    taker_buy_quote_volume: i128,
-    is_final: u8,
-    source: String,
-}
-
-impl PageRow {
-    fn into_kline(self, pair: &PairKey) -> Result<Kline, String> {
-        let d = Decimal::from_mantissa;
-        Ok(Kline {
-            pair: pair.clone(),
-            open_time: self.open_time,
-            close_time: self.close_time,
-            open: d(self.open),
-            high: d(self.high),
-            low: d(self.low),
-            close: d(self.close),
-            volume: d(self.volume),
-            quote_volume: d(self.quote_volume),
-            trades: self.trades,
-            taker_buy_volume: d(self.taker_buy_volume),
-            taker_buy_quote_volume: d(self.taker_buy_quote_volume),
-            is_final: self.is_final != 0,
-            source: self.source.parse()?,
-        })
-    }
-}
-
 /// Which end of a range of stored open times.
 #[derive(Debug, Clone, Copy)]
 enum Edge {
@@ -296,6 +234,6 @@ enum Edge {
 
 /// How wide a window of `limit` periods of the pair is, in ms (at least 1).
 fn window_span(pair: &PairKey, limit: u32) -> i64 {
-    let period = pair.period.fixed_ms().unwrap_or(LONGEST_MONTH_MS);
+    let period = pair.period.longest_ms();
     period.saturating_mul(i64::from(limit.max(1)))
 }

@@ -16,6 +16,33 @@ pub struct IndicatorEvent {
     pub values: Vec<(&'static str, f64)>,
 }
 
+impl IndicatorEvent {
+    /// Adds one stored value of output `output` (rows come in `open_time` order) to `events`:
+    /// a new event for a new candle, its outputs not yet seen NaN. False (nothing added) if
+    /// `output` is not one of `outputs`.
+    pub fn add(
+        events: &mut Vec<IndicatorEvent>,
+        outputs: &[&'static str],
+        open_time: i64,
+        output: &str,
+        value: f64,
+    ) -> bool {
+        let Some(slot) = outputs.iter().position(|o| *o == output) else {
+            return false;
+        };
+        if events.last().is_none_or(|e| e.open_time != open_time) {
+            events.push(IndicatorEvent {
+                open_time,
+                values: outputs.iter().map(|o| (*o, f64::NAN)).collect(),
+            });
+        }
+        if let Some(e) = events.last_mut() {
+            e.values[slot].1 = value;
+        }
+        true
+    }
+}
+
 #[derive(clickhouse::Row, Deserialize)]
 struct ValueRow {
     open_time: i64,
@@ -74,7 +101,7 @@ impl Store {
     ) -> Result<Vec<IndicatorEvent>, StoreError> {
         let name = spec.to_string();
         let outputs = spec.outputs();
-        let period = pair.period.fixed_ms().unwrap_or(31 * 86_400_000);
+        let period = pair.period.longest_ms();
         let span = period.saturating_mul(i64::try_from(limit).unwrap_or(i64::MAX));
         let mut out: Vec<IndicatorEvent> = Vec::new();
         let mut after = after;
@@ -117,18 +144,8 @@ impl Store {
                 )
                 .await?;
             for r in rows {
-                let Some(slot) = outputs.iter().position(|o| *o == r.output) else {
-                    continue; // an output this spec does not have (none are written)
-                };
-                if out.last().is_none_or(|e| e.open_time != r.open_time) {
-                    out.push(IndicatorEvent {
-                        open_time: r.open_time,
-                        values: outputs.iter().map(|o| (*o, f64::NAN)).collect(),
-                    });
-                }
-                if let Some(e) = out.last_mut() {
-                    e.values[slot].1 = r.value;
-                }
+                // An output this spec does not have is skipped (none are written).
+                IndicatorEvent::add(&mut out, outputs, r.open_time, &r.output, r.value);
             }
             after = upto - 1;
         }

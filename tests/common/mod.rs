@@ -927,6 +927,24 @@ pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf, Config) {
     (dir, path, cfg)
 }
 
+/// Edits the config at `path` the way editors do (a new file renamed over the old one) and
+/// waits up to 30 s for the running daemon's verdict on it.
+pub async fn edit_config(
+    reloads: &quantservice::config_watch::Reloads,
+    path: &Path,
+    yaml: &str,
+) -> quantservice::config_watch::ReloadResult {
+    let seq = reloads.latest().seq;
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, yaml).expect("config written");
+    std::fs::rename(&tmp, path).expect("config renamed into place");
+    tokio::time::timeout(Duration::from_secs(30), reloads.next_after(seq))
+        .await
+        .expect("a reload outcome within 30 s")
+        .expect("the daemon publishes reload outcomes")
+        .result
+}
+
 /// The daemon in-process on `cfg` (watching `path`), and the token that stops it.
 pub fn spawn_daemon(
     cfg: Config,

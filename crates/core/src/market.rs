@@ -210,6 +210,12 @@ impl Period {
         }
     }
 
+    /// Length in milliseconds, the longest month (31 days) for `1M`: for windows of `n`
+    /// periods that must never be too narrow.
+    pub fn longest_ms(self) -> i64 {
+        self.fixed_ms().unwrap_or(31 * 86_400_000)
+    }
+
     /// Fixed length in milliseconds, or `None` for `1M` (calendar months vary).
     pub fn fixed_ms(self) -> Option<i64> {
         const MIN: i64 = 60_000;
