@@ -848,6 +848,12 @@ async fn the_embedded_server_streams_what_the_daemon_stores_and_follows_config_e
     assert_eq!(edit(yaml(&cs(true, a))).await, applied);
     let mut ws = connect_when_up(&format!("ws://127.0.0.1:{a}/ws")).await;
     let since = start + 5_000;
+    // The history is backfilled by REST while the stream already stores live candles: a
+    // replay read before the backfill commits finds only the live ones, and the older ones
+    // reach the client later, as healed candles do (out of order). This test wants one ordered
+    // replay, so it subscribes once the history up to the live edge is stored.
+    let edge = Period::S1.align(qs_sim::now_ms()) - 1_000;
+    common::wait_stored(&db, &pair, start, edge, 30).await;
     let r = say(
         &mut ws,
         &format!(

@@ -9,3 +9,4 @@
 pub mod market;
 pub mod time;
 pub mod indicators;
+pub mod backtest;
