@@ -645,3 +645,19 @@ fn trades_exit_at_the_stop() {
     assert!(out.trades.is_empty());
     assert_eq!(out.open_trades, 1);
 }
+
+#[test]
+fn a_series_shorter_than_the_warm_up_runs_without_trades() {
+    let series = walk(15, 7);
+    let mut rules = compile(&RuleSet {
+        long_entry: Some("cross_above(close, sma(close, 20))".into()),
+        short_entry: Some("prev(close, 30) > close".into()),
+        ..RuleSet::default()
+    })
+    .unwrap();
+    assert_eq!(rules.extra_warmup(), 30);
+    let out = run(&mut rules, &series, &Options::default());
+    assert!(out.trades.is_empty());
+    assert_eq!(out.open_trades, 0);
+    assert_eq!(out.equity, vec![10_000.0; 15]);
+}
