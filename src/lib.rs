@@ -61,6 +61,7 @@ pub mod tasks;
 pub mod server;
 pub mod operator;
 pub mod app;
+pub mod backtest;
 
 pub mod logging;
 pub mod metrics;
