@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_indicators.sql",
         sql: include_str!("../../sql/0007_indicators.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_backtests.sql",
+        sql: include_str!("../../sql/0008_backtests.sql"),
+    },
 ];
 
 /// Error codes that mean "this statement already took effect" (a migration interrupted half

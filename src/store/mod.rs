@@ -4,6 +4,7 @@
 //! pages of candles as Binance's klines endpoint pages them (the REST facade's reads) in
 //! `pages`. Exchange I/O is not here.
 
+pub mod backtests;
 pub mod indicators;
 pub mod migrate;
 mod native;
