@@ -69,12 +69,181 @@ enum Command {
     /// (replay, then live by following new rows) and the Binance-compatible REST facade.
     /// Address and limits default to app.clientserver; run several in front of one ClickHouse.
     Clientserver(ClientServerArgs),
+    /// Backtest a strategy (built-in, or a rule file) over stored candles or a CSV file, with
+    /// backtesting.py's accounting and statistics; a parameter grid runs every combination in
+    /// parallel and ranks them.
+    Backtest(Box<BacktestArgs>),
     /// Run the built-in Binance simulator (REST, archives) for local runs and benchmarks.
     SimExchange(qs_sim::cli::SimArgs),
     /// Wait until the running daemon is ready (its /readyz on app.http.listen answers 200):
     /// exit 0 when ready, 1 on timeout (the last reason on stderr), 3 if the endpoint is
     /// disabled.
     Ready(ReadyArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct BacktestArgs {
+    /// A built-in strategy: sma_cross, ema_cross, rsi_reversion, macd_cross, bbands_breakout,
+    /// donchian_breakout.
+    #[arg(long)]
+    strategy: Option<String>,
+    /// A strategy parameter, `name=value`, or a grid axis `name=start:end:step` (end
+    /// included); repeatable.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// A rule file (YAML: long_entry, long_exit, short_entry, short_exit, stop_loss_pct,
+    /// take_profit_pct) instead of --strategy.
+    #[arg(long, value_name = "FILE.yaml")]
+    rules: Option<PathBuf>,
+    /// Binance symbol of stored candles, e.g. BTCUSDT.
+    #[arg(long)]
+    symbol: Option<String>,
+    /// spot, um or cm.
+    #[arg(long)]
+    market: Option<String>,
+    /// Kline interval, e.g. 1m, 1h, 1d.
+    #[arg(long)]
+    period: Option<String>,
+    /// First candle (open time, Unix ms, inclusive); default: the first stored.
+    #[arg(
+        long = "start_ms",
+        visible_alias = "start-ms",
+        allow_negative_numbers = true
+    )]
+    start_ms: Option<i64>,
+    /// End (open time, Unix ms, exclusive); default: after the last stored.
+    #[arg(
+        long = "end_ms",
+        visible_alias = "end-ms",
+        allow_negative_numbers = true
+    )]
+    end_ms: Option<i64>,
+    /// Candles from a CSV file instead: a Binance kline CSV (with or without header) or a
+    /// backtesting.py-style one (date, Open, High, Low, Close, Volume).
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// Starting cash.
+    #[arg(long, default_value_t = 10_000.0)]
+    cash: f64,
+    /// Commission as a fraction of the notional, on entry and on exit (0.001 = 0.1 %).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    commission: f64,
+    /// Slippage in basis points: buys fill that much higher, sells lower.
+    #[arg(
+        long = "slippage_bps",
+        visible_alias = "slippage-bps",
+        default_value_t = 0.0
+    )]
+    slippage_bps: f64,
+    /// whole (all equity in whole units, as backtesting.py), fraction (all equity, rounded
+    /// down to --step) or a fixed quantity in units.
+    #[arg(long, default_value = "whole")]
+    sizing: String,
+    /// The quantity step for --sizing fraction (the symbol's LOT_SIZE stepSize).
+    #[arg(long, default_value_t = 0.00001)]
+    step: f64,
+    /// next_open (market orders fill at the next candle's open) or close (at the deciding
+    /// candle's close).
+    #[arg(long, default_value = "next_open")]
+    fill: String,
+    /// A new order closes the open position first (backtesting.py's exclusive_orders=True).
+    #[arg(long)]
+    exclusive: bool,
+    /// Never short: sell signals only close long positions.
+    #[arg(long = "long-only", visible_alias = "long_only")]
+    long_only: bool,
+    /// Close trades still open at the end at the last candle (they then count in the trade
+    /// statistics).
+    #[arg(long)]
+    finalize: bool,
+    /// Write a self-contained HTML report (the best combination of a grid).
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Save every run to backtest_results and its trades to backtest_trades.
+    #[arg(long)]
+    save: bool,
+    /// The statistic a grid is ranked by, best first (descending), e.g. sharpe, return_pct.
+    #[arg(long, default_value = "sharpe")]
+    rank: String,
+    /// How many of a grid's best runs to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Threads for a grid (default: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl BacktestArgs {
+    fn request(self) -> anyhow::Result<quantservice::backtest::command::Request> {
+        use quantservice::backtest::run::{Settings, Source};
+        let source = match (self.csv, self.symbol, self.market, self.period) {
+            (Some(path), None, None, None) => {
+                if self.start_ms.is_some() || self.end_ms.is_some() {
+                    anyhow::bail!(
+                        "--start_ms/--end_ms select stored candles; they do not apply to --csv"
+                    );
+                }
+                Source::Csv(path)
+            }
+            (Some(_), ..) => {
+                anyhow::bail!("give either --csv or --symbol/--market/--period, not both")
+            }
+            (None, Some(symbol), Some(market), Some(period)) => Source::Stored {
+                pair: quantservice::market::PairKey::parse(&market, &symbol, &period)?,
+                start_ms: self.start_ms,
+                end_ms: self.end_ms,
+            },
+            (None, ..) => anyhow::bail!(
+                "no candles: pass --csv FILE, or --symbol, --market and --period for stored ones"
+            ),
+        };
+        Ok(quantservice::backtest::command::Request {
+            strategy: self.strategy,
+            rules: self.rules,
+            params: self.params,
+            source,
+            settings: Settings {
+                cash: self.cash,
+                commission: self.commission,
+                slippage_bps: self.slippage_bps,
+                sizing: self.sizing,
+                step: self.step,
+                fill: self.fill,
+                exclusive: self.exclusive,
+                long_only: self.long_only,
+                finalize: self.finalize,
+            },
+            report: self.report,
+            json: self.json,
+            save: self.save,
+            rank: self.rank,
+            top: self.top,
+            threads: self.threads,
+        })
+    }
+}
+
+/// `backtest`: without ClickHouse (a CSV, not saved) it needs no configuration at all.
+async fn backtest(req: quantservice::backtest::command::Request, cfg: Option<&Config>) -> ExitCode {
+    use quantservice::backtest::command;
+    let scrub = |s: String| match cfg {
+        Some(cfg) => cfg
+            .secrets()
+            .iter()
+            .fold(s, |acc, secret| acc.replace(secret.as_str(), "***")),
+        None => s,
+    };
+    let mut out = std::io::stdout();
+    match command::execute(cfg, req, &mut out).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", scrub(format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,8 +380,27 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     quantservice::metrics::set_build(env!("QS_GIT_COMMIT"), env!("QS_BUILD_DATE"));
+    let mut backtest_req = None;
     let cli = match cli.command {
         Some(Command::SimExchange(args)) => return run_sim(args).await,
+        // Bad arguments are reported before the configuration is looked for, and a backtest
+        // of a CSV file that saves nothing needs no configuration at all.
+        Some(Command::Backtest(args)) => match args.request() {
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            Ok(req) if !quantservice::backtest::command::needs_clickhouse(&req) => {
+                return backtest(req, None).await
+            }
+            Ok(req) => {
+                backtest_req = Some(req);
+                Cli {
+                    command: Some(Command::Backtest(Box::default())),
+                    ..cli
+                }
+            }
+        },
         command => Cli { command, ..cli },
     };
     if cli.check_config
@@ -274,6 +462,7 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
                 | Some(Command::Optimize(_))
                 | Some(Command::Indicators(_))
                 | Some(Command::Clientserver(_))
+                | Some(Command::Backtest(_))
         ) {
         Console::Stderr
     } else {
@@ -337,6 +526,10 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) | Some(Command::Ready(_)) => {
             Ok(())
         }
+        Some(Command::Backtest(_)) => match backtest_req {
+            Some(req) => return backtest(req, Some(&cfg)).await,
+            None => Ok(()),
+        },
         Some(Command::Clientserver(args)) => {
             let cancel = CancellationToken::new();
             app::watch_signals(app::shutdown_signal(), cancel.clone());

@@ -73,7 +73,7 @@ fn run_chromium(profile: &Path, args: &[String]) -> Output {
 
 /// backtesting.py's Quick Start over GOOG.csv, rendered.
 fn quick_start_report() -> (String, usize) {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/GOOG.csv");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/backtest/GOOG.csv");
     let series = csv::read_csv(&data).unwrap();
     let mut strategy = strategies::build(
         "sma_cross",

@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn goog_csv() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/GOOG.csv");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/backtest/GOOG.csv");
         let s = read_csv(&path).unwrap();
         assert_eq!(s.len(), 2148);
         assert_eq!(s.time[0], 1_092_873_600_000);
