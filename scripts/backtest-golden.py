@@ -2,11 +2,13 @@
 """Golden files for the backtest parity tests: backtesting.py 0.6.6's trades and statistics.
 
     python3 -m venv /tmp/btvenv && /tmp/btvenv/bin/pip install backtesting==0.6.6
+    /tmp/btvenv/bin/pip install --only-binary=:all: TA-Lib
     /tmp/btvenv/bin/python scripts/backtest-golden.py
 
-Writes tests/data/backtest/<case>.json: every closed trade (bars, size, prices, PnL, return)
+Writes tests/data/backtest/<case>.json.gz: every closed trade (bars, size, prices, PnL, return)
 and every statistic (floats as repr, durations in ms), for the cases below.
 """
+import gzip
 import json
 import math
 import os
@@ -60,6 +62,73 @@ class SmaCrossLongOnly(SmaCross):
             self.buy()
         elif crossover(self.b, self.a):
             self.position.close()
+
+
+class EmaCross(Strategy):
+    fast = 10
+    slow = 20
+
+    def init(self):
+        import talib
+        self.a = self.I(talib.EMA, self.data.Close.astype(float), self.fast)
+        self.b = self.I(talib.EMA, self.data.Close.astype(float), self.slow)
+
+    def next(self):
+        if crossover(self.a, self.b):
+            self.buy()
+        elif crossover(self.b, self.a):
+            self.sell()
+
+
+class RsiReversion(Strategy):
+    n = 14
+    low = 30
+    high = 70
+
+    def init(self):
+        import talib
+        self.rsi = self.I(talib.RSI, self.data.Close.astype(float), self.n)
+
+    def next(self):
+        if crossover(self.low, self.rsi):
+            self.buy()
+        elif crossover(self.rsi, self.high):
+            self.sell()
+
+
+class MacdCross(Strategy):
+    fast = 12
+    slow = 26
+    signal = 9
+
+    def init(self):
+        import talib
+        c = self.data.Close.astype(float)
+        self.macd = self.I(lambda x: talib.MACD(x, self.fast, self.slow, self.signal)[0], c)
+        self.sig = self.I(lambda x: talib.MACD(x, self.fast, self.slow, self.signal)[1], c)
+
+    def next(self):
+        if crossover(self.macd, self.sig):
+            self.buy()
+        elif crossover(self.sig, self.macd):
+            self.sell()
+
+
+class BbandsBreakout(Strategy):
+    n = 20
+    k = 2
+
+    def init(self):
+        import talib
+        c = self.data.Close.astype(float)
+        self.up = self.I(lambda x: talib.BBANDS(x, self.n, self.k, self.k)[0], c)
+        self.lo = self.I(lambda x: talib.BBANDS(x, self.n, self.k, self.k)[2], c)
+
+    def next(self):
+        if crossover(self.data.Close, self.up):
+            self.buy()
+        elif crossover(self.lo, self.data.Close):
+            self.sell()
 
 
 def goog():
@@ -133,9 +202,9 @@ def case(name, data, strategy, params, **bt):
             out["stats"][k] = None
         else:
             out["stats"][k] = num(v)
-    path = os.path.join(DATA, "backtest", name + ".json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    path = os.path.join(DATA, "backtest", name + ".json.gz")
+    with gzip.open(path, "wt") as f:
+        json.dump(out, f, separators=(",", ":"))
     print(name, len(out["trades"]), "trades", "return", out["stats"]["Return [%]"], file=sys.stderr)
 
 
@@ -148,6 +217,18 @@ def main():
          cash=1_000_000, commission=0.0004, exclusive_orders=True)
     case("btcusdt_um_1h_sma_cross_50_200_long_only", btc, SmaCrossLongOnly, {"fast": 50, "slow": 200},
          cash=1_000_000, commission=0.001, trade_on_close=True, finalize_trades=True)
+
+    spot = binance(os.path.join(DATA, "binance", "spot", "BTCUSDT-1h-2022-01.csv"))
+    case("btcusdt_um_1h_ema_cross_12_26_spread", btc, EmaCross, {"fast": 12, "slow": 26},
+         cash=1_000_000, commission=0.0004, spread=0.0002, exclusive_orders=True)
+    case("btcusdt_um_1h_rsi_reversion_14_30_70", btc, RsiReversion, {"n": 14, "low": 30, "high": 70},
+         cash=1_000_000, commission=0.001, exclusive_orders=True)
+    case("btcusdt_um_1h_macd_cross_12_26_9", btc, MacdCross, {"fast": 12, "slow": 26, "signal": 9},
+         cash=1_000_000, commission=0.0004)
+    case("goog_bbands_breakout_20_2", g, BbandsBreakout, {"n": 20, "k": 2},
+         cash=10_000, commission=0.002, exclusive_orders=True)
+    case("btcusdt_spot_1h_2022_01_sma_cross_5_15", spot, SmaCross, {"fast": 5, "slow": 15},
+         cash=1_000_000, commission=0.001, exclusive_orders=True, finalize_trades=True)
 
 
 if __name__ == "__main__":

@@ -76,10 +76,15 @@ fn the_quick_start_through_the_cli_equals_backtesting_py() {
     args.extend(QUICK_START);
     // No configuration anywhere: a CSV backtest needs none.
     let v = json_of(&run(None, &args));
-    let g: Value = serde_json::from_str(
-        &std::fs::read_to_string(data("backtest/goog_sma_cross_10_20.json")).unwrap(),
-    )
-    .unwrap();
+    let g: Value = {
+        use std::io::Read;
+        let file = std::fs::File::open(data("backtest/goog_sma_cross_10_20.json.gz")).unwrap();
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
     let gs = &g["stats"];
     let f = |k: &str| gs[k].as_f64().unwrap();
     assert_eq!(v["trades"], 93);

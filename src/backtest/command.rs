@@ -205,7 +205,42 @@ pub async fn execute(
         run::rank(&mut results, &req.rank);
     }
     if let Some(path) = &req.report {
-        write_report(path, &maker, &results[0], &series, &options, &strategy)?;
+        let mut shown: Vec<(String, String)> = vec![
+            ("data".into(), req.source.describe()),
+            ("strategy".into(), strategy.clone()),
+        ];
+        shown.extend(
+            results[0]
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string())),
+        );
+        let set = &req.settings;
+        shown.extend([
+            ("cash".into(), set.cash.to_string()),
+            ("commission".into(), set.commission.to_string()),
+            ("slippage_bps".into(), set.slippage_bps.to_string()),
+            ("sizing".into(), set.sizing.clone()),
+            ("fill".into(), set.fill.clone()),
+            ("exclusive".into(), set.exclusive.to_string()),
+            ("long_only".into(), set.long_only.to_string()),
+            ("finalize".into(), set.finalize.to_string()),
+        ]);
+        if grid {
+            shown.push((
+                "grid".into(),
+                format!("best of {} by {}", results.len(), req.rank),
+            ));
+        }
+        write_report(
+            path,
+            &maker,
+            &results[0],
+            &series,
+            &options,
+            &strategy,
+            &shown,
+        )?;
     }
     if req.json {
         let value = if grid {
@@ -252,7 +287,12 @@ pub async fn execute(
             write!(out, "{:>4}  {:<28}", i + 1, run::describe_params(&r.params))?;
             for k in &cols {
                 let v = run::stat_value(&r.outcome.stats, k).unwrap_or(f64::NAN);
-                write!(out, "  {:>16}", format!("{v:.4}"))?;
+                let text = if *k == "trades" {
+                    format!("{v}")
+                } else {
+                    format!("{v:.4}")
+                };
+                write!(out, "  {text:>16}")?;
             }
             writeln!(out)?;
         }
@@ -297,6 +337,7 @@ fn write_report(
     series: &Series,
     options: &qs_core::backtest::Options,
     strategy: &str,
+    shown: &[(String, String)],
 ) -> anyhow::Result<()> {
     // A grid drops equity curves: run the best combination again for its report.
     let outcome = if best.outcome.equity.is_empty() {
@@ -305,13 +346,8 @@ fn write_report(
     } else {
         best.outcome.clone()
     };
-    let params: Vec<(String, String)> = best
-        .params
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_string()))
-        .collect();
     let title = format!("{strategy} {}", run::describe_params(&best.params));
-    let html = super::report::render(title.trim(), series, &outcome, &params);
+    let html = super::report::render(title.trim(), series, &outcome, shown);
     std::fs::write(path, html)
         .with_context(|| format!("cannot write the report {}", path.display()))
 }

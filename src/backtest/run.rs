@@ -31,7 +31,7 @@ pub enum Source {
 }
 
 impl Source {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Source::Csv(p) => format!("csv:{}", p.display()),
             Source::Stored { pair, .. } => format!("clickhouse:{pair}"),

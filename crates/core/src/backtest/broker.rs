@@ -634,3 +634,102 @@ pub fn run(strategy: &mut dyn Strategy, series: &Series, o: &Options) -> Outcome
         start,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backtest::{Action, Candle, Strategy};
+
+    /// Buys at candle 1, sells at candle 3 (long only: closes).
+    struct Once;
+    impl Strategy for Once {
+        fn indicators(&self) -> Vec<Spec> {
+            Vec::new()
+        }
+        fn on_candle(&mut self, c: &Candle<'_>) -> Action {
+            match c.index {
+                1 => Action::Buy,
+                3 => Action::Sell,
+                _ => Action::Hold,
+            }
+        }
+    }
+
+    fn series(prices: &[f64]) -> Series {
+        let mut s = Series::default();
+        for (i, &p) in prices.iter().enumerate() {
+            s.push(i as i64 * 60_000, &Bar::from_close(p));
+        }
+        s
+    }
+
+    #[test]
+    fn fraction_sizing_rounds_down_to_the_step_and_fixed_buys_that_many_units() {
+        let s = series(&[30_000.0, 30_000.0, 30_000.0, 31_000.0, 31_000.0, 31_000.0]);
+        let mut o = Options {
+            cash: 10_000.0,
+            commission: 0.001,
+            long_only: true,
+            sizing: Sizing::Fraction { step: 0.00001 },
+            ..Options::default()
+        };
+        let out = run(&mut Once, &s, &o);
+        assert_eq!(out.trades.len(), 1);
+        let t = &out.trades[0];
+        // 10,000 / (30,000 · 1.001) = 0.333000333.. → 0.33300 in steps of 0.00001.
+        assert!((t.size - 0.333).abs() < 1e-12, "{}", t.size);
+        assert_eq!((t.size / 0.00001).round() * 0.00001, t.size);
+        assert_eq!((t.entry_bar, t.exit_bar), (2, 4));
+        assert_eq!((t.entry_price, t.exit_price), (30_000.0, 31_000.0));
+        let fees = t.size * 30_000.0 * 0.001 + t.size * 31_000.0 * 0.001;
+        assert!((t.pnl - (t.size * 1_000.0 - fees)).abs() < 1e-9);
+        // Whole units: none affordable, so the broker cancels the order.
+        o.sizing = Sizing::Whole;
+        assert!(run(&mut Once, &s, &o).trades.is_empty());
+        o.sizing = Sizing::Fixed(0.25);
+        let out = run(&mut Once, &s, &o);
+        assert_eq!(out.trades[0].size, 0.25);
+        // More than the cash allows: cancelled, not a negative balance.
+        o.sizing = Sizing::Fixed(1.0);
+        assert!(run(&mut Once, &s, &o).trades.is_empty());
+        assert_eq!(run(&mut Once, &s, &o).stats.equity_final, 10_000.0);
+    }
+
+    #[test]
+    fn python_floor_division() {
+        assert_eq!(py_floordiv(7.0, 2.0), 3.0);
+        assert_eq!(py_floordiv(-7.0, 2.0), -4.0);
+        assert_eq!(py_floordiv(9999.999999999998, 100.2), 99.0);
+        assert_eq!(py_floordiv(0.0, 3.0), 0.0);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let ok = Options::default();
+        assert!(ok.check().is_ok());
+        for bad in [
+            Options {
+                cash: 0.0,
+                ..ok.clone()
+            },
+            Options {
+                commission: 0.2,
+                ..ok.clone()
+            },
+            Options {
+                spread: -0.1,
+                ..ok.clone()
+            },
+            Options {
+                sizing: Sizing::Fixed(0.0),
+                ..ok.clone()
+            },
+            Options {
+                sizing: Sizing::Fraction { step: f64::NAN },
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+}
