@@ -9,6 +9,7 @@ Writes tests/data/backtest/<case>.json.gz: every closed trade (bars, size, price
 and every statistic (floats as repr, durations in ms), for the cases below.
 """
 import gzip
+import io
 import json
 import math
 import os
@@ -203,7 +204,8 @@ def case(name, data, strategy, params, **bt):
         else:
             out["stats"][k] = num(v)
     path = os.path.join(DATA, "backtest", name + ".json.gz")
-    with gzip.open(path, "wt") as f:
+    # mtime=0: the same results give the same bytes.
+    with gzip.GzipFile(path, "wb", mtime=0) as raw, io.TextIOWrapper(raw) as f:
         json.dump(out, f, separators=(",", ":"))
     print(name, len(out["trades"]), "trades", "return", out["stats"]["Return [%]"], file=sys.stderr)
 
@@ -229,6 +231,13 @@ def main():
          cash=10_000, commission=0.002, exclusive_orders=True)
     case("btcusdt_spot_1h_2022_01_sma_cross_5_15", spot, SmaCross, {"fast": 5, "slow": 15},
          cash=1_000_000, commission=0.001, exclusive_orders=True, finalize_trades=True)
+
+    eurusd = pd.read_csv(os.path.join(DATA, "backtest", "EURUSD.csv"), index_col=0, parse_dates=True)
+    case("eurusd_1h_sma_cross_10_30", eurusd, SmaCross, {"fast": 10, "slow": 30},
+         cash=10_000, commission=0.0002, exclusive_orders=True)
+    btcusd = pd.read_csv(os.path.join(DATA, "backtest", "BTCUSD.csv"), index_col=0, parse_dates=True)
+    case("btcusd_monthly_sma_cross_3_6", btcusd, SmaCross, {"fast": 3, "slow": 6},
+         cash=100_000, commission=0.001, exclusive_orders=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@
 //!   egress pool and writes its `proxy_status`.
 //! - [`app`]: the commands behind the CLI (daemon, `--check-config`, `migrate`, `backfill-gap`,
 //!   `ws-start`, `optimize`, `indicators`, `ready`).
+//! - [`backtest`]: the `backtest` command over `qs_core::backtest`: CSV and stored candles,
+//!   parameter grids, the HTML report, results saved to `backtest_results`/`backtest_trades`.
 //!
 //! Cross-cutting:
 //! - [`logging`]: stdout/journald and the rotated, archived log file with secret scrubbing;

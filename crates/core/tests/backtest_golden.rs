@@ -26,7 +26,12 @@ fn load(rel: &str) -> Series {
         if !f[0].starts_with(|c: char| c.is_ascii_digit()) {
             continue; // header
         }
-        let t = if f[0].contains('-') {
+        let t = if f[0].contains(' ') {
+            chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S")
+                .unwrap()
+                .and_utc()
+                .timestamp_millis()
+        } else if f[0].contains('-') {
             let d = chrono::NaiveDate::parse_from_str(f[0], "%Y-%m-%d").unwrap();
             d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
         } else {
@@ -292,6 +297,40 @@ fn a_spot_month_with_finalize_matches_backtesting_py() {
     check(
         "btcusdt_spot_1h_2022_01_sma_cross_5_15",
         "binance/spot/BTCUSDT-1h-2022-01.csv",
+        "sma_cross",
+        &o,
+    );
+}
+
+/// Hourly forex without weekends: 252 trading days a year.
+#[test]
+fn eurusd_hourly_matches_backtesting_py() {
+    let o = Options {
+        cash: 10_000.0,
+        commission: 0.0002,
+        exclusive: true,
+        ..Options::default()
+    };
+    check(
+        "eurusd_1h_sma_cross_10_30",
+        "backtest/EURUSD.csv",
+        "sma_cross",
+        &o,
+    );
+}
+
+/// Monthly candles: returns per month-end, 12 a year.
+#[test]
+fn monthly_btcusd_matches_backtesting_py() {
+    let o = Options {
+        cash: 100_000.0,
+        commission: 0.001,
+        exclusive: true,
+        ..Options::default()
+    };
+    check(
+        "btcusd_monthly_sma_cross_3_6",
+        "backtest/BTCUSD.csv",
         "sma_cross",
         &o,
     );
