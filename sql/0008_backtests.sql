@@ -8,7 +8,7 @@ CREATE TABLE IF NOT EXISTS backtest_results
 (
     run_id String,
     batch_id String,
-    created_at DateTime,
+    created_at DateTime DEFAULT now(),
     strategy String,
     params String,
     source String,

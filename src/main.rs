@@ -123,7 +123,7 @@ struct BacktestArgs {
     #[arg(long, value_name = "FILE")]
     csv: Option<PathBuf>,
     /// Starting cash.
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, default_value_t = 10_000.0, allow_negative_numbers = true)]
     cash: f64,
     /// Commission as a fraction of the notional, on entry and on exit (0.001 = 0.1 %).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -132,7 +132,8 @@ struct BacktestArgs {
     #[arg(
         long = "slippage_bps",
         visible_alias = "slippage-bps",
-        default_value_t = 0.0
+        default_value_t = 0.0,
+        allow_negative_numbers = true
     )]
     slippage_bps: f64,
     /// whole (all equity in whole units, as backtesting.py), fraction (all equity, rounded

@@ -236,6 +236,13 @@ fn bad_input_is_refused_with_a_clear_message() {
     )
     .unwrap();
     let b = bad_csv.to_str().unwrap();
+    let zero_csv = dir.path().join("zero.csv");
+    std::fs::write(
+        &zero_csv,
+        ",Open,High,Low,Close,Volume\n2020-01-01,1,2,0.5,1.5,10\n2020-01-02,1,2,0,1.5,10\n",
+    )
+    .unwrap();
+    let z = zero_csv.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--csv", g, "--strategy", "nope"], "unknown strategy"),
         (
@@ -273,7 +280,37 @@ fn bad_input_is_refused_with_a_clear_message() {
             vec!["--csv", g, "--strategy", "sma_cross", "--cash", "0"],
             "cash",
         ),
+        (
+            vec!["--csv", g, "--strategy", "sma_cross", "--cash", "-5"],
+            "cash",
+        ),
+        (
+            vec![
+                "--csv",
+                g,
+                "--strategy",
+                "sma_cross",
+                "--slippage_bps",
+                "-1",
+            ],
+            "slippage",
+        ),
+        (
+            vec![
+                "--csv",
+                g,
+                "--strategy",
+                "sma_cross",
+                "--param",
+                "fast=1:2:1e-300",
+            ],
+            "more than",
+        ),
         (vec!["--csv", b, "--strategy", "sma_cross"], "line 2"),
+        (
+            vec!["--csv", z, "--strategy", "sma_cross"],
+            "line 3: low is 0: prices must be positive",
+        ),
         (
             vec!["--csv", "/nonexistent/x.csv", "--strategy", "sma_cross"],
             "x.csv",
@@ -398,6 +435,7 @@ async fn stored_candles_run_like_their_csv_and_a_grid_is_saved() {
         .collect();
     assert!(r.windows(2).all(|w| w[0] >= w[1]), "ranked: {r:?}");
     let batch = grid["batch_id"].as_str().unwrap();
+    let best_id = runs[0]["run_id"].as_str().unwrap();
     assert_eq!(
         count(
             &db,
@@ -420,10 +458,23 @@ async fn stored_candles_run_like_their_csv_and_a_grid_is_saved() {
     assert_eq!(saved_trades, stated);
     assert!(stated > 0);
     let best = db.sql(&format!(
-        "SELECT params, return_pct, trades FROM backtest_results WHERE batch_id = '{batch}' \
-         ORDER BY return_pct DESC LIMIT 1"
+        "SELECT params, return_pct, trades, run_id FROM backtest_results \
+         WHERE batch_id = '{batch}' ORDER BY return_pct DESC LIMIT 1"
     ));
     let f: Vec<&str> = best.trim().split('\t').collect();
+    assert_eq!(f[3], best_id, "the JSON names the saved run");
+    // Its trades, returns in percent as in the JSON.
+    let first = db.sql(&format!(
+        "SELECT pnl, return_pct FROM backtest_trades WHERE run_id = '{best_id}' AND n = 0"
+    ));
+    let t: Vec<f64> = first
+        .trim()
+        .split('\t')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let want = &runs[0]["trade_list"][0];
+    assert_eq!(t[0], want["pnl"].as_f64().unwrap());
+    assert_eq!(t[1], want["return_pct"].as_f64().unwrap());
     let params: Value = serde_json::from_str(&f[0].replace("\\\\", "\\")).unwrap();
     assert_eq!(params, runs[0]["params"], "{best}");
     let ret: f64 = f[1].parse().unwrap();

@@ -188,19 +188,16 @@ pub async fn execute(
     tracing::debug!(load_secs, run_secs, runs = results.len(), "Backtest done.");
     let strategy = maker.name();
     let batch = uuid::Uuid::new_v4().to_string();
-    let ids = match &store {
-        Some(store) if req.save => {
-            let meta = run::SaveMeta {
-                batch_id: &batch,
-                strategy: &strategy,
-                source: &req.source,
-                series: &series,
-                settings: &req.settings,
-            };
-            run::save(store, &meta, &results).await?
-        }
-        _ => Vec::new(),
-    };
+    if let (Some(store), true) = (&store, req.save) {
+        let meta = run::SaveMeta {
+            batch_id: &batch,
+            strategy: &strategy,
+            source: &req.source,
+            series: &series,
+            settings: &req.settings,
+        };
+        run::save(store, &meta, &mut results).await?;
+    }
     if grid {
         run::rank(&mut results, &req.rank);
     }
@@ -220,7 +217,7 @@ pub async fn execute(
             ("cash".into(), set.cash.to_string()),
             ("commission".into(), set.commission.to_string()),
             ("slippage_bps".into(), set.slippage_bps.to_string()),
-            ("sizing".into(), set.sizing.clone()),
+            ("sizing".into(), set.sizing_text()),
             ("fill".into(), set.fill.clone()),
             ("exclusive".into(), set.exclusive.to_string()),
             ("long_only".into(), set.long_only.to_string()),
@@ -254,8 +251,8 @@ pub async fn execute(
             })
         } else {
             let mut v = run::run_json(&strategy, &results[0], series.len());
-            if let (Some(id), Some(m)) = (ids.first(), v.as_object_mut()) {
-                m.insert("run_id".into(), serde_json::json!(id));
+            if let (true, Some(m)) = (req.save, v.as_object_mut()) {
+                m.insert("batch_id".into(), serde_json::json!(batch));
             }
             v
         };
@@ -311,14 +308,14 @@ pub async fn execute(
             writeln!(out, "{strategy}")?;
         }
         write!(out, "{}", run::stats_table(&r.outcome.stats))?;
-        if r.outcome.open_trades > 0 {
+        if r.outcome.open_trades > 0 && !req.settings.finalize {
             writeln!(
                 out,
                 "({} trade(s) still open at the end: marked to market in the equity, not in the trade statistics; --finalize closes them)",
                 r.outcome.open_trades
             )?;
         }
-        if let Some(id) = ids.first() {
+        if let Some(id) = &r.run_id {
             writeln!(out, "saved to backtest_results (run_id {id})")?;
         }
     }

@@ -44,6 +44,12 @@ pub enum CsvError {
         column: &'static str,
         text: String,
     },
+    #[error("line {line}: {column} is {value}: prices must be positive")]
+    NotPositive {
+        line: usize,
+        column: &'static str,
+        value: f64,
+    },
     #[error("line {line}: {column} is {value}, not a finite number")]
     NotFinite {
         line: usize,
@@ -246,11 +252,23 @@ fn parse_row(line: usize, fields: &[&str], c: &Columns) -> Result<(i64, Bar), Cs
             })
         }
     };
+    let price = |i: usize, column: &'static str| -> Result<f64, CsvError> {
+        let x = num(i, column)?;
+        if x > 0.0 {
+            Ok(x)
+        } else {
+            Err(CsvError::NotPositive {
+                line,
+                column,
+                value: x,
+            })
+        }
+    };
     let bar = Bar {
-        open: num(c.open, "open")?,
-        high: num(c.high, "high")?,
-        low: num(c.low, "low")?,
-        close: num(c.close, "close")?,
+        open: price(c.open, "open")?,
+        high: price(c.high, "high")?,
+        low: price(c.low, "low")?,
+        close: price(c.close, "close")?,
         volume: num(c.volume, "volume")?,
         quote_volume: match c.quote_volume {
             Some(i) if i < fields.len() => num(i, "quote_volume")?,

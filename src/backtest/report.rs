@@ -23,11 +23,11 @@ pub const MAX_TRADE_ROWS: usize = 5000;
 
 /// backtesting.py's statistics, in its order and with its labels, formatted as it prints them
 /// (a pandas object `Series`): floats with up to five decimals, trailing zeros trimmed but one
-/// kept (`display.precision` 5), `NaN` for NaN; durations as a pandas `Timedelta`
-/// (`584 days 00:00:00`, `NaT` for none); times as a pandas `Timestamp`
-/// (`2004-08-19 00:00:00`).
+/// kept (`display.precision` 5); durations as a pandas `Timedelta` (`584 days 00:00:00`);
+/// times as a pandas `Timestamp` (`2004-08-19 00:00:00`); `--` for an undefined value (0.6.6's
+/// `na_rep`). `Commissions [$]` only when there were some, as backtesting.py.
 pub fn format_stats(s: &Stats) -> Vec<(&'static str, String)> {
-    vec![
+    let mut rows = vec![
         ("Start", timestamp(s.start)),
         ("End", timestamp(s.end)),
         ("Duration", timedelta(Some(s.duration_ms))),
@@ -66,13 +66,17 @@ pub fn format_stats(s: &Stats) -> Vec<(&'static str, String)> {
         ("Expectancy [%]", float(s.expectancy_pct)),
         ("SQN", float(s.sqn)),
         ("Kelly Criterion", float(s.kelly)),
-    ]
+    ];
+    if s.commissions == 0.0 {
+        rows.retain(|r| r.0 != "Commissions [$]");
+    }
+    rows
 }
 
 /// pandas' float in an object `Series`: `f"{x:.5f}"` with trailing zeros trimmed (one kept).
 fn float(x: f64) -> String {
     if x.is_nan() {
-        return "NaN".to_string();
+        return "--".to_string();
     }
     if x.is_infinite() {
         return if x > 0.0 { "inf" } else { "-inf" }.to_string();
@@ -105,7 +109,7 @@ fn timestamp(ms: i64) -> String {
 fn timedelta(ms: Option<i64>) -> String {
     const DAY: i64 = 86_400_000;
     let Some(ms) = ms else {
-        return "NaT".to_string();
+        return "--".to_string();
     };
     let days = ms.div_euclid(DAY);
     let rest = ms.rem_euclid(DAY);
@@ -656,7 +660,7 @@ mod tests {
         assert_eq!(float(0.123456789), "0.12346");
         assert_eq!(float(-33.08), "-33.08");
         assert_eq!(float(68935.12000001), "68935.12");
-        assert_eq!(float(f64::NAN), "NaN");
+        assert_eq!(float(f64::NAN), "--");
         assert_eq!(float(f64::INFINITY), "inf");
         assert_eq!(float(0.0), "0.0");
     }
@@ -672,7 +676,7 @@ mod tests {
         );
         assert_eq!(timedelta(Some(1500)), "0 days 00:00:01.500000");
         assert_eq!(timedelta(Some(-1000)), "-1 days +23:59:59");
-        assert_eq!(timedelta(None), "NaT");
+        assert_eq!(timedelta(None), "--");
     }
 
     #[test]
@@ -684,6 +688,7 @@ mod tests {
             trades: 93,
             sqn: f64::NAN,
             max_drawdown_duration_ms: Some(688 * 86_400_000),
+            commissions: 12.5,
             ..Stats::default()
         };
         let rows = format_stats(&s);
@@ -697,9 +702,13 @@ mod tests {
         assert_eq!(rows[1].1, "2013-03-01 00:00:00");
         assert_eq!(rows[2].1, "3116 days 00:00:00");
         assert_eq!(rows[19].1, "688 days 00:00:00");
-        assert_eq!(rows[20].1, "NaT");
+        assert_eq!(rows[20].1, "--");
         assert_eq!(rows[21].1, "93");
-        assert_eq!(rows[30].1, "NaN");
+        assert_eq!(rows[30].1, "--");
+        // Without commissions backtesting.py leaves the row out.
+        let none = format_stats(&Stats::default());
+        assert_eq!(none.len(), 31);
+        assert!(none.iter().all(|r| r.0 != "Commissions [$]"));
     }
 
     #[test]
@@ -779,7 +788,8 @@ mod tests {
         assert_eq!(html.matches("class=\"trade\"").count(), MAX_MARKERS);
         assert!(html.contains("Showing 2000 of 50000 trades"));
         assert!(html.contains("Listing the last 5000 of 50000 trades"));
-        assert_eq!(html.matches("<tr><td>").count(), MAX_TRADE_ROWS + 32 + 1);
+        // The trades, the statistics (no commissions: 31) and the parameters' header row.
+        assert_eq!(html.matches("<tr><td>").count(), MAX_TRADE_ROWS + 31 + 1);
         assert!(html.contains("<title>big &lt;run&gt;</title>"));
         assert!(html.contains("1 still open at the end"));
         // Each line has at most MAX_POINTS points.

@@ -107,10 +107,11 @@ pub fn parse_params(raw: &[String]) -> anyhow::Result<Vec<Axis>> {
                 if a > b {
                     bail!("--param {p:?}: the range is empty (start {a} is after end {b})");
                 }
-                let n = ((b - a) / step + 1e-9).floor() as usize + 1;
-                if n > MAX_COMBINATIONS {
-                    bail!("--param {p:?}: {n} values, more than {MAX_COMBINATIONS}");
+                let count = ((b - a) / step + 1e-9).floor() + 1.0;
+                if count.is_nan() || count > MAX_COMBINATIONS as f64 {
+                    bail!("--param {p:?}: more than {MAX_COMBINATIONS} values");
                 }
+                let n = count as usize;
                 // start + k·step, rounded to the step's decimals (0.1 steps stay 0.3, not 0.30000000000000004).
                 let decimals = [a, step]
                     .iter()
@@ -166,6 +167,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The sizing as given, with the step for `fraction` (`fraction:0.00001`).
+    pub fn sizing_text(&self) -> String {
+        if self.sizing == "fraction" {
+            format!("fraction:{}", self.step)
+        } else {
+            self.sizing.clone()
+        }
+    }
+
     pub fn options(&self) -> anyhow::Result<Options> {
         let sizing = match self.sizing.as_str() {
             "whole" => Sizing::Whole,
@@ -205,6 +215,8 @@ pub type Skipped = (Params, String);
 pub struct RunResult {
     pub params: Vec<(String, f64)>,
     pub outcome: Outcome,
+    /// Set once saved to `backtest_results`.
+    pub run_id: Option<String>,
 }
 
 /// Runs every combination on `threads` threads; combinations the strategy refuses
@@ -240,6 +252,7 @@ pub fn run_grid(
                             RunResult {
                                 params: params.clone(),
                                 outcome,
+                                run_id: None,
                             },
                         ));
                     }
@@ -262,7 +275,7 @@ pub fn run_grid(
 /// The statistics with snake_case keys (JSON, ranking, ClickHouse columns); NaN = null.
 pub fn stats_fields(s: &Stats) -> Vec<(&'static str, Value)> {
     let d = |x: Option<i64>| x.map_or(Value::Null, Value::from);
-    let f = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    let f = float_json;
     vec![
         ("start", Value::from(s.start)),
         ("end", Value::from(s.end)),
@@ -299,6 +312,39 @@ pub fn stats_fields(s: &Stats) -> Vec<(&'static str, Value)> {
     ]
 }
 
+/// A statistic as JSON: a number, `null` when undefined (NaN), `"inf"`/`"-inf"` when infinite
+/// (a Sortino ratio without a losing day), as Python's `float()` reads them.
+pub fn float_json(x: f64) -> Value {
+    if x.is_nan() {
+        Value::Null
+    } else if x.is_infinite() {
+        Value::from(if x > 0.0 { "inf" } else { "-inf" })
+    } else {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// [`float_json`] read back.
+fn json_float(v: &Value) -> f64 {
+    match v {
+        Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        Value::String(s) if s == "inf" => f64::INFINITY,
+        Value::String(s) if s == "-inf" => f64::NEG_INFINITY,
+        _ => f64::NAN,
+    }
+}
+
+/// A float as ClickHouse's TabSeparated reads it back exactly (`nan`, `inf`, `-inf`).
+fn tsv_float(x: f64) -> String {
+    if x.is_nan() {
+        "nan".to_string()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf" } else { "-inf" }.to_string()
+    } else {
+        x.to_string()
+    }
+}
+
 /// The names `--rank` accepts.
 pub fn rank_keys() -> Vec<&'static str> {
     stats_fields(&Stats::default())
@@ -313,7 +359,7 @@ pub fn stat_value(s: &Stats, key: &str) -> Option<f64> {
     stats_fields(s)
         .into_iter()
         .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.as_f64().unwrap_or(f64::NAN))
+        .map(|(_, v)| json_float(&v))
 }
 
 fn params_text(params: &[(String, f64)]) -> String {
@@ -338,7 +384,10 @@ pub fn run_json(strategy: &str, r: &RunResult, bars: usize) -> Value {
         m.insert(k.into(), v);
     }
     m.insert("open_trades".into(), json!(r.outcome.open_trades));
-    let f = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    if let Some(id) = &r.run_id {
+        m.insert("run_id".into(), json!(id));
+    }
+    let f = float_json;
     let trades: Vec<Value> = r
         .outcome
         .trades
@@ -431,8 +480,8 @@ pub struct SaveMeta<'a> {
 pub async fn save(
     store: &Store,
     meta: &SaveMeta<'_>,
-    runs: &[RunResult],
-) -> anyhow::Result<Vec<String>> {
+    runs: &mut [RunResult],
+) -> anyhow::Result<()> {
     let (market, symbol, period) = match meta.source {
         Source::Stored { pair, .. } => (
             pair.market.as_str().to_string(),
@@ -446,15 +495,13 @@ pub async fn save(
         s.time.first().copied().unwrap_or(0),
         s.time.last().copied().unwrap_or(0),
     );
-    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string();
     let set = meta.settings;
     let mut results = String::new();
     let mut trades = String::new();
-    let mut ids = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
     let mut cols: Vec<&str> = vec![
         "run_id",
         "batch_id",
-        "created_at",
         "strategy",
         "params",
         "source",
@@ -480,12 +527,11 @@ pub async fn save(
         .collect();
     cols.extend(stat_cols.iter().copied());
     cols.push("open_trades");
-    for r in runs {
+    for r in runs.iter() {
         let id = uuid::Uuid::new_v4().to_string();
         let mut line = vec![
             id.clone(),
             meta.batch_id.to_string(),
-            now.clone(),
             tsv_escape(meta.strategy),
             tsv_escape(&params_json(&r.params).to_string()),
             tsv_escape(&meta.source.describe()),
@@ -498,7 +544,7 @@ pub async fn save(
             set.cash.to_string(),
             set.commission.to_string(),
             set.slippage_bps.to_string(),
-            tsv_escape(&set.sizing),
+            tsv_escape(&set.sizing_text()),
             tsv_escape(&set.fill),
             u8::from(set.exclusive).to_string(),
             u8::from(set.long_only).to_string(),
@@ -507,12 +553,11 @@ pub async fn save(
         let fields = stats_fields(&r.outcome.stats);
         for c in &stat_cols {
             let v = fields.iter().find(|f| f.0 == *c).map(|f| &f.1);
-            line.push(match (c.ends_with("_ms"), v) {
+            line.push(match (c.ends_with("_ms") || *c == "trades", v) {
                 (true, Some(Value::Number(n))) => n.to_string(),
                 (true, _) => "-1".to_string(),
-                (false, Some(Value::Number(n))) => n.to_string(),
-                (false, _) if *c == "trades" => "0".to_string(),
-                (false, _) => "nan".to_string(),
+                (false, Some(v)) => tsv_float(json_float(v)),
+                (false, None) => "nan".to_string(),
             });
         }
         line.push(r.outcome.open_trades.to_string());
@@ -529,9 +574,9 @@ pub async fn save(
                 t.exit_time,
                 t.entry_price,
                 t.exit_price,
-                t.pnl,
-                t.return_pct,
-                t.commission
+                tsv_float(t.pnl),
+                tsv_float(t.return_pct * 100.0),
+                tsv_float(t.commission)
             );
         }
         ids.push(id);
@@ -561,7 +606,10 @@ pub async fn save(
         )
         .await
         .context("cannot save to backtest_trades")?;
-    Ok(ids)
+    for (r, id) in runs.iter_mut().zip(ids) {
+        r.run_id = Some(id);
+    }
+    Ok(())
 }
 
 pub fn describe_params(params: &[(String, f64)]) -> String {

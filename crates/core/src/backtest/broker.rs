@@ -336,7 +336,7 @@ impl Broker<'_> {
                     _ => py_floordiv(budget, app),
                 };
                 size = units.copysign(size);
-                if units == 0.0 {
+                if units == 0.0 || !units.is_finite() {
                     self.remove_order(oid);
                     continue;
                 }
@@ -542,7 +542,9 @@ pub fn run(strategy: &mut dyn Strategy, series: &Series, o: &Options) -> Outcome
     let n = series.len();
     let specs = strategy.indicators();
     let (rows, k) = indicator_rows(&specs, series);
-    let warm = warmup(&specs, n) + strategy.extra_warmup();
+    // A warm-up as long as the series counts as none (backtesting.py's argmin of all-NaN).
+    let extra = strategy.extra_warmup();
+    let warm = warmup(&specs, n) + if extra < n { extra } else { 0 };
     let start = 1 + warm;
     let mut b = Broker {
         o,

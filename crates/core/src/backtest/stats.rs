@@ -211,6 +211,7 @@ pub fn compute(
         .collect();
     let period = data_period(time);
     let (dd_dur, dd_peaks) = drawdown_durations(&dd, time);
+    let dd_dur_mean = drawdown_duration_mean(&dd, &dd_dur);
     s.start = time[0];
     s.end = time[n - 1];
     s.duration_ms = s.end - s.start;
@@ -318,7 +319,7 @@ pub fn compute(
     s.max_drawdown_pct = max_dd * 100.0;
     s.avg_drawdown_pct = -mean(&dd_peaks) * 100.0;
     s.max_drawdown_duration_ms = dd_dur.iter().max().map(|&d| ceil_to_resolution(d, period));
-    s.avg_drawdown_duration_ms = mean_duration(&dd_dur).map(|d| ceil_to_resolution(d, period));
+    s.avg_drawdown_duration_ms = dd_dur_mean.map(|d| ceil_to_resolution(d, period));
 
     // Trades.
     let pl: Vec<f64> = trades.iter().map(|t| t.pnl).collect();
@@ -348,7 +349,9 @@ pub fn compute(
         .iter()
         .max()
         .map(|&d| ceil_to_resolution(d, period));
-    s.avg_trade_duration_ms = mean_duration(&durations).map(|d| ceil_to_resolution(d, period));
+    let placed: Vec<(usize, i64)> = durations.iter().copied().enumerate().collect();
+    s.avg_trade_duration_ms =
+        mean_duration(&placed, durations.len()).map(|d| ceil_to_resolution(d, period));
     let pos: Vec<f64> = returns.iter().copied().filter(|&r| r > 0.0).collect();
     let neg: Vec<f64> = returns.iter().copied().filter(|&r| r < 0.0).collect();
     s.profit_factor = pairwise_sum(&pos) / or_nan(pairwise_sum(&neg).abs());
@@ -360,14 +363,49 @@ pub fn compute(
     s
 }
 
-/// pandas' mean of a timedelta Series (float sum of nanoseconds / n, truncated), in ms.
-fn mean_duration(d: &[i64]) -> Option<i64> {
-    if d.is_empty() {
+/// pandas' mean of a timedelta Series of `len` values, `placed` the defined ones at their
+/// positions (NaT elsewhere): the nanoseconds, NaT as 0, cast to float64 in numpy's buffers of
+/// 8192 and summed pairwise within each, over the count of defined ones; truncated to whole
+/// nanoseconds; in ms (rounded up: the result is rounded up to the data's resolution anyway).
+fn mean_duration(placed: &[(usize, i64)], len: usize) -> Option<i64> {
+    if placed.is_empty() {
         return None;
     }
-    let ns: Vec<f64> = d.iter().map(|&x| x as f64 * 1e6).collect();
-    let m = pairwise_sum(&ns) / d.len() as f64;
-    Some((m as i64) / 1_000_000 + if (m as i64) % 1_000_000 > 0 { 1 } else { 0 })
+    let mut ns = vec![0.0f64; len];
+    for &(i, d) in placed {
+        ns[i] = d as f64 * 1e6;
+    }
+    let mut sum = 0.0;
+    for chunk in ns.chunks(8192) {
+        sum += pairwise_sum(chunk);
+    }
+    let m = (sum / placed.len() as f64) as i64;
+    Some(m.div_euclid(1_000_000) + i64::from(m.rem_euclid(1_000_000) > 0))
+}
+
+/// The mean drawdown duration as pandas takes it: over the Series reindexed to every candle,
+/// each stretch's duration at the candle that ends it.
+fn drawdown_duration_mean(dd: &[f64], durations: &[i64]) -> Option<i64> {
+    let ends = drawdown_ends(dd);
+    let placed: Vec<(usize, i64)> = ends
+        .iter()
+        .copied()
+        .zip(durations.iter().copied())
+        .collect();
+    mean_duration(&placed, dd.len())
+}
+
+/// The candles that end a drawdown stretch (see [`drawdown_durations`]).
+fn drawdown_ends(dd: &[f64]) -> Vec<usize> {
+    let n = dd.len();
+    let mut iloc: Vec<usize> = (0..n).filter(|&i| dd[i] == 0.0).collect();
+    if iloc.last() != Some(&(n - 1)) {
+        iloc.push(n - 1);
+    }
+    iloc.windows(2)
+        .filter(|w| w[1] > w[0] + 1)
+        .map(|w| w[1])
+        .collect()
 }
 
 /// backtesting.py's `compute_drawdown_duration_peaks`: for each stretch between two candles
@@ -394,6 +432,15 @@ fn drawdown_durations(dd: &[f64], time: &[i64]) -> (Vec<i64>, Vec<f64>) {
             });
             peaks.push(m);
         }
+    }
+    if durations.is_empty() {
+        // No stretch: backtesting.py falls back to the drawdown itself with 0 as NaN (its
+        // average drawdown is then the mean of the non-zero ones; no duration).
+        peaks = dd
+            .iter()
+            .copied()
+            .filter(|&x| x != 0.0 && !x.is_nan())
+            .collect();
     }
     (durations, peaks)
 }
