@@ -472,8 +472,9 @@ async fn three_hundred_pairs_spread_over_connections_on_the_upgraded_usdm_path()
         }
     }
     assert_eq!(sim.ws_closed_for_rate(), 0);
-    // And the backfills all land.
-    wait_for(60, "300 backfills", || async {
+    // And the backfills all land (a generous bound: the chdb lane's front answers one query at
+    // a time, and 2 cores serve it, the daemon and the simulator).
+    wait_for(120, "300 backfills", || async {
         count(
             &db,
             &format!("SELECT uniqExact(symbol) FROM klines WHERE market = 'um' AND period = '1m' AND open_time = {from}"),

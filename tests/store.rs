@@ -84,6 +84,8 @@ async fn migrations_apply_once_and_rerun_as_no_op() {
     assert_eq!(
         tables.lines().collect::<Vec<_>>(),
         vec![
+            "backtest_results",
+            "backtest_trades",
             "exchange_gaps",
             "indicator_checkpoints",
             "indicator_status",
