@@ -437,34 +437,50 @@ pub fn rank(results: &mut [RunResult], key: &str) {
     });
 }
 
-/// A pair's stored closed candles in `[from, to)` as a series.
+/// A pair's stored closed candles in `[from, to)` as a series: read chunk by chunk (in
+/// primary-key windows, see [`Store::final_klines_after`]) by a reader task that fetches the
+/// next chunk while this one is converted.
 pub async fn load_stored(
     store: &Store,
     pair: &PairKey,
     from: Option<i64>,
     to: Option<i64>,
 ) -> anyhow::Result<Series> {
+    const CHUNK: u64 = 50_000;
     let to = to.unwrap_or(i64::MAX);
-    let mut after = from.map_or(i64::MIN, |f| f.saturating_sub(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let reader = {
+        let (store, pair) = (store.clone(), pair.clone());
+        let mut after = from.map_or(i64::MIN, |f| f.saturating_sub(1));
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                let rows = store.final_klines_after(&pair, after, CHUNK).await;
+                let next = match &rows {
+                    Ok(r) if r.len() as u64 == CHUNK => r.last().map(|k| k.open_time),
+                    _ => None,
+                };
+                if tx.send(rows).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(t) if t < to => after = t,
+                    _ => return,
+                }
+            }
+        }))
+    };
     let mut s = Series::default();
-    const CHUNK: u64 = 200_000;
-    loop {
-        let rows = store
-            .final_klines_after(pair, after, CHUNK)
-            .await
-            .with_context(|| format!("cannot read the candles of {pair}"))?;
-        let n = rows.len() as u64;
+    while let Some(rows) = rx.recv().await {
+        let rows = rows.with_context(|| format!("cannot read the candles of {pair}"))?;
         for k in &rows {
             if k.open_time >= to {
                 return Ok(s);
             }
             s.push(k.open_time, &Bar::from_kline(k));
         }
-        match rows.last() {
-            Some(k) if n == CHUNK => after = k.open_time,
-            _ => return Ok(s),
-        }
     }
+    drop(reader);
+    Ok(s)
 }
 
 /// The settings and source columns of a saved run.
