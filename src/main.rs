@@ -81,7 +81,7 @@ enum Command {
     Ready(ReadyArgs),
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug)]
 struct BacktestArgs {
     /// A built-in strategy: sma_cross, ema_cross, rsi_reversion, macd_cross, bbands_breakout,
     /// donchian_breakout.
@@ -178,22 +178,22 @@ struct BacktestArgs {
 }
 
 impl BacktestArgs {
-    fn request(self) -> anyhow::Result<quantservice::backtest::command::Request> {
+    fn request(&self) -> anyhow::Result<quantservice::backtest::command::Request> {
         use quantservice::backtest::run::{Settings, Source};
-        let source = match (self.csv, self.symbol, self.market, self.period) {
+        let source = match (&self.csv, &self.symbol, &self.market, &self.period) {
             (Some(path), None, None, None) => {
                 if self.start_ms.is_some() || self.end_ms.is_some() {
                     anyhow::bail!(
                         "--start_ms/--end_ms select stored candles; they do not apply to --csv"
                     );
                 }
-                Source::Csv(path)
+                Source::Csv(path.clone())
             }
             (Some(_), ..) => {
                 anyhow::bail!("give either --csv or --symbol/--market/--period, not both")
             }
             (None, Some(symbol), Some(market), Some(period)) => Source::Stored {
-                pair: quantservice::market::PairKey::parse(&market, &symbol, &period)?,
+                pair: quantservice::market::PairKey::parse(market, symbol, period)?,
                 start_ms: self.start_ms,
                 end_ms: self.end_ms,
             },
@@ -202,25 +202,25 @@ impl BacktestArgs {
             ),
         };
         Ok(quantservice::backtest::command::Request {
-            strategy: self.strategy,
-            rules: self.rules,
-            params: self.params,
+            strategy: self.strategy.clone(),
+            rules: self.rules.clone(),
+            params: self.params.clone(),
             source,
             settings: Settings {
                 cash: self.cash,
                 commission: self.commission,
                 slippage_bps: self.slippage_bps,
-                sizing: self.sizing,
+                sizing: self.sizing.clone(),
                 step: self.step,
-                fill: self.fill,
+                fill: self.fill.clone(),
                 exclusive: self.exclusive,
                 long_only: self.long_only,
                 finalize: self.finalize,
             },
-            report: self.report,
+            report: self.report.clone(),
             json: self.json,
             save: self.save,
-            rank: self.rank,
+            rank: self.rank.clone(),
             top: self.top,
             threads: self.threads,
         })
@@ -381,7 +381,6 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
     quantservice::metrics::set_build(env!("QS_GIT_COMMIT"), env!("QS_BUILD_DATE"));
-    let mut backtest_req = None;
     let cli = match cli.command {
         Some(Command::SimExchange(args)) => return run_sim(args).await,
         // Bad arguments are reported before the configuration is looked for, and a backtest
@@ -394,13 +393,10 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
             Ok(req) if !quantservice::backtest::command::needs_clickhouse(&req) => {
                 return backtest(req, None).await
             }
-            Ok(req) => {
-                backtest_req = Some(req);
-                Cli {
-                    command: Some(Command::Backtest(Box::default())),
-                    ..cli
-                }
-            }
+            Ok(_) => Cli {
+                command: Some(Command::Backtest(args)),
+                ..cli
+            },
         },
         command => Cli { command, ..cli },
     };
@@ -527,9 +523,10 @@ async fn run(cli: Cli, log_guard: &mut Option<logging::LogGuard>) -> ExitCode {
         Some(Command::CheckConfig) | Some(Command::SimExchange(_)) | Some(Command::Ready(_)) => {
             Ok(())
         }
-        Some(Command::Backtest(_)) => match backtest_req {
-            Some(req) => return backtest(req, Some(&cfg)).await,
-            None => Ok(()),
+        // Checked before the configuration was read.
+        Some(Command::Backtest(args)) => match args.request() {
+            Ok(req) => return backtest(req, Some(&cfg)).await,
+            Err(e) => Err(e),
         },
         Some(Command::Clientserver(args)) => {
             let cancel = CancellationToken::new();

@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{binance_data, count, TestDb};
-use quantservice::market::{Kline, PairKey, Source};
-use quantservice::store::writer::Writer;
-use quantservice::store::{migrate, Store};
+use quantservice::market::PairKey;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 fn data(rel: &str) -> PathBuf {
     [env!("CARGO_MANIFEST_DIR"), "tests", "data", rel]
@@ -326,26 +323,6 @@ fn bad_input_is_refused_with_a_clear_message() {
     }
 }
 
-fn load_csv(rel: &str, pair: &PairKey) -> Vec<Kline> {
-    let text = std::fs::read_to_string(binance_data(rel)).unwrap();
-    text.lines()
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .filter(|f| f[0].parse::<i64>().is_ok())
-        .map(|f| Kline::from_fields(pair.clone(), &f, true, Source::Archive).unwrap())
-        .collect()
-}
-
-async fn store_rows(db: &TestDb, rows: Vec<Kline>) {
-    let cfg = db.config("  writer:\n    batch_rows: 5000\n    flush_interval: 100ms\n");
-    let store = Store::new(&cfg.clickhouse).unwrap();
-    migrate::run(&store).await.unwrap();
-    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
-    let task = tokio::spawn(writer.run(CancellationToken::new()));
-    handle.send_many(rows).await.unwrap();
-    drop(handle);
-    task.await.unwrap().unwrap();
-}
-
 fn csv_path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -355,7 +332,7 @@ async fn stored_candles_run_like_their_csv_and_a_grid_is_saved() {
     let db = TestDb::new("backtest");
     let pair = PairKey::parse("um", "BTCUSDT", "1h").unwrap();
     let rel = "um/BTCUSDT-1h-2024-01-01_2025-12-20.csv";
-    store_rows(&db, load_csv(rel, &pair)).await;
+    common::store_klines(&db, common::binance_klines(rel, &pair)).await;
     let yaml = db.yaml("");
     let csv = binance_data(rel);
     let common = [

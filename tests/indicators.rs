@@ -10,8 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{binance_data, dead_port, TestDb};
-use quantservice::market::{Kline, PairKey, Source};
+use common::{dead_port, TestDb};
+use quantservice::market::{Kline, PairKey};
 use quantservice::store::migrate;
 use quantservice::store::writer::Writer;
 use quantservice::store::Store;
@@ -31,25 +31,12 @@ const SPECS: &[&str] = &[
 ];
 
 fn load_csv(rel: &str, pair: &PairKey) -> Vec<Kline> {
-    let text = std::fs::read_to_string(binance_data(rel)).unwrap();
-    text.lines()
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .filter(|f| f[0].parse::<i64>().is_ok())
-        .map(|f| Kline::from_fields(pair.clone(), &f, true, Source::Archive).unwrap())
-        .collect()
+    common::binance_klines(rel, pair)
 }
 
 /// Stores `rows` through the writer; returns the store.
 async fn stored(db: &TestDb, rows: Vec<Kline>) -> Store {
-    let cfg = db.config("  writer:\n    batch_rows: 5000\n    flush_interval: 100ms\n");
-    let store = Store::new(&cfg.clickhouse).unwrap();
-    migrate::run(&store).await.unwrap();
-    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
-    let task = tokio::spawn(writer.run(CancellationToken::new()));
-    handle.send_many(rows).await.unwrap();
-    drop(handle);
-    task.await.unwrap().unwrap();
-    store
+    common::store_klines(db, rows).await
 }
 
 fn bin(db: &TestDb, args: &[&str]) -> (Option<i32>, String, String) {

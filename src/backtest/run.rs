@@ -362,7 +362,8 @@ pub fn stat_value(s: &Stats, key: &str) -> Option<f64> {
         .map(|(_, v)| json_float(&v))
 }
 
-fn params_text(params: &[(String, f64)]) -> String {
+/// Parameters as `fast=10 slow=20`.
+pub fn describe_params(params: &[(String, f64)]) -> String {
     params
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -536,11 +537,8 @@ pub async fn save(
         "long_only",
         "finalize",
     ];
-    let stat_cols: Vec<&'static str> = stats_fields(&Stats::default())
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| !matches!(*k, "start" | "end" | "duration_ms"))
-        .collect();
+    // The statistics' columns are the ones `--rank` accepts.
+    let stat_cols = rank_keys();
     cols.extend(stat_cols.iter().copied());
     cols.push("open_trades");
     for r in runs.iter() {
@@ -626,8 +624,4 @@ pub async fn save(
         r.run_id = Some(id);
     }
     Ok(())
-}
-
-pub fn describe_params(params: &[(String, f64)]) -> String {
-    params_text(params)
 }

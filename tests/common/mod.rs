@@ -658,6 +658,45 @@ pub fn binance_data(rel: &str) -> PathBuf {
     p
 }
 
+/// The candles of a real kline CSV under `tests/data/binance/` (header lines skipped), as
+/// closed archive candles of `pair`.
+pub fn binance_klines(
+    rel: &str,
+    pair: &quantservice::market::PairKey,
+) -> Vec<quantservice::market::Kline> {
+    let text = std::fs::read_to_string(binance_data(rel)).unwrap();
+    text.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[0].parse::<i64>().is_ok())
+        .map(|f| {
+            quantservice::market::Kline::from_fields(
+                pair.clone(),
+                &f,
+                true,
+                quantservice::market::Source::Archive,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Stores `rows` in `db` through the real writer (migrating first); returns the store.
+pub async fn store_klines(
+    db: &TestDb,
+    rows: Vec<quantservice::market::Kline>,
+) -> quantservice::store::Store {
+    use quantservice::store::{migrate, writer::Writer, Store};
+    let cfg = db.config("  writer:\n    batch_rows: 5000\n    flush_interval: 100ms\n");
+    let store = Store::new(&cfg.clickhouse).unwrap();
+    migrate::run(&store).await.unwrap();
+    let (writer, handle) = Writer::new(store.clone(), cfg.writer);
+    let task = tokio::spawn(writer.run(tokio_util::sync::CancellationToken::new()));
+    handle.send_many(rows).await.unwrap();
+    drop(handle);
+    task.await.unwrap().unwrap();
+    store
+}
+
 /// The `app.binance` section pointing every market and the archives at the simulator `sim`;
 /// `um_extra` lines go into the `um` section.
 pub fn sim_binance_yaml(sim: &qs_sim::SimHandle, um_extra: &str) -> String {

@@ -187,10 +187,7 @@ impl Broker<'_> {
 
     fn margin_available(&self) -> f64 {
         let lp = self.last_price();
-        let used = self
-            .trades
-            .iter()
-            .fold(0.0, |a, t| a + t.size.abs() * lp / 1.0);
+        let used = self.trades.iter().fold(0.0, |a, t| a + t.size.abs() * lp);
         (self.equity_now() - used).max(0.0)
     }
 
@@ -230,6 +227,13 @@ impl Broker<'_> {
         );
     }
 
+    /// `Position.close()`: a close order for every open trade.
+    fn close_all(&mut self) {
+        for t in 0..self.trades.len() {
+            self.close_order(t);
+        }
+    }
+
     /// `Strategy.buy()`/`sell()` with the run's sizing.
     fn new_order(&mut self, long: bool) {
         let (size, relative) = match self.o.sizing {
@@ -244,9 +248,7 @@ impl Broker<'_> {
                 k += 1;
                 keep[k - 1]
             });
-            for t in 0..self.trades.len() {
-                self.close_order(t);
-            }
+            self.close_all();
         }
         let id = self.id();
         self.orders.push(Order {
@@ -330,7 +332,7 @@ impl Broker<'_> {
             let app = adjusted + self.commission(order.size, price) / order.size.abs();
             let mut size = order.size;
             if order.relative {
-                let budget = self.margin_available() * 1.0 * size.abs();
+                let budget = self.margin_available() * size.abs();
                 let units = match self.o.sizing {
                     Sizing::Fraction { step } => ((budget / app) / step).floor() * step,
                     _ => py_floordiv(budget, app),
@@ -361,7 +363,7 @@ impl Broker<'_> {
                     break;
                 }
             }
-            if need.abs() * app > self.margin_available() * 1.0 {
+            if need.abs() * app > self.margin_available() {
                 self.remove_order(oid);
                 continue;
             }
@@ -410,7 +412,7 @@ impl Broker<'_> {
         }
         let exit_commission = self.commission(tr.size, price);
         let gross = tr.size * (price - tr.entry_price);
-        self.cash += (gross - 0.0) - exit_commission;
+        self.cash += gross - exit_commission;
         let commission = exit_commission + self.commission(tr.size, tr.entry_price);
         let pnl = tr.size * (price - tr.entry_price) - commission;
         let return_pct = 1.0f64.copysign(tr.size) * (price / tr.entry_price - 1.0)
@@ -591,17 +593,11 @@ pub fn run(strategy: &mut dyn Strategy, series: &Series, o: &Options) -> Outcome
             Action::Buy => b.new_order(true),
             Action::Sell if o.long_only => {
                 if b.position() > 0.0 {
-                    for t in 0..b.trades.len() {
-                        b.close_order(t);
-                    }
+                    b.close_all();
                 }
             }
             Action::Sell => b.new_order(false),
-            Action::Close => {
-                for t in 0..b.trades.len() {
-                    b.close_order(t);
-                }
-            }
+            Action::Close => b.close_all(),
         }
     }
     if completed && o.finalize {

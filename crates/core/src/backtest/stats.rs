@@ -210,8 +210,22 @@ pub fn compute(
         })
         .collect();
     let period = data_period(time);
-    let (dd_dur, dd_peaks) = drawdown_durations(&dd, time);
-    let dd_dur_mean = drawdown_duration_mean(&dd, &dd_dur);
+    let stretches = drawdown_stretches(&dd, time);
+    let dd_dur: Vec<i64> = stretches.iter().map(|s| s.duration).collect();
+    let dd_peaks: Vec<f64> = if stretches.is_empty() {
+        // No stretch: backtesting.py falls back to the drawdown itself with 0 as NaN (its
+        // average drawdown is then the mean of the non-zero ones; no duration).
+        dd.iter()
+            .copied()
+            .filter(|&x| x != 0.0 && !x.is_nan())
+            .collect()
+    } else {
+        stretches.iter().map(|s| s.peak).collect()
+    };
+    // pandas averages the durations over the Series reindexed to every candle, each
+    // stretch's at the candle that ends it.
+    let placed: Vec<(usize, i64)> = stretches.iter().map(|s| (s.end, s.duration)).collect();
+    let dd_dur_mean = mean_duration(&placed, n);
     s.start = time[0];
     s.end = time[n - 1];
     s.duration_ms = s.end - s.start;
@@ -223,10 +237,7 @@ pub fn compute(
     }
     s.exposure_pct = have.iter().map(|&h| h as usize).sum::<usize>() as f64 / n as f64 * 100.0;
     s.equity_final = equity[n - 1];
-    s.equity_peak = equity
-        .iter()
-        .copied()
-        .fold(f64::NAN, |m, x| if m.is_nan() || x > m { x } else { m });
+    s.equity_peak = nanmax(equity);
     s.commissions = trades.iter().fold(0.0, |a, t| a + t.commission);
     s.return_pct = (equity[n - 1] - equity[0]) / equity[0] * 100.0;
     let fb = warmup.min(n - 1);
@@ -279,7 +290,7 @@ pub fn compute(
     } else {
         f64::NAN
     };
-    s.sharpe = (s.return_ann_pct - 0.0) / or_nan(s.volatility_ann_pct);
+    s.sharpe = s.return_ann_pct / or_nan(s.volatility_ann_pct);
     let downside: Vec<f64> = day_returns
         .iter()
         .map(|&r| {
@@ -287,16 +298,8 @@ pub fn compute(
             c * c
         })
         .collect();
-    s.sortino = (annualized - 0.0) / (mean(&downside).sqrt() * annual.sqrt());
-    let dd_max = dd.iter().copied().fold(f64::NAN, |m, x| {
-        if x.is_nan() {
-            m
-        } else if m.is_nan() || x > m {
-            x
-        } else {
-            m
-        }
-    });
+    s.sortino = annualized / (mean(&downside).sqrt() * annual.sqrt());
+    let dd_max = nanmax(&dd);
     let max_dd = -(if dd_max.is_nan() { 0.0 } else { dd_max });
     s.calmar = annualized / or_nan(-max_dd);
     // Beta against the close, from log returns (np.cov).
@@ -314,7 +317,7 @@ pub fn compute(
     } else {
         f64::NAN
     };
-    s.alpha_pct = s.return_pct - 0.0 - beta * (s.buy_hold_return_pct - 0.0);
+    s.alpha_pct = s.return_pct - beta * s.buy_hold_return_pct;
     s.beta = beta;
     s.max_drawdown_pct = max_dd * 100.0;
     s.avg_drawdown_pct = -mean(&dd_peaks) * 100.0;
@@ -332,18 +335,8 @@ pub fn compute(
         pl.iter().filter(|&&p| p > 0.0).count() as f64 / nt as f64
     };
     s.win_rate_pct = win_rate * 100.0;
-    let fmax = |a: &[f64]| {
-        a.iter()
-            .copied()
-            .fold(f64::NAN, |m, x| if m.is_nan() || x > m { x } else { m })
-    };
-    let fmin = |a: &[f64]| {
-        a.iter()
-            .copied()
-            .fold(f64::NAN, |m, x| if m.is_nan() || x < m { x } else { m })
-    };
-    s.best_trade_pct = fmax(&returns) * 100.0;
-    s.worst_trade_pct = fmin(&returns) * 100.0;
+    s.best_trade_pct = nanmax(&returns) * 100.0;
+    s.worst_trade_pct = nanmin(&returns) * 100.0;
     s.avg_trade_pct = geometric_mean(&returns) * 100.0;
     s.max_trade_duration_ms = durations
         .iter()
@@ -383,20 +376,34 @@ fn mean_duration(placed: &[(usize, i64)], len: usize) -> Option<i64> {
     Some(m.div_euclid(1_000_000) + i64::from(m.rem_euclid(1_000_000) > 0))
 }
 
-/// The mean drawdown duration as pandas takes it: over the Series reindexed to every candle,
-/// each stretch's duration at the candle that ends it.
-fn drawdown_duration_mean(dd: &[f64], durations: &[i64]) -> Option<i64> {
-    let ends = drawdown_ends(dd);
-    let placed: Vec<(usize, i64)> = ends
-        .iter()
+/// The largest value, NaN ignored (pandas' `max()`); NaN if there is none.
+fn nanmax(a: &[f64]) -> f64 {
+    a.iter()
         .copied()
-        .zip(durations.iter().copied())
-        .collect();
-    mean_duration(&placed, dd.len())
+        .filter(|x| !x.is_nan())
+        .fold(f64::NAN, |m, x| if m.is_nan() || x > m { x } else { m })
 }
 
-/// The candles that end a drawdown stretch (see [`drawdown_durations`]).
-fn drawdown_ends(dd: &[f64]) -> Vec<usize> {
+/// The smallest value, NaN ignored (pandas' `min()`); NaN if there is none.
+fn nanmin(a: &[f64]) -> f64 {
+    a.iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f64::NAN, |m, x| if m.is_nan() || x < m { x } else { m })
+}
+
+/// One stretch between two candles at a peak (see [`drawdown_stretches`]).
+struct Stretch {
+    /// The candle that ends it.
+    end: usize,
+    duration: i64,
+    /// Its deepest drawdown.
+    peak: f64,
+}
+
+/// backtesting.py's `compute_drawdown_duration_peaks`: each stretch between two candles at a
+/// peak (drawdown 0; the last candle counts as one) that has candles between them.
+fn drawdown_stretches(dd: &[f64], time: &[i64]) -> Vec<Stretch> {
     let n = dd.len();
     let mut iloc: Vec<usize> = (0..n).filter(|&i| dd[i] == 0.0).collect();
     if iloc.last() != Some(&(n - 1)) {
@@ -404,43 +411,10 @@ fn drawdown_ends(dd: &[f64]) -> Vec<usize> {
     }
     iloc.windows(2)
         .filter(|w| w[1] > w[0] + 1)
-        .map(|w| w[1])
+        .map(|w| Stretch {
+            end: w[1],
+            duration: time[w[1]] - time[w[0]],
+            peak: nanmax(&dd[w[0]..=w[1]]),
+        })
         .collect()
-}
-
-/// backtesting.py's `compute_drawdown_duration_peaks`: for each stretch between two candles
-/// at a peak (drawdown 0; the last candle counts as one) that has candles between them, its
-/// duration and its deepest drawdown.
-fn drawdown_durations(dd: &[f64], time: &[i64]) -> (Vec<i64>, Vec<f64>) {
-    let n = dd.len();
-    let mut iloc: Vec<usize> = (0..n).filter(|&i| dd[i] == 0.0).collect();
-    if iloc.last() != Some(&(n - 1)) {
-        iloc.push(n - 1);
-    }
-    let mut durations = Vec::new();
-    let mut peaks = Vec::new();
-    for w in iloc.windows(2) {
-        let (prev, cur) = (w[0], w[1]);
-        if cur > prev + 1 {
-            durations.push(time[cur] - time[prev]);
-            let m = dd[prev..=cur].iter().copied().fold(f64::NAN, |m, x| {
-                if m.is_nan() || x > m {
-                    x
-                } else {
-                    m
-                }
-            });
-            peaks.push(m);
-        }
-    }
-    if durations.is_empty() {
-        // No stretch: backtesting.py falls back to the drawdown itself with 0 as NaN (its
-        // average drawdown is then the mean of the non-zero ones; no duration).
-        peaks = dd
-            .iter()
-            .copied()
-            .filter(|&x| x != 0.0 && !x.is_nan())
-            .collect();
-    }
-    (durations, peaks)
 }
