@@ -12,6 +12,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::median;
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,11 +29,6 @@ const MIN: i64 = 60_000;
 
 fn quick() -> bool {
     std::env::var("QS_BENCH_QUICK").is_ok_and(|v| v == "1")
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn sim_yaml(sim: &SimHandle, extra: &str) -> String {

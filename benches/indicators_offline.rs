@@ -15,6 +15,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::{env_usize, median};
+
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,19 +29,6 @@ use rand::{Rng, SeedableRng};
 
 const MIN: i64 = 60_000;
 const START: i64 = 1_577_836_800_000; // 2020-01-01
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.replace(['_', ','], ""))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// `clickhouse-client` on the private server, in `db`, with `query`; stdin/stdout as given.
 fn client(tcp: u16, db: &str, query: &str) -> Command {

@@ -1001,3 +1001,19 @@ pub fn spawn_daemon(
     ));
     (task, shutdown)
 }
+
+/// A benchmark setting from the environment (`1_000_000` and `1,000,000` accepted), else
+/// `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.replace(['_', ','], ""))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of benchmark timings (the upper one of an even count); sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
